@@ -1,0 +1,424 @@
+"""
+The persistent attention memory of METHOD.md.
+
+  Memory        what was stored: per memory layer, every head's keys and values (H, N, d),
+                and where they came from (model, text, token ids, bookkeeping settings).
+                Built from text (build_memory), saved and loaded as a directory (save,
+                load), or imported from the reference code's layout (import_reference).
+  LayerMemory   one layer's memory in use: a FAISS IndexFlatL2 per head plus the
+                retrieval settings, and update_values(), the method's equations
+                (METHOD.md section 2), called by that layer's attention.
+"""
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from model import UserError, encode
+
+FORMAT = 'gpt2-persistent-memory'
+FORMAT_VERSION = 1
+MANIFEST = 'memory.json'
+TENSORS = 'memory.safetensors'
+
+
+# -----------------------------------------------------------------------------
+# retrieval: METHOD.md section 2
+
+class LayerMemory:
+    """One layer's stored keys/values (H, N, d) and the settings it retrieves with."""
+
+    def __init__(self, keys, values, k, mem_frac=0.0, bookkeeping_frac=0.0, knn_softmax_influence=1.0,
+                 resid_only=False, resid_frac=0.0, search='faiss'):
+        self.keys, self.values = keys, values
+        self.k = k                                    # neighbours per selected token-head
+        self.mem_frac = mem_frac                      # MF
+        self.bookkeeping_frac = bookkeeping_frac      # BF
+        self.knn_softmax_influence = knn_softmax_influence  # TS
+        self.resid_only = resid_only
+        self.resid_frac = resid_frac                  # r
+        self.search_kind = search
+        self.indexes = None
+        if search == 'faiss':
+            import faiss
+            self.indexes = []
+            for h in range(keys.size(0)):
+                index = faiss.IndexFlatL2(keys.size(2))  # exact squared-L2 search, as the reference
+                index.add(np.ascontiguousarray(keys[h].detach().to('cpu', torch.float32).numpy()))
+                self.indexes.append(index)
+        self.last_selection = None  # (B, H, T) bool of the latest call, for inspection
+
+    def select(self, att):
+        """Step 1: which tokens-heads (b, h, j) look up the memory, from the last query row."""
+        s = att[:, :, -1, :].clone()  # (B, H, T)
+        T = s.size(-1)
+        if self.bookkeeping_frac != 0:
+            s[:, :, 0] = s[:, :, 0].masked_fill(s[:, :, 0] <= self.bookkeeping_frac, 0)
+        if self.mem_frac != 0:
+            s = s.masked_fill(s < 1 / (self.mem_frac * T), 0)
+        else:
+            s[:, :, 1:] = 0
+        return s != 0
+
+    def search(self, queries, heads):
+        """Step 2: the k nearest stored keys (squared L2) of each query (n, d) in its head's
+        memory. Returns indices (n, k); -1 where the memory holds fewer than k entries."""
+        n, K = queries.size(0), self.k
+        found = torch.full((n, K), -1, dtype=torch.long)
+        if self.indexes is not None:
+            q = queries.detach().to('cpu', torch.float32)
+            for h in heads.unique().tolist():
+                rows = (heads == h).nonzero(as_tuple=True)[0].cpu()
+                _, I = self.indexes[h].search(np.ascontiguousarray(q[rows].numpy()), K)
+                found[rows] = torch.from_numpy(I).long()
+            return found.to(queries.device)
+        # exact torch search, same metric
+        mem = self.keys[heads].to(queries.dtype)  # (n, N, d)
+        dist = (mem - queries[:, None, :]).pow(2).sum(-1)
+        kk = min(K, mem.size(1))
+        idx = dist.topk(kk, dim=-1, largest=False).indices
+        found = found.to(queries.device)
+        found[:, :kk] = idx
+        return found
+
+    @torch.no_grad()
+    def update_values(self, q, k, v, att):
+        """q, k, v: (B, H, T, d); att: (B, H, T_q, T) softmaxed causal attention.
+        Returns v' (B, H, T, d) where every selected token-head's value is replaced."""
+        d = k.size(-1)
+        selected = self.select(att)
+        self.last_selection = selected
+        b, h, j = selected.nonzero(as_tuple=True)
+        if b.numel() == 0:
+            return v
+        key_j, query_j, value_j = k[b, h, j], q[b, h, j], v[b, h, j]  # (n, d) each
+        # 2. neighbours of the token's own key
+        nbr = self.search(key_j, h)  # (n, k)
+        valid = nbr >= 0
+        nbr = nbr.clamp(min=0)
+        cand_k = self.keys[h[:, None], nbr].to(k.dtype)  # (n, k, d)
+        cand_v = self.values[h[:, None], nbr].to(v.dtype)
+        # 3. unless resid_only, the token's own (key, value) is one more candidate
+        if not self.resid_only:
+            cand_k = torch.cat((key_j[:, None], cand_k), dim=1)
+            cand_v = torch.cat((value_j[:, None], cand_v), dim=1)
+            valid = torch.cat((torch.ones_like(valid[:, :1]), valid), dim=1)
+        # 4. w = softmax(TS * (q_j . key) / sqrt(d)) over the candidates, with token j's own query
+        scores = (cand_k @ query_j[:, :, None]).squeeze(-1) * (1.0 / math.sqrt(d))
+        scores = (scores * self.knn_softmax_influence).masked_fill(~valid, float('-inf'))
+        w = F.softmax(scores, dim=-1)
+        # 5. memory vector
+        m = (w[:, :, None] * cand_v).sum(dim=1)
+        # 6. new value
+        r = self.resid_frac
+        new_value = (1 - r) * m + r * value_j if r != 0 else m
+        v = v.clone()
+        v[b, h, j] = new_value
+        return v  # 7. the caller finishes attention: y = att @ v'
+
+
+# -----------------------------------------------------------------------------
+# what was stored
+
+def memory_token_windows(ids, n_bookkeeping, block_size):
+    """Split a tokenized memory (its first n_bookkeeping ids are the bookkeeping token) into
+    windows of at most block_size tokens, each starting with its own bookkeeping token."""
+    prefix, body = ids[:n_bookkeeping], ids[n_bookkeeping:]
+    width = block_size - len(prefix)
+    if width <= 0:
+        raise UserError(f"the bookkeeping token takes {len(prefix)} tokens, leaving no room in block_size {block_size}")
+    return [prefix + body[i:i + width] for i in range(0, len(body), width)]
+
+
+class Memory:
+    """Stored keys and values of the memory layers, with their provenance."""
+
+    def __init__(self, keys, values, meta):
+        self.keys, self.values = keys, values  # {layer: (H, N, d)}
+        self.meta = meta
+        self.layers = {}  # {layer: LayerMemory}, the layers that retrieve; set by use()
+
+    @property
+    def stored_layers(self):
+        return sorted(self.keys)
+
+    def num_entries(self):
+        return next(iter(self.keys.values())).size(1) if self.keys else 0
+
+    # --- building ----------------------------------------------------------------
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, model, enc, text, layers=None, bookkeeping_token='\n', remove_bookkeeping_token_mem_size=None,
+              add_bookkeeping_token=False, progress=False, batch_size=8):
+        """METHOD.md section 1. `text` is tokenized as given (the `memory` config key, which
+        already starts with its bookkeeping token); add_bookkeeping_token puts the token in
+        front first (a text read from a file). The first remove_bookkeeping_token_mem_size
+        tokens (default: the bookkeeping token's length) are not stored. The plain model
+        runs over the tokens, retrieval off, in windows of at most block_size tokens."""
+        cfg = model.config
+        layers = list(range(cfg.n_layer)) if layers is None else sorted(set(layers))
+        bad = [l for l in layers if not 0 <= l < cfg.n_layer]
+        if bad or not layers:
+            raise UserError(f"layers {bad or layers} are not layers of this {cfg.n_layer}-layer model; "
+                            f"use indices 0..{cfg.n_layer - 1}")
+        bk_ids = encode(enc, bookkeeping_token) if bookkeeping_token else []
+        n_skip = len(bk_ids) if remove_bookkeeping_token_mem_size is None else remove_bookkeeping_token_mem_size
+        if n_skip < 0:
+            raise UserError(f"remove_bookkeeping_token_mem_size={n_skip} must be >= 0")
+        full = (bookkeeping_token if add_bookkeeping_token else '') + text
+        ids = encode(enc, full)
+        if len(ids) <= n_skip:
+            raise UserError(f"the memory text has {len(ids)} tokens, nothing left to store after removing "
+                            f"{n_skip} bookkeeping token(s); give it some text")
+        windows = memory_token_windows(ids, n_skip, cfg.block_size)
+        device = next(model.parameters()).device
+        keys = {l: [] for l in layers}
+        values = {l: [] for l in layers}
+        from tqdm import tqdm
+        bar = tqdm(total=len(windows), desc='building memory', unit='window', disable=not progress)
+        i = 0
+        while i < len(windows):
+            # windows of one length go through the model together
+            group = [windows[i]]
+            while i + len(group) < len(windows) and len(group) < batch_size and len(windows[i + len(group)]) == len(group[0]):
+                group.append(windows[i + len(group)])
+            x = torch.tensor(group, dtype=torch.long, device=device)
+            _, kv, _ = model(x, use_memory=False, stop_layer=max(layers) + 1)
+            for l in layers:
+                k, v = kv[l]  # (B, H, T, d): the attention block's own k and v
+                # one row per token, in order: (B, H, T', d) -> (H, B*T', d)
+                keys[l].append(k[:, :, n_skip:].transpose(0, 1).reshape(k.size(1), -1, k.size(-1)).cpu())
+                values[l].append(v[:, :, n_skip:].transpose(0, 1).reshape(v.size(1), -1, v.size(-1)).cpu())
+            i += len(group)
+            bar.update(len(group))
+        bar.close()
+        meta = dict(model=model_identity(model), text=full, token_windows=windows,
+                    bookkeeping_token=bookkeeping_token, remove_bookkeeping_token_mem_size=n_skip,
+                    retrieval_during_build=False, source='built')
+        return cls({l: torch.cat(keys[l], 1).float().contiguous() for l in layers},
+                   {l: torch.cat(values[l], 1).float().contiguous() for l in layers}, meta)
+
+    # --- using -------------------------------------------------------------------
+
+    def use(self, knn_num, mem_frac=0.0, bookkeeping_frac=0.0, knn_softmax_influence=1.0, resid_only=False,
+            resid_frac=0.0, device='cpu', search=None):
+        """Choose the retrieving layers (knn_num[i] > 0) and the settings; then model.attach_memory(self)."""
+        n_layer = self.meta['model']['n_layer']
+        check_retrieval_settings(knn_num, n_layer, mem_frac, bookkeeping_frac, knn_softmax_influence, resid_frac)
+        missing = [i for i, k in enumerate(knn_num) if k > 0 and i not in self.keys]
+        if missing:
+            raise UserError(f"knn_num asks for layers {missing} but the memory holds layers {self.stored_layers}; "
+                            f"rebuild it with --layers={sorted(set(missing) | set(self.stored_layers))} or set those k to 0")
+        if search is None:
+            search = default_search(device)
+        self.layers = {i: LayerMemory(self.keys[i].to(device), self.values[i].to(device), k, mem_frac,
+                                      bookkeeping_frac, knn_softmax_influence, resid_only, resid_frac, search)
+                       for i, k in enumerate(knn_num) if k > 0}
+        return self
+
+    def check_model(self, model):
+        """Refuse a memory made by another model or with other shapes."""
+        mine, theirs = self.meta['model'], model_identity(model)
+        for key in ('n_layer', 'n_head', 'head_size'):
+            if mine[key] != theirs[key]:
+                raise UserError(f"memory was made with {key}={mine[key]} ({mine['name']}), this model has "
+                                f"{key}={theirs[key]} ({theirs['name']}); rebuild it with build_memory.py --init_from={theirs['name']}")
+        if mine.get('fingerprint') and mine['fingerprint'] != theirs['fingerprint']:
+            raise UserError(f"memory was made by model {mine['name']} (weights {mine['fingerprint']}), not by "
+                            f"{theirs['name']} (weights {theirs['fingerprint']}); rebuild it with "
+                            f"build_memory.py --init_from={theirs['name']}")
+        for l in self.keys:
+            if self.keys[l].shape != (theirs['n_head'], self.keys[l].size(1), theirs['head_size']) \
+                    or self.values[l].shape != self.keys[l].shape:
+                raise UserError(f"memory layer {l} holds keys {tuple(self.keys[l].shape)} and values "
+                                f"{tuple(self.values[l].shape)}; this model needs ({theirs['n_head']}, N, {theirs['head_size']})")
+
+    # --- saving and loading --------------------------------------------------------
+
+    def save(self, path):
+        """Write the memory as a directory: memory.json (manifest) and memory.safetensors.
+        Written to a temporary directory and renamed into place, so an interrupted save
+        never leaves a broken memory; an existing memory at `path` is replaced."""
+        from safetensors.torch import save_file
+        path = os.path.abspath(path)
+        if os.path.exists(path) and not (os.path.isdir(path) and
+                                         (os.path.isfile(os.path.join(path, MANIFEST)) or not os.listdir(path))):
+            raise UserError(f"{path} exists and is not a memory directory; choose another mem_store")
+        parent = os.path.dirname(path)
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+        try:
+            tensors = {}
+            for l in self.stored_layers:
+                tensors[f'layer{l}.keys'] = self.keys[l].contiguous()
+                tensors[f'layer{l}.values'] = self.values[l].contiguous()
+            save_file(tensors, os.path.join(tmp, TENSORS))
+            manifest = dict(format=FORMAT, format_version=FORMAT_VERSION, **self.meta,
+                            layers=self.stored_layers, n_head=self.meta['model']['n_head'],
+                            head_size=self.meta['model']['head_size'], num_entries=self.num_entries(),
+                            index='IndexFlatL2 (exact squared L2), rebuilt from the keys on load',
+                            tensors={TENSORS: sha256_file(os.path.join(tmp, TENSORS))})
+            with open(os.path.join(tmp, MANIFEST), 'w', encoding='utf-8') as f:
+                json.dump(manifest, f, indent=1, ensure_ascii=False)
+            if os.path.exists(path):
+                old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
+                os.rename(path, os.path.join(old, 'memory'))
+                os.rename(tmp, path)
+                shutil.rmtree(old)
+            else:
+                os.rename(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path, model=None, enc=None):
+        """Load a memory directory: ours (memory.json) or the reference code's layout.
+        With a model, refuse a memory that model did not make."""
+        if not os.path.isdir(path):
+            raise UserError(f"memory directory {path} does not exist; build one with build_memory.py")
+        if os.path.isfile(os.path.join(path, MANIFEST)):
+            memory = cls._load_ours(path)
+        elif os.path.isdir(os.path.join(path, 'keyStore')):
+            if model is None or enc is None:
+                raise UserError("importing a reference-layout memory needs the model and tokenizer")
+            memory = import_reference(path, model, enc)
+        else:
+            raise UserError(f"{path} holds neither {MANIFEST} nor a reference keyStore/ folder; "
+                            f"it is not a memory (build one with build_memory.py)")
+        if model is not None:
+            memory.check_model(model)
+        return memory
+
+    @classmethod
+    def _load_ours(cls, path):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            with open(os.path.join(path, MANIFEST), encoding='utf-8') as f:
+                manifest = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{path}/{MANIFEST} is corrupted ({e}); rebuild the memory with build_memory.py") from None
+        if manifest.get('format') != FORMAT or manifest.get('format_version') != FORMAT_VERSION:
+            raise UserError(f"{path}/{MANIFEST} is format {manifest.get('format')} v{manifest.get('format_version')}, "
+                            f"this code reads {FORMAT} v{FORMAT_VERSION}; rebuild the memory with build_memory.py")
+        tensor_path = os.path.join(path, TENSORS)
+        try:
+            expected = manifest['tensors'][TENSORS]
+            layers, model_id = manifest['layers'], manifest['model']
+        except (KeyError, TypeError) as e:
+            raise UserError(f"{path}/{MANIFEST} lacks {e}; the memory is corrupted, rebuild it with build_memory.py") from None
+        if not os.path.isfile(tensor_path):
+            raise UserError(f"{path} lacks {TENSORS}; the memory is incomplete, rebuild it with build_memory.py")
+        if sha256_file(tensor_path) != expected:
+            raise UserError(f"{tensor_path} does not match the checksum in {MANIFEST} (truncated or altered); "
+                            f"rebuild the memory with build_memory.py")
+        try:
+            tensors = load_file(tensor_path)
+            keys = {int(l): tensors[f'layer{l}.keys'] for l in layers}
+            values = {int(l): tensors[f'layer{l}.values'] for l in layers}
+        except (SafetensorError, KeyError) as e:
+            raise UserError(f"{tensor_path} is unreadable or incomplete ({e}); rebuild the memory") from None
+        meta = {k: manifest[k] for k in ('model', 'text', 'token_windows', 'bookkeeping_token',
+                                         'remove_bookkeeping_token_mem_size', 'retrieval_during_build', 'source')
+                if k in manifest}
+        meta['model'] = model_id
+        return cls(keys, values, meta)
+
+
+def import_reference(path, model, enc):
+    """Read the reference code's saved layout (METHOD.md section 5): keyStore/<layer>/<head>.pt
+    and valueStore/<layer>/<head>.pt, row 0 a sentinel. Only tensors are read
+    (torch.load with weights_only=True); the .faiss files are not needed, since an exact
+    flat index is rebuilt from the keys."""
+    cfg = model.config
+    head_size = cfg.n_embd // cfg.n_head
+    layer_dirs = sorted(int(n) for n in os.listdir(os.path.join(path, 'keyStore')) if n.isdigit())
+    if not layer_dirs:
+        raise UserError(f"{path}/keyStore holds no layer folders; it is not a reference memory")
+    keys, values = {}, {}
+    for l in layer_dirs:
+        if l >= cfg.n_layer:
+            raise UserError(f"{path} has a memory for layer {l}, this model has {cfg.n_layer} layers; "
+                            f"it was made by another model")
+        ks, vs = [], []
+        for h in range(cfg.n_head):
+            pair = []
+            for store in ('keyStore', 'valueStore'):
+                f = os.path.join(path, store, str(l), f'{h}.pt')
+                if not os.path.isfile(f):
+                    raise UserError(f"{f} is missing: the reference memory has fewer heads than this model's {cfg.n_head}")
+                try:
+                    t = torch.load(f, map_location='cpu', weights_only=True)
+                except Exception as e:
+                    raise UserError(f"{f} is not a tensor file torch can read safely ({type(e).__name__}); "
+                                    f"the memory is corrupted") from None
+                if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.size(1) != head_size or t.size(0) < 2:
+                    raise UserError(f"{f} holds {getattr(t, 'shape', type(t).__name__)}, expected (N+1, {head_size}); "
+                                    f"it was made by another model")
+                pair.append(t[1:].float())  # drop the sentinel row
+            ks.append(pair[0])
+            vs.append(pair[1])
+        keys[l], values[l] = torch.stack(ks), torch.stack(vs)
+    name = os.path.basename(os.path.normpath(path))
+    text_file = os.path.join(path, f'{name}.txt')
+    text = open(text_file, encoding='utf-8').read() if os.path.isfile(text_file) else None
+    ident = model_identity(model)
+    ident['fingerprint'] = None  # the reference recorded none
+    meta = dict(model=ident, text=text, token_windows=[encode(enc, text)] if text else None,
+                bookkeeping_token='\n', remove_bookkeeping_token_mem_size=None,
+                retrieval_during_build=None, source=f'imported from reference layout {os.path.abspath(path)}')
+    return Memory(keys, values, meta)
+
+
+# -----------------------------------------------------------------------------
+# helpers
+
+def check_retrieval_settings(knn_num, n_layer, mem_frac, bookkeeping_frac, knn_softmax_influence, resid_frac):
+    if not isinstance(knn_num, (list, tuple)) or len(knn_num) != n_layer:
+        raise UserError(f"knn_num has {len(knn_num) if isinstance(knn_num, (list, tuple)) else 'no'} entries, "
+                        f"the model has {n_layer} layers; give one k per layer, e.g. --knn_num={[0] * n_layer}")
+    for i, k in enumerate(knn_num):
+        if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+            raise UserError(f"knn_num[{i}]={k!r}: each k must be a whole number >= 0")
+    for name, val in (('mem_frac', mem_frac), ('bookkeeping_frac', bookkeeping_frac),
+                      ('knn_softmax_influence', knn_softmax_influence)):
+        if not isinstance(val, (int, float)) or isinstance(val, bool) or val < 0 or val != val:
+            raise UserError(f"{name}={val!r} must be a number >= 0")
+    if not isinstance(resid_frac, (int, float)) or isinstance(resid_frac, bool) or not 0 <= resid_frac <= 1:
+        raise UserError(f"resid_frac={resid_frac!r} must be between 0 and 1")
+
+
+def default_search(device):
+    """FAISS on the CPU; on CUDA the exact torch search keeps everything on the GPU."""
+    if str(device).startswith('cuda'):
+        return 'torch'
+    try:
+        import faiss  # noqa: F401
+        return 'faiss'
+    except ImportError:
+        return 'torch'
+
+
+def model_identity(model):
+    cfg = model.config
+    return dict(name=model.name, fingerprint=model.fingerprint(), n_layer=cfg.n_layer, n_head=cfg.n_head,
+                n_embd=cfg.n_embd, head_size=cfg.n_embd // cfg.n_head, vocab_size=cfg.vocab_size,
+                block_size=cfg.block_size)
+
+
+def sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            h.update(chunk)
+    return h.hexdigest()

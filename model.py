@@ -1,0 +1,380 @@
+"""
+GPT-2, written by hand in the nanoGPT manner, with a hook for the persistent memory.
+
+Read top to bottom:
+  1. loading a Hugging Face GPT-2 checkpoint (hub name or local directory) and its tokenizer
+  2. the model: attention (with a KV cache and the memory hook), MLP, block, GPT
+  3. generation (nanoGPT sampling; exact decoding when a memory is attached)
+
+The attention of a layer calls `self.memory.update_values(q, k, v, att)` when a memory is
+attached to it (see memory.py, where the method's equations live). The model knows
+nothing about FAISS.
+"""
+
+import hashlib
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for: the scripts print it as one line and exit 2."""
+
+
+# -----------------------------------------------------------------------------
+# 1. checkpoints and tokenizer
+
+HUB_MODELS = ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl')
+CHECKPOINT_FILES = ('config.json', 'model.safetensors', 'vocab.json', 'merges.txt')
+
+
+def resolve_checkpoint(init_from):
+    """Return a local directory holding CHECKPOINT_FILES for `init_from`.
+
+    `init_from` is a local directory in the hub layout, or one of HUB_MODELS, which is
+    downloaded once by huggingface_hub and then read from its cache. The cache is tried
+    first, so a cached model never touches the network; HF_HUB_OFFLINE=1 is honoured.
+    """
+    if os.path.isdir(init_from):
+        missing = [f for f in CHECKPOINT_FILES if not os.path.isfile(os.path.join(init_from, f))]
+        if missing:
+            raise UserError(f"checkpoint directory {init_from} lacks {', '.join(missing)}; "
+                            f"it needs {', '.join(CHECKPOINT_FILES)} (the Hugging Face layout)")
+        return init_from
+    if init_from not in HUB_MODELS:
+        raise UserError(f"init_from={init_from!r} is neither a directory nor one of {', '.join(HUB_MODELS)}; "
+                        f"pass a GPT-2 name or --init_from=DIR with {', '.join(CHECKPOINT_FILES)}")
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    paths = []
+    for fname in CHECKPOINT_FILES:
+        try:
+            paths.append(hf_hub_download(init_from, fname, local_files_only=True))
+            continue
+        except LocalEntryNotFoundError:
+            pass
+        try:
+            paths.append(hf_hub_download(init_from, fname))
+        except Exception as e:  # offline, no network, hub down: all end the same way for the user
+            raise UserError(f"{init_from} is not in the Hugging Face cache and could not be downloaded "
+                            f"({type(e).__name__}); connect once to cache it, or pass --init_from=DIR "
+                            f"with a local checkpoint ({', '.join(CHECKPOINT_FILES)})") from None
+    return os.path.dirname(paths[0])
+
+
+# GPT-2's pre-tokenisation pattern (the same one tiktoken's "gpt2" encoding uses)
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+EOT = '<|endoftext|>'
+
+
+def _byte_decoder():
+    """GPT-2's vocab.json spells bytes as printable characters; map them back to byte values."""
+    bs = list(range(ord('!'), ord('~') + 1)) + list(range(ord('¡'), ord('¬') + 1)) + list(range(ord('®'), ord('ÿ') + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def load_tokenizer(ckpt_dir):
+    """A tiktoken Encoding built from the checkpoint's vocab.json and merges.txt.
+
+    In GPT-2's byte-level BPE a token's id is also its merge rank, which is exactly what
+    tiktoken's mergeable_ranks are, so the vocabulary can be used as it is.
+    """
+    import tiktoken
+    with open(os.path.join(ckpt_dir, 'vocab.json'), encoding='utf-8') as f:
+        vocab = json.load(f)
+    decoder = _byte_decoder()
+    ranks, special = {}, {}
+    for token, idx in vocab.items():
+        if token == EOT:
+            special[token] = idx
+        else:
+            ranks[bytes(decoder[ch] for ch in token)] = idx
+    # merges.txt must agree with the ids: the n-th merge makes token 256 + n
+    with open(os.path.join(ckpt_dir, 'merges.txt'), encoding='utf-8') as f:
+        merges = [line.split() for line in f.read().split('\n')[1:] if line.strip()]
+    for n, (a, b) in enumerate(merges[:8]):
+        if vocab.get(a + b) != 256 + n:
+            raise UserError(f"{ckpt_dir}: merges.txt and vocab.json disagree at merge {n} ({a} {b}); "
+                            f"the tokenizer files are not a GPT-2 byte-level BPE pair")
+    name = 'gpt2-' + os.path.basename(os.path.normpath(ckpt_dir))
+    return tiktoken.Encoding(name, pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens=special)
+
+
+def encode(enc, text):
+    return enc.encode(text, allowed_special={EOT} & enc.special_tokens_set)
+
+
+# -----------------------------------------------------------------------------
+# 2. the model
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50257
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    layer_norm_epsilon: float = 1e-5
+
+
+def new_gelu(x):
+    """GELU as in GPT-2 (the tanh approximation, HF's "gelu_new")."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.memory = None  # a memory.LayerMemory, attached by GPT.attach_memory
+
+    def forward(self, x, past_kv=None, use_memory=True, need_att=False):
+        """x: (B, T, C) for the T newest positions; past_kv: (k, v) of earlier positions.
+
+        Returns y, (k, v) of all positions, and att (B, H, T, T_all) when asked for.
+        """
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, d)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        if past_kv is not None:
+            k = torch.cat((past_kv[0], k), dim=2)
+            v = torch.cat((past_kv[1], v), dim=2)
+        present = (k, v)
+        retrieve = use_memory and self.memory is not None
+        if retrieve or need_att:
+            # explicit attention: the memory needs the attention weights
+            T_all = k.size(2)
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+            causal = torch.ones(T, T_all, dtype=torch.bool, device=x.device).tril(diagonal=T_all - T)
+            att = att.masked_fill(~causal, float('-inf'))
+            att = F.softmax(att, dim=-1)
+            if retrieve:
+                v = self.memory.update_values(q, k, v, att)
+            y = att @ v
+        else:
+            att = None
+            T_all = k.size(2)
+            if T == 1 or T == T_all:
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+            else:  # several new positions after a cache: causal mask aligned to the end
+                causal = torch.ones(T, T_all, dtype=torch.bool, device=x.device).tril(diagonal=T_all - T)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.c_proj(y), present, att
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+
+    def forward(self, x):
+        return self.c_proj(new_gelu(self.c_fc(x)))
+
+
+class Block(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x, past_kv=None, use_memory=True, need_att=False):
+        a, present, att = self.attn(self.ln_1(x), past_kv, use_memory, need_att)
+        x = x + a
+        x = x + self.mlp(self.ln_2(x))
+        return x, present, att
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying, as in GPT-2
+        self.name = 'random'  # where the weights came from, for memory manifests
+
+    # --- loading -------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, init_from):
+        """Load a GPT-2 checkpoint (hub name or directory). Returns (model, tokenizer)."""
+        from safetensors.torch import load_file
+        ckpt_dir = resolve_checkpoint(init_from)
+        with open(os.path.join(ckpt_dir, 'config.json'), encoding='utf-8') as f:
+            hf = json.load(f)
+        act = hf.get('activation_function', 'gelu_new')
+        if hf.get('model_type', 'gpt2') != 'gpt2' or act not in ('gelu_new', 'gelu_pytorch_tanh'):
+            raise UserError(f"{ckpt_dir}/config.json describes a {hf.get('model_type')} model with "
+                            f"activation {act}; only GPT-2 checkpoints are supported")
+        config = GPTConfig(block_size=hf['n_positions'], vocab_size=hf['vocab_size'], n_layer=hf['n_layer'],
+                           n_head=hf['n_head'], n_embd=hf['n_embd'],
+                           layer_norm_epsilon=hf.get('layer_norm_epsilon', 1e-5))
+        model = cls(config)
+        sd_hf = load_file(os.path.join(ckpt_dir, 'model.safetensors'))
+        sd_hf = {k.removeprefix('transformer.'): v for k, v in sd_hf.items()
+                 if not k.endswith(('.attn.bias', '.attn.masked_bias'))}
+        sd = model.state_dict()
+        # the OpenAI checkpoints use a "Conv1D" module, (in, out): transpose into nn.Linear's (out, in)
+        transposed = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
+        expected = {k.removeprefix('transformer.') for k in sd if k != 'lm_head.weight'}
+        if set(sd_hf) - {'lm_head.weight'} != expected:
+            diff = sorted(expected ^ (set(sd_hf) - {'lm_head.weight'}))
+            raise UserError(f"{ckpt_dir}/model.safetensors does not hold GPT-2 weights of this config "
+                            f"(mismatched names, e.g. {diff[:3]})")
+        with torch.no_grad():
+            for k in sd:
+                if k == 'lm_head.weight':
+                    continue  # tied to wte
+                w = sd_hf[k.removeprefix('transformer.')]
+                if k.endswith(transposed):
+                    w = w.t()
+                if w.shape != sd[k].shape:
+                    raise UserError(f"{ckpt_dir}: {k} has shape {tuple(w.shape)}, config.json implies {tuple(sd[k].shape)}")
+                sd[k].copy_(w)
+        model.name = init_from if init_from in HUB_MODELS else os.path.basename(os.path.normpath(init_from))
+        model.eval()
+        return model, load_tokenizer(ckpt_dir)
+
+    def fingerprint(self):
+        """A short hash of the weights: every tensor's name and shape, and a strided sample of its values.
+        Memories record it, so a memory is never used with a model it was not built by."""
+        h = hashlib.sha256()
+        for name, p in self.state_dict().items():
+            flat = p.detach().reshape(-1)
+            step = max(1, flat.numel() // 4096)
+            h.update(f"{name}{tuple(p.shape)}".encode())
+            h.update(flat[::step].to('cpu', torch.float32).numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    # --- memory ----------------------------------------------------------------
+
+    def attach_memory(self, memory):
+        """Give each memory layer its LayerMemory (memory=None detaches all)."""
+        for i, block in enumerate(self.transformer.h):
+            block.attn.memory = memory.layers.get(i) if memory is not None else None
+
+    def memory_layers(self):
+        return [i for i, b in enumerate(self.transformer.h) if b.attn.memory is not None]
+
+    # --- forward ---------------------------------------------------------------
+
+    def forward(self, idx, past_kv=None, use_memory=True, return_att=False, all_logits=False,
+                start_layer=0, hidden=None, stop_layer=None, pos_start=None):
+        """idx: (B, T) token ids of the newest T positions.
+
+        past_kv: per layer (k, v) of the earlier positions, or None. Returns (logits, kv, atts):
+        logits of the last position (B, 1, V), or of every position with all_logits; kv: per layer
+        (k, v) of all positions; atts: per layer attention weights (B, H, T, T_all) with return_att.
+
+        start_layer/hidden/stop_layer run a slice of the stack: `hidden` is the input of
+        `start_layer`; with stop_layer the output is the hidden state entering that layer.
+        pos_start: position of idx's first token (default: the length of past_kv).
+        """
+        if hidden is None:
+            B, T = idx.size()
+            past = pos_start if pos_start is not None else (past_kv[0][0].size(2) if past_kv else 0)
+            if past + T > self.config.block_size:
+                raise ValueError(f"cannot forward {past + T} positions, block size is {self.config.block_size}")
+            pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)
+            x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+        else:
+            x = hidden
+        new_kv, atts = [], []
+        for i in range(start_layer, self.config.n_layer if stop_layer is None else stop_layer):
+            layer_past = past_kv[i] if past_kv is not None else None
+            x, present, att = self.transformer.h[i](x, layer_past, use_memory, return_att)
+            new_kv.append(present)
+            atts.append(att)
+        if stop_layer is not None:
+            return x, new_kv, atts
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x if all_logits else x[:, [-1], :])
+        return logits, new_kv, atts
+
+    # --- generation ------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generators=None, progress=None):
+        """Continue each row of idx (B, T) by max_new_tokens sampled tokens (nanoGPT semantics).
+
+        generators: one torch.Generator per row (CPU), so row i draws exactly what a run of
+        its own would; None uses torch's global generator (as nanoGPT). Sampling happens on
+        the CPU, so a CUDA run draws the same tokens as a CPU run from the same probabilities.
+
+        Exact decoding: a memory layer changes the values of past tokens, and its selection
+        depends on the newest token, so every layer from the first memory layer on is rerun
+        over the whole sequence for each new token (METHOD.md section 2). Layers before it
+        are unaffected and use a KV cache; their output for past positions is kept.
+        """
+        first_mem = min(self.memory_layers(), default=self.config.n_layer)
+        block_size = self.config.block_size
+        if idx.size(1) > block_size:
+            warnings.warn(f"prompt of {idx.size(1)} tokens is longer than block_size {block_size}; "
+                          f"only its last {block_size} tokens are used")
+        prefix_kv, mid = None, None  # KV cache of layers < first_mem, hidden states entering first_mem
+        for step in range(max_new_tokens):
+            if idx.size(1) > block_size or prefix_kv is None:
+                # (re)start: full pass over the (cropped) context
+                idx_cond = idx[:, -block_size:]
+                mid, prefix_kv, _ = self(idx_cond, stop_layer=first_mem)
+                if idx.size(1) >= block_size:
+                    prefix_kv = None  # positions shift once the window slides: no cache next step
+            else:
+                new, prefix_kv, _ = self(idx[:, -1:], past_kv=prefix_kv, stop_layer=first_mem,
+                                         pos_start=idx.size(1) - 1)
+                mid = torch.cat((mid, new), dim=1)
+                if idx.size(1) >= block_size:
+                    prefix_kv = None
+            if first_mem < self.config.n_layer:
+                logits, _, _ = self(None, hidden=mid, start_layer=first_mem)
+            else:
+                logits = self.lm_head(self.transformer.ln_f(mid[:, [-1], :]))
+            idx_next = sample_next(logits[:, -1, :], temperature, top_k, generators)
+            idx = torch.cat((idx, idx_next.to(idx.device)), dim=1)
+            if progress is not None:
+                progress.update(1)
+        return idx
+
+
+def sample_next(logits, temperature, top_k, generators=None):
+    """One nanoGPT sampling step for logits (B, V): temperature, top-k, softmax, multinomial."""
+    logits = logits.float() / temperature
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits[logits < v[:, [-1]]] = -float('Inf')
+    probs = F.softmax(logits, dim=-1).cpu()
+    if generators is None:
+        return torch.multinomial(probs, num_samples=1)
+    return torch.cat([torch.multinomial(probs[i:i + 1], 1, generator=g) for i, g in enumerate(generators)])
