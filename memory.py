@@ -212,7 +212,8 @@ class Memory:
             resid_frac=0.0, device='cpu', search=None):
         """Choose the retrieving layers (knn_num[i] > 0) and the settings; then model.attach_memory(self)."""
         n_layer = self.meta['model']['n_layer']
-        check_retrieval_settings(knn_num, n_layer, mem_frac, bookkeeping_frac, knn_softmax_influence, resid_frac)
+        check_retrieval_settings(knn_num, n_layer, mem_frac, bookkeeping_frac, knn_softmax_influence, resid_frac,
+                                 resid_only)
         missing = [i for i, k in enumerate(knn_num) if k > 0 and i not in self.keys]
         if missing:
             raise UserError(f"knn_num asks for layers {missing} but the memory holds layers {self.stored_layers}; "
@@ -383,7 +384,8 @@ def import_reference(path, model, enc):
 # -----------------------------------------------------------------------------
 # helpers
 
-def check_retrieval_settings(knn_num, n_layer, mem_frac, bookkeeping_frac, knn_softmax_influence, resid_frac):
+def check_retrieval_settings(knn_num, n_layer, mem_frac, bookkeeping_frac, knn_softmax_influence, resid_frac,
+                             resid_only=False):
     if not isinstance(knn_num, (list, tuple)) or len(knn_num) != n_layer:
         raise UserError(f"knn_num has {len(knn_num) if isinstance(knn_num, (list, tuple)) else 'no'} entries, "
                         f"the model has {n_layer} layers; give one k per layer, e.g. --knn_num={[0] * n_layer}")
@@ -396,6 +398,8 @@ def check_retrieval_settings(knn_num, n_layer, mem_frac, bookkeeping_frac, knn_s
             raise UserError(f"{name}={val!r} must be a number >= 0")
     if not isinstance(resid_frac, (int, float)) or isinstance(resid_frac, bool) or not 0 <= resid_frac <= 1:
         raise UserError(f"resid_frac={resid_frac!r} must be between 0 and 1")
+    if not isinstance(resid_only, bool):
+        raise UserError(f"resid_only={resid_only!r} must be True or False")
 
 
 def default_search(device):

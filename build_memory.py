@@ -1,0 +1,55 @@
+"""
+Build a persistent memory from a text file and save it as a directory.
+
+    python build_memory.py wiki.txt --init_from=gpt2 --mem_store=out/wiki --layers=[9]
+
+The bookkeeping token is put in front of the text, the plain model runs over it (retrieval
+off; texts longer than block_size go in windows, each with its own bookkeeping token), and
+the keys and values of every head of the chosen layers are stored (METHOD.md section 1).
+Use it with: python sample.py ... --load_mem_store=True --mem_store=out/wiki
+"""
+
+import os
+
+from configurator import configure, run_cli
+from memory import Memory
+from model import UserError
+from sample import load_model, read_text_file
+
+DEFAULTS = dict(
+    init_from='gpt2',      # hub name or local checkpoint directory
+    mem_store='',          # output directory; default out/<text file name>
+    layers=None,           # layer indices to store, e.g. [6, 7, 8]; None = all layers
+    bookkeeping_token='\n',  # put in front of the text (and of every window)
+    remove_bookkeeping_token_mem_size=None,  # leading tokens of each window not stored; None = the bookkeeping token's length
+    device='cpu',
+    dtype='float32',
+)
+
+
+def main(argv):
+    texts = [a for a in argv if not a.startswith('--') and not a.endswith('.py')]
+    if len(texts) != 1:
+        raise UserError("give one text file: python build_memory.py FILE.txt [--key=value ...]")
+    config = configure(DEFAULTS, [a for a in argv if a not in texts])
+    text = read_text_file(texts[0], 'memory')
+    layers = config['layers']
+    if layers is not None and (not isinstance(layers, (list, tuple)) or not all(isinstance(l, int) for l in layers)):
+        raise UserError(f"layers={layers!r} must be a list of layer indices, e.g. --layers=[9]")
+    mem_store = config['mem_store'] or os.path.join('out', os.path.splitext(os.path.basename(texts[0]))[0])
+    model, enc = load_model(config)
+    memory = Memory.build(model, enc, text, layers=layers, bookkeeping_token=config['bookkeeping_token'],
+                          remove_bookkeeping_token_mem_size=config['remove_bookkeeping_token_mem_size'],
+                          add_bookkeeping_token=True, progress=True)
+    path = memory.save(mem_store)
+    size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
+    m = memory.meta
+    print(f"stored {memory.num_entries()} tokens per head from {sum(len(w) for w in m['token_windows'])} tokens "
+          f"in {len(m['token_windows'])} window(s) of {texts[0]}")
+    print(f"model {m['model']['name']} (weights {m['model']['fingerprint']}), layers {memory.stored_layers}, "
+          f"{m['model']['n_head']} heads of size {m['model']['head_size']}")
+    print(f"{size / 1e6:.2f} MB on disk at {path}")
+
+
+if __name__ == '__main__':
+    run_cli(main)

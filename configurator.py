@@ -1,0 +1,92 @@
+"""
+nanoGPT's configurator, as a function: Python config files plus --key=value overrides.
+
+    python sample.py config/type_3.py --seed=7 --knn_num=[0,0,0,0,0,0,5,5,5,0,0,0]
+
+A config file is executed as Python and may compute values and define helper variables
+(the reference's configs define `substitute`, for example). Its names that are config keys
+are taken; other names are ignored, unless they look like a misspelt key, which is an
+error. Overrides must name a known key; values are Python literals (strings may go
+unquoted) and must have the type of the default (an int is accepted for a float).
+"""
+
+import ast
+import difflib
+import os
+import sys
+import types
+
+from model import UserError
+
+
+def _closest(name, known):
+    match = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    return f"; did you mean {match[0]}?" if match else f"; known keys: {', '.join(sorted(known))}"
+
+
+def _check_type(key, value, default, where):
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise UserError(f"{where}: {key}={value!r} should be a {type(default).__name__} like the default {default!r}")
+    return value
+
+
+def configure(defaults, argv):
+    """Return a copy of `defaults` updated by the config files and --key=value overrides in argv."""
+    config = dict(defaults)
+    known = list(defaults)
+    for arg in argv:
+        if not arg.startswith('--'):
+            if not os.path.isfile(arg):
+                raise UserError(f"config file {arg} does not exist (configs live in config/; overrides are --key=value)")
+            namespace = dict(config)
+            try:
+                with open(arg, encoding='utf-8') as f:
+                    exec(compile(f.read(), arg, 'exec'), namespace)
+            except UserError:
+                raise
+            except Exception as e:
+                raise UserError(f"config file {arg} failed: {type(e).__name__}: {e}") from None
+            for name, value in namespace.items():
+                if name.startswith('_') or isinstance(value, (types.ModuleType, types.FunctionType, type)):
+                    continue
+                if name in config:
+                    config[name] = _check_type(name, value, defaults[name], arg)
+                elif difflib.get_close_matches(name, known, n=1, cutoff=0.85):
+                    raise UserError(f"{arg}: unknown config key {name}{_closest(name, known)}")
+        else:
+            if '=' not in arg:
+                raise UserError(f"override {arg} needs a value: --key=value")
+            key, val = arg[2:].split('=', 1)
+            if key not in config:
+                raise UserError(f"unknown config key {key}{_closest(key, known)}")
+            try:
+                value = ast.literal_eval(val)
+            except (SyntaxError, ValueError):
+                value = val  # a bare string
+            if isinstance(defaults[key], str) and not isinstance(value, str):
+                value = val  # --start=123 means the text "123"
+            config[key] = _check_type(key, value, defaults[key], f"--{key}")
+    return config
+
+
+def run_cli(main):
+    """Run a script's main(argv); a UserError becomes one line on stderr and exit status 2."""
+    try:
+        main(sys.argv[1:])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
