@@ -1,0 +1,182 @@
+"""Building, saving, loading and refusing memories; retrieval invariants."""
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import REF, make_random_checkpoint
+from memory import LayerMemory, Memory, memory_token_windows
+from model import GPT, UserError, encode
+
+TEXT = "\nCats are curious animals that sleep for most of the day and play at night."
+
+
+def test_long_text_is_split_into_windows_each_with_its_bookkeeping_token(tmp_path):
+    make_random_checkpoint(tmp_path, seed=3, n_positions=16)
+    model, enc = GPT.from_pretrained(str(tmp_path))
+    text = "Dogs and cats can live together when they are introduced slowly and kindly. " * 3
+    memory = Memory.build(model, enc, text, layers=[0, 2], add_bookkeeping_token=True)
+    ids = encode(enc, '\n' + text)
+    windows = memory.meta['token_windows']
+    assert all(w[0] == ids[0] and len(w) <= 16 for w in windows)
+    assert [t for w in windows for t in w[1:]] == ids[1:]
+    assert memory.num_entries() == len(ids) - 1
+    # each window's stored keys are what the plain model computes on that window alone
+    offset = 0
+    for w in windows:
+        _, kv, _ = model(torch.tensor([w]), use_memory=False)
+        for layer in (0, 2):
+            k, v = kv[layer]
+            torch.testing.assert_close(memory.keys[layer][:, offset:offset + len(w) - 1], k[0, :, 1:])
+            torch.testing.assert_close(memory.values[layer][:, offset:offset + len(w) - 1], v[0, :, 1:])
+        offset += len(w) - 1
+
+
+def test_windows_without_bookkeeping_token():
+    assert memory_token_windows(list(range(10)), 0, 4) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert memory_token_windows(list(range(8)), 1, 4) == [[0, 1, 2, 3], [0, 4, 5, 6], [0, 7]]
+
+
+def test_save_load_round_trip(tiny, tmp_path, reference):
+    model, enc = tiny
+    memory = Memory.build(model, enc, TEXT, layers=[1, 2])
+    path = memory.save(tmp_path / 'mem')
+    manifest = json.load(open(os.path.join(path, 'memory.json')))
+    assert manifest['format_version'] == 1 and manifest['layers'] == [1, 2]
+    assert manifest['model']['fingerprint'] == model.fingerprint()
+    assert manifest['token_windows'] == [encode(enc, TEXT)] and manifest['text'] == TEXT
+    loaded = Memory.load(path, model, enc)
+    for l in (1, 2):
+        assert torch.equal(loaded.keys[l], memory.keys[l]) and torch.equal(loaded.values[l], memory.values[l])
+    x = torch.tensor([reference['prompt_ids']])
+    outs = []
+    for m in (memory, loaded):
+        model.attach_memory(m.use([0, 3, 3, 0], mem_frac=5.0, bookkeeping_frac=0.1, knn_softmax_influence=0.01,
+                                  resid_frac=0.33))
+        torch.manual_seed(1)
+        outs.append(model.generate(x, 10, 0.8, 200).tolist())
+        model.attach_memory(None)
+    assert outs[0] == outs[1]
+    assert os.listdir(tmp_path) == ['mem']  # no temporary directories left behind
+
+
+def test_interrupted_save_keeps_the_old_memory(tiny, tmp_path, monkeypatch):
+    model, enc = tiny
+    old = Memory.build(model, enc, TEXT, layers=[1])
+    path = old.save(tmp_path / 'mem')
+    new = Memory.build(model, enc, TEXT + " More.", layers=[2])
+    import safetensors.torch
+
+    def crash(tensors, filename, *a, **k):
+        with open(filename, 'wb') as f:
+            f.write(b'half a file')
+        raise KeyboardInterrupt
+    monkeypatch.setattr(safetensors.torch, 'save_file', crash)
+    with pytest.raises(KeyboardInterrupt):
+        new.save(path)
+    assert os.listdir(tmp_path) == ['mem']
+    assert Memory.load(path, model, enc).stored_layers == [1]
+
+
+def test_refuses_memory_of_another_model(tiny, tmp_path):
+    model, enc = tiny
+    make_random_checkpoint(tmp_path / 'other', seed=5, n_embd=64, n_layer=4, n_head=4, n_positions=256)
+    other, _ = GPT.from_pretrained(str(tmp_path / 'other'))
+    path = Memory.build(other, enc, TEXT, layers=[1]).save(tmp_path / 'mem')
+    with pytest.raises(UserError, match=r'memory was made by model other \(weights [0-9a-f]+\), not by tiny-gpt2'):
+        Memory.load(path, model, enc)
+    make_random_checkpoint(tmp_path / 'small', seed=5)
+    small, _ = GPT.from_pretrained(str(tmp_path / 'small'))
+    path = Memory.build(small, enc, TEXT, layers=[1]).save(tmp_path / 'mem2')
+    with pytest.raises(UserError, match=r'n_layer=3 \(small\), this model has n_layer=4 \(tiny-gpt2\)'):
+        Memory.load(path, model, enc)
+
+
+@pytest.mark.parametrize('damage', ['truncate', 'flip', 'manifest', 'missing'])
+def test_refuses_corrupted_memory(tiny, tmp_path, damage):
+    model, enc = tiny
+    path = Memory.build(model, enc, TEXT, layers=[1]).save(tmp_path / 'mem')
+    tensors = os.path.join(path, 'memory.safetensors')
+    if damage == 'truncate':
+        data = open(tensors, 'rb').read()
+        open(tensors, 'wb').write(data[:len(data) // 2])
+    elif damage == 'flip':
+        data = bytearray(open(tensors, 'rb').read())
+        data[-5] ^= 0xFF
+        open(tensors, 'wb').write(bytes(data))
+    elif damage == 'manifest':
+        open(os.path.join(path, 'memory.json'), 'w').write('{"format": "gpt2-persistent-mem')
+    else:
+        os.remove(tensors)
+    with pytest.raises(UserError, match='rebuild'):
+        Memory.load(path, model, enc)
+
+
+def test_refuses_legacy_memory_of_another_shape(tmp_path):
+    make_random_checkpoint(tmp_path / 'm', seed=1, n_embd=32, n_head=4, n_layer=4)
+    model, enc = GPT.from_pretrained(str(tmp_path / 'm'))
+    with pytest.raises(UserError, match=r'expected \(N\+1, 8\)'):
+        Memory.load(os.path.join(REF, 'legacy-memstores', 'type2_recall_one_layer', 'memstore'), model, enc)
+
+
+def test_retrieval_settings_are_checked(tiny):
+    model, enc = tiny
+    memory = Memory.build(model, enc, TEXT, layers=[1])
+    with pytest.raises(UserError, match='knn_num has 3 entries, the model has 4 layers'):
+        memory.use([0, 1, 0])
+    with pytest.raises(UserError, match=r'knn_num\[1\]=-1'):
+        memory.use([0, -1, 0, 0])
+    for key in ('mem_frac', 'bookkeeping_frac', 'knn_softmax_influence'):
+        with pytest.raises(UserError, match=f'{key}=-0.5 must be a number >= 0'):
+            memory.use([0, 1, 0, 0], **{key: -0.5})
+    with pytest.raises(UserError, match='resid_frac=1.5 must be between 0 and 1'):
+        memory.use([0, 1, 0, 0], resid_frac=1.5)
+    with pytest.raises(UserError, match=r'asks for layers \[2\] but the memory holds layers \[1\]'):
+        memory.use([0, 1, 1, 0])
+
+
+def test_selection_rules():
+    """METHOD.md section 2 step 1 on a hand-made attention row."""
+    keys = torch.randn(1, 5, 4)
+    att = torch.zeros(1, 1, 4, 4)
+    att[0, 0, -1] = torch.tensor([0.5, 0.3, 0.15, 0.05])  # T = 4
+    sel = lambda **kw: LayerMemory(keys, keys, 1, **kw).select(att)[0, 0].tolist()
+    assert sel(mem_frac=0, bookkeeping_frac=0) == [True, False, False, False]   # MF 0: token 0 only
+    assert sel(mem_frac=0, bookkeeping_frac=0.5) == [False, False, False, False]  # BF drops s0 <= BF
+    assert sel(mem_frac=1, bookkeeping_frac=0) == [True, True, False, False]     # keep s >= 1/(MF*T) = 0.25
+    assert sel(mem_frac=5, bookkeeping_frac=0.6) == [False, True, True, True]    # 1/20 = 0.05 kept (not <)
+
+
+@pytest.mark.parametrize('search', ['faiss', 'torch'])
+def test_update_values_by_hand(search):
+    """One selected token-head, worked through METHOD.md steps 2-6 by hand, both search kinds;
+    fewer stored entries than k: the missing neighbours take no part."""
+    torch.manual_seed(0)
+    d = 4
+    mem_k, mem_v = torch.randn(1, 2, d), torch.randn(1, 2, d)
+    q, k, v = torch.randn(1, 1, 3, d), torch.randn(1, 1, 3, d), torch.randn(1, 1, 3, d)
+    att = torch.tensor([[[[1, 0, 0], [0.5, 0.5, 0], [0.9, 0.05, 0.05]]]])
+    for resid_only, r in ((False, 0.0), (True, 0.1), (False, 0.33)):
+        lm = LayerMemory(mem_k, mem_v, 3, mem_frac=0, knn_softmax_influence=2.0, resid_only=resid_only,
+                         resid_frac=r, search=search)
+        out = lm.update_values(q, k, v, att)
+        cand_k = mem_k[0] if resid_only else torch.cat((k[0, 0, :1], mem_k[0]))
+        cand_v = mem_v[0] if resid_only else torch.cat((v[0, 0, :1], mem_v[0]))
+        w = torch.softmax(2.0 * (cand_k @ q[0, 0, 0]) / d ** 0.5, 0)
+        m = w @ cand_v
+        expected = (1 - r) * m + r * v[0, 0, 0] if r else m
+        torch.testing.assert_close(out[0, 0, 0], expected)
+        torch.testing.assert_close(out[0, 0, 1:], v[0, 0, 1:])  # unselected values untouched
+
+
+def test_faiss_and_torch_search_agree(tiny, reference):
+    model, enc = tiny
+    x = torch.tensor([reference['prompt_ids']])
+    logits = []
+    for search in ('faiss', 'torch'):
+        memory = Memory.build(model, enc, reference['memory_text'], layers=[0, 1, 2, 3])
+        model.attach_memory(memory.use([2, 2, 2, 2], mem_frac=1.0, search=search))
+        logits.append(model(x)[0])
+        model.attach_memory(None)
+    torch.testing.assert_close(logits[0], logits[1])
