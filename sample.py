@@ -164,8 +164,6 @@ def append_jsonl(path, records):
     data = ''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in records)
     with open(path, 'a', encoding='utf-8') as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def main(argv):
@@ -177,6 +175,11 @@ def main(argv):
     model, enc = load_model(config)
     memory = prepare_memory(config, model, enc)
     start, ids = prompt_ids(config, enc)
+    if len(ids) > model.config.block_size:
+        # the model sees only the last block_size tokens, as in the reference's generate()
+        warnings.warn(f"prompt of {len(ids)} tokens is longer than block_size {model.config.block_size}; "
+                      f"only its last {model.config.block_size} tokens are used")
+        ids = ids[-model.config.block_size:]
     from tqdm import tqdm
     runs = ([('unadulterated', None)] if config['unadulterated_gpt'] or memory is None else []) + \
            ([('memory', memory)] if memory is not None else [])
