@@ -30,7 +30,7 @@ def make_random_checkpoint(path, seed=0, **config):
     with the fixture's tokenizer files."""
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(seed)
-    cfg = dict(vocab_size=474, n_positions=64, n_embd=32, n_layer=3, n_head=4)
+    cfg = dict(vocab_size=474, n_positions=64, n_embd=32, n_layer=3, n_head=4, bos_token_id=473, eos_token_id=473)
     cfg.update(config)
     hf = GPT2LMHeadModel(GPT2Config(**cfg)).eval()
     hf.save_pretrained(path)
