@@ -48,11 +48,17 @@ class LayerMemory:
         self.indexes = None
         if search == 'faiss':
             import faiss
+            gpu = keys.is_cuda and hasattr(faiss, 'StandardGpuResources')
+            self.faiss_gpu = faiss.StandardGpuResources() if gpu else None
             self.indexes = []
             for h in range(keys.size(0)):
                 index = faiss.IndexFlatL2(keys.size(2))  # exact squared-L2 search, as the reference
                 index.add(np.ascontiguousarray(keys[h].detach().to('cpu', torch.float32).numpy()))
+                if gpu:
+                    index = faiss.index_cpu_to_gpu(self.faiss_gpu, keys.device.index or 0, index)
                 self.indexes.append(index)
+        else:
+            self.key_sqnorms = keys.float().pow(2).sum(-1)  # (H, N), for the torch search
         self.last_selection = None  # (B, H, T) bool of the latest call, for inspection
 
     def select(self, att):
@@ -69,42 +75,36 @@ class LayerMemory:
 
     def search(self, queries, heads):
         """Step 2: the k nearest stored keys (squared L2) of each query (n, d) in its head's
-        memory. Returns indices (n, k); -1 where the memory holds fewer than k entries."""
+        memory: one search per head for all of that head's queries. Returns indices (n, k),
+        -1 where the memory holds fewer than k entries."""
         n, K = queries.size(0), self.k
-        found = torch.full((n, K), -1, dtype=torch.long)
+        found = torch.full((n, K), -1, dtype=torch.long, device=queries.device)
+        q32 = queries.detach().float()
         if self.indexes is not None:
-            q = queries.detach().to('cpu', torch.float32)
+            q_cpu = q32.cpu()
             for h in heads.unique().tolist():
-                rows = (heads == h).nonzero(as_tuple=True)[0].cpu()
-                _, I = self.indexes[h].search(np.ascontiguousarray(q[rows].numpy()), K)
-                found[rows] = torch.from_numpy(I).long()
-            return found.to(queries.device)
-        # exact torch search, same metric
-        mem = self.keys[heads].to(queries.dtype)  # (n, N, d)
-        dist = (mem - queries[:, None, :]).pow(2).sum(-1)
-        kk = min(K, mem.size(1))
-        idx = dist.topk(kk, dim=-1, largest=False).indices
-        found = found.to(queries.device)
-        found[:, :kk] = idx
+                rows = (heads == h).nonzero(as_tuple=True)[0]
+                _, I = self.indexes[h].search(np.ascontiguousarray(q_cpu[rows.cpu()].numpy()), K)
+                found[rows] = torch.from_numpy(I).to(found.device)
+            return found
+        kk = min(K, self.keys.size(1))  # exact torch search, same metric, on the keys' device
+        for h in heads.unique().tolist():
+            rows = (heads == h).nonzero(as_tuple=True)[0]
+            qh = q32[rows]
+            dist = qh.pow(2).sum(-1, keepdim=True) - 2 * qh @ self.keys[h].float().T + self.key_sqnorms[h]
+            found[rows, :kk] = dist.topk(kk, dim=-1, largest=False).indices
         return found
 
-    @torch.no_grad()
-    def update_values(self, q, k, v, att):
-        """q, k, v: (B, H, T, d); att: (B, H, T_q, T) softmaxed causal attention.
-        Returns v' (B, H, T, d) where every selected token-head's value is replaced."""
-        d = k.size(-1)
-        selected = self.select(att)
-        self.last_selection = selected
-        b, h, j = selected.nonzero(as_tuple=True)
-        if b.numel() == 0:
-            return v
-        key_j, query_j, value_j = k[b, h, j], q[b, h, j], v[b, h, j]  # (n, d) each
+    def memory_values(self, query_j, key_j, value_j, heads):
+        """Steps 2-6 for n selected token-heads: each one's own q, k, v (n, d) and head (n,).
+        Returns the new values v' (n, d). A token-head's v' depends on nothing but these."""
+        d = key_j.size(-1)
         # 2. neighbours of the token's own key
-        nbr = self.search(key_j, h)  # (n, k)
+        nbr = self.search(key_j, heads)  # (n, k)
         valid = nbr >= 0
         nbr = nbr.clamp(min=0)
-        cand_k = self.keys[h[:, None], nbr].to(k.dtype)  # (n, k, d)
-        cand_v = self.values[h[:, None], nbr].to(v.dtype)
+        cand_k = self.keys[heads[:, None], nbr].to(key_j.dtype)  # (n, k, d)
+        cand_v = self.values[heads[:, None], nbr].to(value_j.dtype)
         # 3. unless resid_only, the token's own (key, value) is one more candidate
         if not self.resid_only:
             cand_k = torch.cat((key_j[:, None], cand_k), dim=1)
@@ -118,10 +118,43 @@ class LayerMemory:
         m = (w[:, :, None] * cand_v).sum(dim=1)
         # 6. new value
         r = self.resid_frac
-        new_value = (1 - r) * m + r * value_j if r != 0 else m
+        return (1 - r) * m + r * value_j if r != 0 else m
+
+    @torch.no_grad()
+    def update_values(self, q, k, v, att):
+        """Exact mode. q, k, v: (B, H, T, d); att: (B, H, T, T) softmaxed causal attention.
+        Returns v' (B, H, T, d), every selected token-head's value replaced."""
+        selected = self.select(att)
+        self.last_selection = selected
+        b, h, j = selected.nonzero(as_tuple=True)
+        if b.numel() == 0:
+            return v
         v = v.clone()
-        v[b, h, j] = new_value
+        v[b, h, j] = self.memory_values(q[b, h, j], k[b, h, j], v[b, h, j], h)
         return v  # 7. the caller finishes attention: y = att @ v'
+
+    @torch.no_grad()
+    def cached_values(self, q, k, v, att, state):
+        """Cached mode (opt-in, not the method's exact decoding). q, k, v of all positions
+        (B, H, T, d); att (B, H, T_new, T), the rows of the new positions. The selection is
+        made from the newest row as in exact mode, but past positions keep the states they
+        had: only this layer's values are swapped. Each token-head's v' is computed once and
+        kept in `state` (v' (B, H, T, d) and a computed mask (B, H, T)).
+        Returns (values to attend with, new state)."""
+        B, H, T, d = v.shape
+        if state is None:
+            v_mem, done = torch.zeros_like(v), torch.zeros(B, H, T, dtype=torch.bool, device=v.device)
+        else:
+            grow = T - state[0].size(2)
+            v_mem = torch.cat((state[0], v.new_zeros(B, H, grow, d)), dim=2)
+            done = torch.cat((state[1], state[1].new_zeros(B, H, grow)), dim=2)
+        selected = self.select(att)
+        self.last_selection = selected
+        b, h, j = (selected & ~done).nonzero(as_tuple=True)
+        if b.numel():
+            v_mem[b, h, j] = self.memory_values(q[b, h, j], k[b, h, j], v[b, h, j], h)
+            done[b, h, j] = True
+        return torch.where(selected[..., None], v_mem, v), (v_mem, done)
 
 
 # -----------------------------------------------------------------------------

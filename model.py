@@ -146,11 +146,10 @@ class CausalSelfAttention(nn.Module):
         self.n_embd = config.n_embd
         self.memory = None  # a memory.LayerMemory, attached by GPT.attach_memory
 
-    def forward(self, x, past_kv=None, use_memory=True, need_att=False):
-        """x: (B, T, C) for the T newest positions; past_kv: (k, v) of earlier positions.
-
-        Returns y, (k, v) of all positions, and att (B, H, T, T_all) when asked for.
-        """
+    def forward(self, x, past_kv=None, use_memory=True, need_att=False, cached_memory=False):
+        """x: (B, T, C) for the T newest positions; past_kv: what this layer returned as
+        `present` for the earlier positions: (k, v), plus (q, memory state) in a memory layer
+        in cached mode. Returns y, present, and att (B, H, T, T_all) when asked for."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, d)
@@ -160,20 +159,26 @@ class CausalSelfAttention(nn.Module):
             k = torch.cat((past_kv[0], k), dim=2)
             v = torch.cat((past_kv[1], v), dim=2)
         present = (k, v)
+        T_all = k.size(2)
         retrieve = use_memory and self.memory is not None
         if retrieve or need_att:
             # explicit attention: the memory needs the attention weights
-            T_all = k.size(2)
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
             causal = torch.ones(T, T_all, dtype=torch.bool, device=x.device).tril(diagonal=T_all - T)
             att = att.masked_fill(~causal, float('-inf'))
             att = F.softmax(att, dim=-1)
-            if retrieve:
+            if retrieve and cached_memory:
+                q_all = q if past_kv is None else torch.cat((past_kv[2], q), dim=2)
+                v, state = self.memory.cached_values(q_all, k, v, att, None if past_kv is None else past_kv[3])
+                present = (present[0], present[1], q_all, state)
+            elif retrieve:
+                if past_kv is not None:
+                    raise ValueError("exact memory attention reruns the whole sequence; "
+                                     "a KV cache in a memory layer needs cached_memory=True")
                 v = self.memory.update_values(q, k, v, att)
             y = att @ v
         else:
             att = None
-            T_all = k.size(2)
             if T == 1 or T == T_all:
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
             else:  # several new positions after a cache: causal mask aligned to the end
@@ -203,8 +208,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x, past_kv=None, use_memory=True, need_att=False):
-        a, present, att = self.attn(self.ln_1(x), past_kv, use_memory, need_att)
+    def forward(self, x, past_kv=None, use_memory=True, need_att=False, cached_memory=False):
+        a, present, att = self.attn(self.ln_1(x), past_kv, use_memory, need_att, cached_memory)
         x = x + a
         x = x + self.mlp(self.ln_2(x))
         return x, present, att
@@ -291,7 +296,7 @@ class GPT(nn.Module):
     # --- forward ---------------------------------------------------------------
 
     def forward(self, idx, past_kv=None, use_memory=True, return_att=False, all_logits=False,
-                start_layer=0, hidden=None, stop_layer=None, pos_start=None):
+                start_layer=0, hidden=None, stop_layer=None, pos_start=None, cached_memory=False):
         """idx: (B, T) token ids of the newest T positions.
 
         past_kv: per layer (k, v) of the earlier positions, or None. Returns (logits, kv, atts):
@@ -301,6 +306,7 @@ class GPT(nn.Module):
         start_layer/hidden/stop_layer run a slice of the stack: `hidden` is the input of
         `start_layer`; with stop_layer the output is the hidden state entering that layer.
         pos_start: position of idx's first token (default: the length of past_kv).
+        cached_memory: memory layers keep a KV cache too (the approximate cached mode, see generate).
         """
         if hidden is None:
             B, T = idx.size()
@@ -314,7 +320,7 @@ class GPT(nn.Module):
         new_kv, atts = [], []
         for i in range(start_layer, self.config.n_layer if stop_layer is None else stop_layer):
             layer_past = past_kv[i] if past_kv is not None else None
-            x, present, att = self.transformer.h[i](x, layer_past, use_memory, return_att)
+            x, present, att = self.transformer.h[i](x, layer_past, use_memory, return_att, cached_memory)
             new_kv.append(present)
             atts.append(att)
         if stop_layer is not None:
@@ -326,42 +332,59 @@ class GPT(nn.Module):
     # --- generation ------------------------------------------------------------
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generators=None, progress=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generators=None, progress=None,
+                 mode='exact', forced=None, logits_out=None):
         """Continue each row of idx (B, T) by max_new_tokens sampled tokens (nanoGPT semantics).
 
         generators: one torch.Generator per row (CPU), so row i draws exactly what a run of
         its own would; None uses torch's global generator (as nanoGPT). Sampling happens on
         the CPU, so a CUDA run draws the same tokens as a CPU run from the same probabilities.
 
-        Exact decoding: a memory layer changes the values of past tokens, and its selection
-        depends on the newest token, so every layer from the first memory layer on is rerun
-        over the whole sequence for each new token (METHOD.md section 2). Layers before it
-        are unaffected and use a KV cache; their output for past positions is kept.
+        mode='exact' (the default) is the method's decoding: a memory layer changes the
+        values of past tokens, and its selection depends on the newest token, so every layer
+        from the first memory layer on is rerun over the whole sequence for each new token
+        (METHOD.md section 2). Layers before it are unaffected and use a KV cache.
+
+        mode='cached' is an approximation whose cost per token does not grow with the
+        context: every layer keeps an ordinary KV cache, so past positions keep the states
+        they had; a memory layer selects from the new token's attention row and attends
+        with memory-updated values for the selected past tokens-heads (each computed once).
+        The prompt pass and so the first generated token are the same as in exact mode.
+
+        forced: (B, max_new_tokens) tokens to feed instead of sampling (teacher forcing);
+        logits_out: a list that receives each step's last-position logits (B, V).
         """
-        first_mem = min(self.memory_layers(), default=self.config.n_layer)
-        block_size = self.config.block_size
+        if mode not in ('exact', 'cached'):
+            raise ValueError(f"mode={mode!r}: use 'exact' or 'cached'")
+        cached = mode == 'cached'
+        n_layer, block_size = self.config.n_layer, self.config.block_size
+        # layers below `split` run once per token with a KV cache; layers from `split` on are
+        # rerun over the whole sequence (exact mode with a memory only)
+        split = n_layer if cached else min(self.memory_layers(), default=n_layer)
         if idx.size(1) > block_size:
             warnings.warn(f"prompt of {idx.size(1)} tokens is longer than block_size {block_size}; "
                           f"only its last {block_size} tokens are used")
-        prefix_kv, mid = None, None  # KV cache of layers < first_mem, hidden states entering first_mem
+        past, mid = None, None  # KV cache of layers < split, hidden states entering `split`
         for step in range(max_new_tokens):
-            if idx.size(1) > block_size or prefix_kv is None:
-                # (re)start: full pass over the (cropped) context
-                idx_cond = idx[:, -block_size:]
-                mid, prefix_kv, _ = self(idx_cond, stop_layer=first_mem)
-                if idx.size(1) >= block_size:
-                    prefix_kv = None  # positions shift once the window slides: no cache next step
+            if past is None:
+                # (re)start: a full pass over the (cropped) context
+                mid, past, _ = self(idx[:, -block_size:], stop_layer=split, cached_memory=cached)
             else:
-                new, prefix_kv, _ = self(idx[:, -1:], past_kv=prefix_kv, stop_layer=first_mem,
-                                         pos_start=idx.size(1) - 1)
+                new, past, _ = self(idx[:, -1:], past_kv=past, stop_layer=split, pos_start=idx.size(1) - 1,
+                                    cached_memory=cached)
                 mid = torch.cat((mid, new), dim=1)
-                if idx.size(1) >= block_size:
-                    prefix_kv = None
-            if first_mem < self.config.n_layer:
-                logits, _, _ = self(None, hidden=mid, start_layer=first_mem)
+            if idx.size(1) >= block_size:
+                past = None  # the window slides from the next token on: positions shift, no cache
+            if split < n_layer:
+                logits, _, _ = self(None, hidden=mid, start_layer=split)
             else:
                 logits = self.lm_head(self.transformer.ln_f(mid[:, [-1], :]))
-            idx_next = sample_next(logits[:, -1, :], temperature, top_k, generators)
+            if logits_out is not None:
+                logits_out.append(logits[:, -1, :].float().cpu())
+            if forced is not None:
+                idx_next = forced[:, step:step + 1]
+            else:
+                idx_next = sample_next(logits[:, -1, :], temperature, top_k, generators)
             idx = torch.cat((idx, idx_next.to(idx.device)), dim=1)
             if progress is not None:
                 progress.update(1)

@@ -46,6 +46,7 @@ DEFAULTS = dict(
     knn_softmax_influence=1.0,  # TS: scales q.key before the softmax over candidates
     resid_only=False,      # True: the token's own key/value is not a candidate
     resid_frac=0.0,        # r: v' = (1-r) m + r v; 0 = v' = m
+    decoding='exact',      # 'exact' (the method) or 'cached' (approximate, cost per token independent of context)
     search=None,           # kNN search: 'faiss' or 'torch' (exact, on the model's device); None = faiss on CPU, torch on CUDA
     # --- output ---
     unadulterated_gpt=False,  # also generate the plain model's continuation with the same seed, printed first
@@ -151,7 +152,7 @@ def generate(model, ids, seeds, config, memory, progress=None):
         x = torch.tensor([ids] * len(seeds), dtype=torch.long, device=device)
         gens = [torch.Generator().manual_seed(s) for s in seeds]
         y = model.generate(x, config['max_new_tokens'], temperature=config['temperature'],
-                           top_k=config['top_k'], generators=gens, progress=progress)
+                           top_k=config['top_k'], generators=gens, progress=progress, mode=config['decoding'])
     finally:
         model.attach_memory(None)
     return [row[len(ids):].tolist() for row in y]
@@ -170,6 +171,8 @@ def main(argv):
     config = configure(DEFAULTS, argv)
     warnings.formatwarning = lambda msg, *a, **k: f"warning: {msg}\n"
     seeds = seeds_of(config)
+    if config['decoding'] not in ('exact', 'cached'):
+        raise UserError(f"decoding={config['decoding']!r} must be 'exact' or 'cached'")
     if config['max_new_tokens'] < 1 or config['temperature'] <= 0 or (config['top_k'] is not None and config['top_k'] < 1):
         raise UserError("max_new_tokens and top_k must be >= 1 and temperature > 0")
     model, enc = load_model(config)

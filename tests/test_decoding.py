@@ -1,0 +1,89 @@
+"""Exact and cached decoding: the invariants of each."""
+import pytest
+import torch
+
+from memory import Memory
+
+SETTINGS = dict(knn_num=[0, 3, 3, 0], mem_frac=5.0, bookkeeping_frac=0.1, knn_softmax_influence=0.01, resid_frac=0.33)
+
+
+@pytest.fixture
+def memory(tiny, reference):
+    model, enc = tiny
+    mem = Memory.build(model, enc, reference['memory_text'], layers=[1, 2])
+    yield mem.use(**SETTINGS)
+    model.attach_memory(None)
+
+
+def gen(model, x, seeds, n, mode, **kw):
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    return model.generate(x.repeat(len(seeds), 1), n, 0.8, 200, generators=gens, mode=mode, **kw)
+
+
+def test_cached_without_memory_is_plain_decoding(tiny, reference):
+    model, _ = tiny
+    x = torch.tensor([reference['prompt_ids']])
+    assert torch.equal(gen(model, x, [1, 2, 3], 20, 'cached'), gen(model, x, [1, 2, 3], 20, 'exact'))
+    assert gen(model, x, [1337], 24, 'cached')[0, 10:].tolist() == reference['unadulterated']['1337']
+
+
+def test_cached_equals_exact_on_the_first_token(tiny, reference, memory):
+    model, _ = tiny
+    model.attach_memory(memory)
+    x = torch.tensor([reference['prompt_ids']])
+    logits = {}
+    for mode in ('exact', 'cached'):
+        out = []
+        y = gen(model, x, [1, 2, 3, 4], 5, mode, logits_out=out)
+        logits[mode] = (y, out)
+    torch.testing.assert_close(logits['exact'][1][0], logits['cached'][1][0])
+    assert torch.equal(logits['exact'][0][:, :11], logits['cached'][0][:, :11])
+    # and it is an approximation: later steps differ somewhere
+    forced = logits['exact'][0][:, 10:]
+    out_c = []
+    gen(model, x, [1, 2, 3, 4], 5, 'cached', forced=forced, logits_out=out_c)
+    assert max((a - b).abs().max().item() for a, b in zip(logits['exact'][1][1:], out_c[1:])) > 1e-4
+
+
+def test_cached_computes_each_token_head_once(tiny, reference, memory, monkeypatch):
+    model, _ = tiny
+    model.attach_memory(memory)
+    rows = []
+    for lm in memory.layers.values():
+        original = lm.memory_values
+        monkeypatch.setattr(lm, 'memory_values', lambda q, k, v, h, f=original: rows.append(q.size(0)) or f(q, k, v, h))
+    x = torch.tensor([reference['prompt_ids']])
+    past = None
+    with torch.no_grad():
+        _, past, _ = model(x.repeat(2, 1), cached_memory=True)
+        for t in range(15):
+            _, past, _ = model(torch.full((2, 1), 7 + t), past_kv=past, cached_memory=True)
+    computed = sum(int(past[l][3][1].sum()) for l in memory.layers)
+    assert sum(rows) == computed > 0
+    assert past[1][3][0].shape == (2, 4, 25, 16)
+
+
+def test_exact_mode_rejects_a_cache_in_memory_layers(tiny, reference, memory):
+    model, _ = tiny
+    model.attach_memory(memory)
+    x = torch.tensor([reference['prompt_ids']])
+    _, past, _ = model(x, use_memory=False)
+    with pytest.raises(ValueError, match='cached_memory=True'):
+        model(x[:, :1], past_kv=past)
+
+
+def test_exact_generation_equals_naive_full_recompute(tiny, reference, memory):
+    """Exact mode (prefix cache below the first memory layer) draws what rerunning the whole
+    model on the whole context each step draws, also once the context window slides."""
+    model, _ = tiny
+    model.attach_memory(memory)
+    x = torch.randint(0, 473, (2, 245), generator=torch.Generator().manual_seed(0))
+    fast = gen(model, x[:1], [5, 6], 16, 'exact')  # crosses block_size 256
+    gens = [torch.Generator().manual_seed(s) for s in (5, 6)]
+    idx = x[:1].repeat(2, 1)
+    from model import sample_next
+    with torch.no_grad():
+        for _ in range(16):
+            logits, _, _ = model(idx[:, -256:])
+            idx = torch.cat((idx, sample_next(logits[:, -1], 0.8, 200, gens)), 1)
+    assert torch.equal(fast, idx)
