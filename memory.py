@@ -196,22 +196,29 @@ class Memory:
         front first (a text read from a file). The first remove_bookkeeping_token_mem_size
         tokens (default: the bookkeeping token's length) are not stored. The plain model
         runs over the tokens, retrieval off, in windows of at most block_size tokens."""
+        bk_ids = encode(enc, bookkeeping_token) if bookkeeping_token else []
+        n_skip = len(bk_ids) if remove_bookkeeping_token_mem_size is None else remove_bookkeeping_token_mem_size
+        full = (bookkeeping_token if add_bookkeeping_token else '') + text
+        return cls.build_from_ids(model, encode(enc, full), layers, n_skip, progress=progress, batch_size=batch_size,
+                                  text=full, bookkeeping_token=bookkeeping_token)
+
+    @classmethod
+    @torch.no_grad()
+    def build_from_ids(cls, model, ids, layers=None, n_skip=1, progress=False, batch_size=8, text=None,
+                       bookkeeping_token=None):
+        """Build from token ids whose first n_skip ids are the bookkeeping token (not stored)."""
         cfg = model.config
         layers = list(range(cfg.n_layer)) if layers is None else sorted(set(layers))
         bad = [l for l in layers if not 0 <= l < cfg.n_layer]
         if bad or not layers:
             raise UserError(f"layers {bad or layers} are not layers of this {cfg.n_layer}-layer model; "
                             f"use indices 0..{cfg.n_layer - 1}")
-        bk_ids = encode(enc, bookkeeping_token) if bookkeeping_token else []
-        n_skip = len(bk_ids) if remove_bookkeeping_token_mem_size is None else remove_bookkeeping_token_mem_size
         if n_skip < 0:
             raise UserError(f"remove_bookkeeping_token_mem_size={n_skip} must be >= 0")
-        full = (bookkeeping_token if add_bookkeeping_token else '') + text
-        ids = encode(enc, full)
         if len(ids) <= n_skip:
             raise UserError(f"the memory text has {len(ids)} tokens, nothing left to store after removing "
                             f"{n_skip} bookkeeping token(s); give it some text")
-        windows = memory_token_windows(ids, n_skip, cfg.block_size)
+        windows = memory_token_windows(list(ids), n_skip, cfg.block_size)
         device = next(model.parameters()).device
         keys = {l: [] for l in layers}
         values = {l: [] for l in layers}
@@ -233,7 +240,7 @@ class Memory:
             i += len(group)
             bar.update(len(group))
         bar.close()
-        meta = dict(model=model_identity(model), text=full, token_windows=windows,
+        meta = dict(model=model_identity(model), text=text, token_windows=windows,
                     bookkeeping_token=bookkeeping_token, remove_bookkeeping_token_mem_size=n_skip,
                     retrieval_during_build=False, source='built')
         return cls({l: torch.cat(keys[l], 1).float().contiguous() for l in layers},

@@ -1,0 +1,224 @@
+"""
+Decoding speed, measured in one run on one machine, on a GPT-2-small-shaped model with
+random weights (no download needed).
+
+    python bench.py                      # everything, CPU
+    python bench.py --device=cuda        # on a GPU
+    python bench.py --max_new_tokens=20 --seeds=8 --oneby_seeds=2   # a quick look
+
+1. plain decoding (no memory) against transformers' GPT2LMHeadModel.generate on the same
+   weights and sampling settings, at batch 1 and `seeds`: tokens/s and the ratio;
+2. exact memory decoding (Table 1 settings) of `seeds` seeds as one batch against the same
+   seeds run one by one with full recomputation of every layer each step (the reference
+   code's way), checking the tokens are identical; and the exact run's achieved FLOP/s as
+   a fraction of this machine's float32 matmul rate, measured here;
+3. cached mode against exact mode: the ratio, the mean KL divergence of next-token
+   distributions (cached mode fed the exact continuation) and the token agreement, on this
+   model and on the tiny reference checkpoint.
+
+The random model's query weights are scaled by `sharpen` so its attention is peaked like a
+trained model's, rather than uniform (which would select every token for retrieval); the
+fraction of tokens-heads selected is printed.
+"""
+
+import time
+
+import torch
+
+from configurator import configure, run_cli
+from memory import Memory
+from model import GPT, GPTConfig, sample_next
+
+DEFAULTS = dict(
+    device='cpu',
+    seeds=32,             # batch of seeds: 1337, 1338, ...
+    max_new_tokens=100,
+    oneby_seeds=32,       # how many of the seeds the one-by-one full-recompute baseline runs
+    prompt_len=5,         # "\nCats are horrible" is 5 GPT-2 tokens
+    memory_len=90,        # the cats text is about 90 GPT-2 tokens
+    sharpen=20.0,
+    threads=0,            # torch threads; 0 = torch's default
+    skip_transformers=False,
+)
+TABLE1 = dict(knn_num=[0, 0, 0, 0, 0, 0, 5, 5, 5, 0, 0, 0], mem_frac=5.0, bookkeeping_frac=0.9,
+              knn_softmax_influence=0.01, resid_only=False, resid_frac=0.33)
+
+
+def sync(device):
+    if str(device).startswith('cuda'):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device):
+    sync(device)
+    t = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - t
+
+
+def matmul_rate(device, n=2048, reps=10):
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a @ b
+    _, dt = timed(lambda: [a @ b for _ in range(reps)], device)
+    return 2 * n ** 3 * reps / dt
+
+
+def random_gpt2_small(device, sharpen, seed=0):
+    """GPT-2 small's shapes, normal(0, 0.02) weights, query weights scaled by `sharpen`."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith('bias') or 'ln_' in name:
+                continue
+            p.normal_(0.0, 0.02)
+        C = model.config.n_embd
+        for block in model.transformer.h:
+            block.attn.c_attn.weight[:C] *= sharpen
+    model.name = f'random-gpt2-small-seed{seed}'
+    return model.to(device).eval()
+
+
+def exact_flops(cfg, batch, prompt_len, new_tokens, first_mem):
+    """Matmul FLOPs of exact decoding: layers below the first memory layer see one new token
+    per step (KV cache), the others the whole context; attention counts the full T x T."""
+    C, V, L = cfg.n_embd, cfg.vocab_size, cfg.n_layer
+    total = 0
+    for s in range(new_tokens):
+        T = prompt_len + s
+        n_new = T if s == 0 else 1
+        total += first_mem * (24 * C * C * n_new + 4 * n_new * T * C)
+        total += (L - first_mem) * (24 * C * C * T + 4 * T * T * C)
+        total += 2 * C * V
+    return batch * total
+
+
+def oneby_full_recompute(model, prompt, seed, n, temperature=0.8, top_k=200):
+    """The reference's decoding: the whole model over the whole context for every token."""
+    gen = [torch.Generator().manual_seed(seed)]
+    idx = prompt
+    for _ in range(n):
+        logits, _, _ = model(idx[:, -model.config.block_size:])
+        idx = torch.cat((idx, sample_next(logits[:, -1], temperature, top_k, gen).to(idx.device)), 1)
+    return idx
+
+
+def agreement(model, prompt, seeds, n):
+    """Cached vs exact: mean KL(exact || cached) of next-token distributions with cached mode fed
+    the exact continuation, and the fraction of positions where the sampled tokens agree."""
+    gens = lambda: [torch.Generator().manual_seed(s) for s in seeds]
+    x = prompt.repeat(len(seeds), 1)
+    log_exact, log_cached = [], []
+    y_exact = model.generate(x, n, 0.8, 200, generators=gens(), mode='exact', logits_out=log_exact)
+    model.generate(x, n, 0.8, 200, mode='cached', forced=y_exact[:, x.size(1):], logits_out=log_cached)
+    y_cached = model.generate(x, n, 0.8, 200, generators=gens(), mode='cached')
+    kl = torch.stack([torch.nn.functional.kl_div(c.log_softmax(-1), e.log_softmax(-1), log_target=True,
+                                                 reduction='none').sum(-1) for e, c in zip(log_exact, log_cached)])
+    new_e, new_c = y_exact[:, x.size(1):], y_cached[:, x.size(1):]
+    same = (new_e == new_c).float()
+    prefix = same.cumprod(dim=1).sum(dim=1).mean().item()
+    return kl.mean().item(), same.mean().item(), prefix
+
+
+def main(argv):
+    cfg = configure(DEFAULTS, argv)
+    device = cfg['device']
+    if cfg['threads']:
+        torch.set_num_threads(cfg['threads'])
+    torch.set_grad_enabled(False)
+    B, N = cfg['seeds'], cfg['max_new_tokens']
+    seeds = [1337 + i for i in range(B)]
+    dev_name = torch.cuda.get_device_name() if device.startswith('cuda') else f'CPU, {torch.get_num_threads()} threads'
+    print(f"bench.py on {dev_name}, torch {torch.__version__}; GPT-2-small-shaped random model; "
+          f"{B} seeds, {N} new tokens, prompt {cfg['prompt_len']} tokens")
+
+    rate = matmul_rate(device)
+    print(f"float32 matmul rate (2048x2048, torch.matmul): {rate / 1e9:.1f} GFLOP/s")
+    model = random_gpt2_small(device, cfg['sharpen'])
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, 50257, (1, cfg['prompt_len']), generator=g).to(device)
+
+    # 1. plain decoding against transformers
+    print("\n1. plain decoding (no memory), ours vs transformers GPT2LMHeadModel.generate, same weights")
+    hf = None
+    if not cfg['skip_transformers']:
+        from transformers import GPT2Config, GPT2LMHeadModel
+        c = model.config
+        hf = GPT2LMHeadModel(GPT2Config(n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head, n_positions=c.block_size,
+                                        vocab_size=c.vocab_size)).to(device).eval()
+        sd = {k.removeprefix('transformer.'): v for k, v in model.state_dict().items()}
+        conv = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
+        hf.transformer.load_state_dict({k: (v.t() if k.endswith(conv) else v) for k, v in sd.items()
+                                        if k != 'lm_head.weight'}, strict=False)
+        hf.tie_weights()
+    for batch in sorted({1, B}):
+        x = prompt.repeat(batch, 1)
+        gens = [torch.Generator().manual_seed(s) for s in seeds[:batch]]
+        _, t_ours = timed(lambda: model.generate(x, N, 0.8, 200, generators=gens), device)
+        line = f"   batch {batch:3d}: ours {batch * N / t_ours:8.1f} tok/s"
+        if hf is not None:
+            torch.manual_seed(0)
+            _, t_hf = timed(lambda: hf.generate(x, do_sample=True, max_new_tokens=N, min_new_tokens=N, top_k=200,
+                                                temperature=0.8, top_p=1.0, pad_token_id=0,
+                                                attention_mask=torch.ones_like(x)), device)
+            line += f", transformers {batch * N / t_hf:8.1f} tok/s, ratio {t_hf / t_ours:.2f}x (target >= 1.0x)"
+        print(line)
+
+    # the memory: random "text" of memory_len tokens behind a bookkeeping token
+    ids = [198] + torch.randint(0, 50257, (cfg['memory_len'],), generator=g).tolist()
+    memory = Memory.build_from_ids(model, ids, layers=[6, 7, 8], n_skip=1).use(**TABLE1, device=device)
+    model.attach_memory(memory)
+
+    # 2. exact batched vs one by one with full recompute
+    print(f"\n2. exact memory decoding, Table 1 settings (layers 6,7,8, k 5, BF 0.9, MF 5, TS 0.01, r 0.33)")
+    x = prompt.repeat(B, 1)
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    y_exact, t_exact = timed(lambda: model.generate(x, N, 0.8, 200, generators=gens), device)
+    sel = [lm.last_selection.float().mean().item() for lm in memory.layers.values()]
+    K = min(cfg['oneby_seeds'], B)
+    outs, t_oneby = timed(lambda: [oneby_full_recompute(model, prompt, s, N) for s in seeds[:K]], device)
+    identical = all(torch.equal(o[0], y_exact[i]) for i, o in enumerate(outs))
+    t_oneby_all = t_oneby * B / K
+    flops = exact_flops(model.config, B, cfg['prompt_len'], N, first_mem=6)
+    print(f"   selected tokens-heads at the last step: {', '.join(f'{s:.1%}' for s in sel)} (layers 6, 7, 8)")
+    print(f"   batched exact: {t_exact:.2f} s for {B} seeds ({B * N / t_exact:.1f} tok/s)")
+    print(f"   one by one, full recompute: {t_oneby:.2f} s for {K} seeds" +
+          (f" -> {t_oneby_all:.2f} s for {B} (scaled from {K} measured)" if K < B else ""))
+    print(f"   ratio {t_oneby_all / t_exact:.2f}x; outputs identical on the {K} seeds compared: {identical}")
+    print(f"   exact run: {flops / 1e12:.2f} TFLOP of matmuls, {flops / t_exact / 1e9:.1f} GFLOP/s = "
+          f"{flops / t_exact / rate:.0%} of the measured matmul rate (target >= 60%)")
+
+    # 3. cached vs exact
+    print("\n3. cached mode vs exact mode, same seeds")
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    _, t_cached = timed(lambda: model.generate(x, N, 0.8, 200, generators=gens, mode='cached'), device)
+    print(f"   cached: {t_cached:.2f} s ({B * N / t_cached:.1f} tok/s); exact/cached = {t_exact / t_cached:.1f}x "
+          f"(target >= 10x)")
+    kl, agree, prefix = agreement(model, prompt, seeds, N)
+    print(f"   this model: mean KL(exact || cached) {kl:.4f} nats/token, tokens agreeing {agree:.1%}, "
+          f"mean identical prefix {prefix:.1f} of {N} tokens")
+    model.attach_memory(None)
+    tiny_agreement()
+
+
+def tiny_agreement():
+    import json
+    import os
+    ref_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'tests', 'reference')
+    ref = json.load(open(os.path.join(ref_dir, 'reference_outputs.json')))
+    model, enc = GPT.from_pretrained(os.path.join(ref_dir, 'tiny-gpt2'))
+    prompt = torch.tensor([ref['prompt_ids']])
+    for case in ref['cases']:
+        layers = [i for i, k in enumerate(case['knn_num']) if k > 0]
+        memory = Memory.build(model, enc, ref['memory_text'], layers=layers)
+        model.attach_memory(memory.use(case['knn_num'], case['mem_frac'], case['bookkeeping_frac'],
+                                       case['knn_softmax_influence'], case['resid_only'], case['resid_frac']))
+        kl, agree, prefix = agreement(model, prompt, [1337 + i for i in range(32)], 100)
+        model.attach_memory(None)
+        print(f"   tiny checkpoint, {case['name']}: mean KL {kl:.4f} nats/token, tokens agreeing {agree:.1%}, "
+              f"mean identical prefix {prefix:.1f} of 100")
+
+
+if __name__ == '__main__':
+    run_cli(main)
