@@ -146,3 +146,28 @@ def test_config_file_typo_is_caught(tmp_path):
     cfg = tmp_path / 'c.py'
     cfg.write_text('mem_fraq = 5\n')
     assert_one_line_error(run_script('sample.py', str(cfg)), 'unknown config key mem_fraq', 'did you mean mem_frac?')
+
+
+def test_store_mem_saves_what_was_built_and_loads_back(tmp_path, reference):
+    store = tmp_path / 'built'
+    common = [TINY_ARG, '--knn_num=[0,3,3,0]', '--mem_frac=5.0', '--bookkeeping_frac=0.1',
+              '--knn_softmax_influence=0.01', '--resid_frac=0.33', f'--start={reference["prompt"]}',
+              '--seeds=[1337,2658]', '--max_new_tokens=24', '--out_jsonl=/dev/stdout']
+    first = run_script('sample.py', *common, f'--memory={reference["memory_text"]}', '--store_mem=True',
+                       f'--mem_store={store}')
+    assert first.returncode == 0, first.stderr
+    assert (store / 'memory.json').is_file()
+    again = run_script('sample.py', *common, '--load_mem_store=True', f'--mem_store={store}')
+    assert again.returncode == 0, again.stderr
+    tokens = lambda r: [json.loads(l)['tokens'] for l in r.stdout.splitlines() if l.startswith('{')]
+    case = next(c for c in reference['cases'] if c['name'] == 'type3_sentiment_two_layers')
+    assert tokens(first) == tokens(again) == [case['continuations']['1337'], case['continuations']['2658']]
+
+
+def test_cached_decoding_from_the_command_line(reference):
+    r = run_script('sample.py', TINY_ARG, '--knn_num=[0,3,3,0]', f'--memory={reference["memory_text"]}',
+                   '--mem_frac=5.0', '--decoding=cached', f'--start={reference["prompt"]}', '--seeds=[1337]',
+                   '--max_new_tokens=5', '--out_jsonl=/dev/stdout')
+    assert r.returncode == 0, r.stderr
+    assert len(json.loads(r.stdout.strip().splitlines()[-1])['tokens']) == 5
+    assert_one_line_error(run_script('sample.py', TINY_ARG, '--decoding=fast'), "decoding='fast' must be 'exact' or 'cached'")
