@@ -1,0 +1,320 @@
+"""Sweeps on the tiny checkpoint: batched == one-by-one generation, the scores, the files,
+resume, shards and merge, wandb offline. The whole file runs in well under a minute."""
+import csv
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, 'tests', 'reference', 'tiny-gpt2')
+sys.path.insert(0, ROOT)
+
+import sweep  # noqa: E402
+from configurator import configure  # noqa: E402
+from memory import Memory  # noqa: E402
+from sample import DEFAULTS as SAMPLE_DEFAULTS  # noqa: E402
+from sample import generate, load_model, prepare_memory, prompt_ids  # noqa: E402
+
+MEMORY = ("\nCats are curious animals that sleep for most of the day and play at night. "
+          "Dogs and cats can live together when they are introduced slowly and kindly.")
+VANCOUVER = ("\nLocated in British Columbia, Vancouver is a major city in western Canada. "
+             "The Metro Vancouver area is the third-largest metropolitan area in Canada.")
+RECALL_PROMPT = "\nThe name of the city with the third-largest metropolitan area in Canada is"
+# the method types of METHOD.md on the 4-layer tiny model (the fixture's reference cases)
+TYPES = {
+    'type1': dict(knn_num=[2, 2, 2, 2], mem_frac=1.0, bookkeeping_frac=0.0, knn_softmax_influence=1.0,
+                  resid_only=False, resid_frac=0.0),
+    'type2': dict(knn_num=[0, 0, 5, 0], mem_frac=0.0, bookkeeping_frac=0.03, knn_softmax_influence=1000.0,
+                  resid_only=True, resid_frac=0.1),
+    'type3': dict(knn_num=[0, 3, 3, 0], mem_frac=5.0, bookkeeping_frac=0.1, knn_softmax_influence=0.01,
+                  resid_only=False, resid_frac=0.33),
+}
+VADER_SWEEP = f"""
+init_from = {TINY!r}
+memory = {MEMORY!r}
+start = "\\nCats are horrible"
+knn_num = [0, 3, 3, 0]
+mem_frac = 5.0
+bookkeeping_frac = 0.1
+knn_softmax_influence = 0.01
+resid_frac = 0.33
+seeds = 3
+max_new_tokens = 16
+metric = 'vader'
+grid = {{'knn_num': [[0, 3, 3, 0], [2, 2, 2, 2]]}}
+baselines = ['plain']
+"""
+RECALL_SWEEP = f"""
+init_from = {TINY!r}
+memory = {VANCOUVER!r}
+start = "\\nThe name of the city with the third-largest metropolitan area in Canada is"
+knn_num = [0, 0, 5, 0]
+mem_frac = 0.0
+bookkeeping_frac = 0.03
+knn_softmax_influence = 1000
+resid_only = True
+resid_frac = 0.1
+seeds = [1337, 1338, 1341, 1342]
+max_new_tokens = 10
+metric = 'recall'
+grid = {{'substitute': ['lib', 'at']}}   # answer = the word that replaces Vancouver
+baselines = ['plain', 'context']
+"""
+
+
+@pytest.fixture(scope='module')
+def tiny():
+    cfg = dict(SAMPLE_DEFAULTS, init_from=TINY)
+    return load_model(cfg)
+
+
+def write_config(tmp_path, name, text):
+    path = tmp_path / f'sweep_{name}.py'
+    path.write_text(text, encoding='utf-8')
+    return str(path)
+
+
+def read_csv(path):
+    with open(path, encoding='utf-8', newline='') as f:
+        return list(csv.DictReader(f))
+
+
+def read_jsonl(path):
+    with open(path, encoding='utf-8') as f:
+        return [json.loads(line) for line in f]
+
+
+def run_cli(*args, env=None):
+    full_env = dict(os.environ, HF_HUB_OFFLINE='1')
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, os.path.join(ROOT, 'sweep.py'), *args], capture_output=True, text=True,
+                          cwd=ROOT, env=full_env, timeout=300)
+
+
+# --- batched generation -----------------------------------------------------------
+
+@pytest.mark.parametrize('decoding', ['exact', 'cached'])
+@pytest.mark.parametrize('kind', ['plain', 'type1', 'type2', 'type3'])
+def test_batch_equals_one_by_one(tiny, kind, decoding):
+    """All seeds as one batch give exactly what each seed gives alone, for every method type."""
+    if decoding not in ('exact', SAMPLE_DEFAULTS.get('decoding', 'exact')) and 'decoding' not in SAMPLE_DEFAULTS:
+        pytest.skip('sample.py has no decoding modes')
+    model, enc = tiny
+    memory_text, start = (VANCOUVER, RECALL_PROMPT) if kind == 'type2' else (MEMORY, '\nCats are horrible')
+    config = dict(SAMPLE_DEFAULTS, init_from=TINY, memory=memory_text, start=start, max_new_tokens=20,
+                  decoding=decoding, **TYPES.get(kind, {}))
+    memory = prepare_memory(config, model, enc, progress=False)
+    assert (memory is None) == (kind == 'plain')
+    _, ids = prompt_ids(config, enc)
+    seeds = [1337, 1338, 2658, 8932]
+    batched = generate(model, ids, seeds, config, memory)
+    for seed, row in zip(seeds, batched):
+        assert generate(model, ids, [seed], config, memory) == [row], seed
+    if kind != 'plain':  # the memory does change what is generated
+        assert batched != generate(model, ids, seeds, config, None)
+
+
+# --- scores ---------------------------------------------------------------------
+
+def test_recall_rule():
+    a = ['Vancouver']
+    assert sweep.recall_answer(' Vancouver is', a) == 'Vancouver'
+    assert sweep.recall_answer('\n\n  vancouver.', a) == 'Vancouver'
+    assert sweep.recall_answer(" VANCOUVER's", a) == 'Vancouver'
+    assert sweep.recall_answer(' Vancouver', a) == 'Vancouver'
+    assert sweep.recall_answer(' Vancouverite', a) is None       # word boundary after the answer
+    assert sweep.recall_answer(' the city of Vancouver', a) is None  # must start with it
+    assert sweep.recall_answer(' Toronto', ['Vancouver', ' toronto ']) == 'toronto'
+    assert sweep.recall_answer(' New York City', ['New York', 'New York City']) == 'New York City'
+
+
+def test_distinct_and_vader():
+    assert sweep.distinct_n([1, 2, 1, 2], 1) == 0.5
+    assert sweep.distinct_n([1, 2, 1, 2], 2) == 2 / 3
+    assert sweep.distinct_n([1, 2, 1, 2], 3) == 1.0
+    assert np.isnan(sweep.distinct_n([1], 2))
+    s = sweep.vader_scores('Cats are absolutely wonderful and lovely.')
+    assert set(s) == {'compound', 'pos', 'neu', 'neg'} and s['compound'] > 0.5
+    rows = sweep.score_rows('vader', None, ['I love it', 'I hate it'], [[1, 2], [3, 4]], [2.0, 3.0])
+    assert [r['positive'] for r in rows] == [1, 0]
+
+
+def test_perplexity_batched_equals_single(tiny):
+    model, enc = tiny
+    prompt = enc.encode('\nCats are horrible')
+    conts = generate(model, prompt, [1, 2, 3], dict(SAMPLE_DEFAULTS, max_new_tokens=12), None)
+    batched = sweep.perplexities(model, prompt, conts)
+    for c, p in zip(conts, batched):
+        x = torch.tensor([prompt + c])
+        logits, _, _ = model(x, all_logits=True)
+        logp = torch.log_softmax(logits[0, :-1].float(), -1)
+        nll = -logp[torch.arange(len(prompt) - 1, x.size(1) - 1), x[0, len(prompt):]].mean()
+        assert abs(p - torch.exp(nll).item()) < 1e-3 * p
+    # small chunks give the same numbers
+    assert np.allclose(sweep.perplexities(model, prompt, conts, max_logit_floats=1), batched, rtol=1e-5)
+
+
+# --- configs and settings -----------------------------------------------------------
+
+def test_seeds_grid_and_labels():
+    cfg = dict(sweep.DEFAULTS)
+    assert sweep.sweep_seeds(cfg) == list(range(1337, 1437))
+    assert sweep.sweep_seeds(dict(cfg, seeds=3)) == [1337, 1338, 1339]
+    assert sweep.sweep_seeds(dict(cfg, seeds=[5, 9])) == [5, 9]
+    cfg.update(init_from=TINY, memory=MEMORY, baselines=['plain', 'context'],
+               grid={('resid_only', 'resid_frac'): [(False, 0), (True, 0.1), (False, 0.1)], 'mem_frac': [1, 5]})
+    settings, _ = sweep.expand(cfg)
+    labels = [s['label'] for s in settings]
+    # the baselines do not vary with retrieval-only keys: one each
+    assert labels[:2] == ['plain', 'context']
+    assert labels[2:] == ['Type 1, MF 1', 'Type 1, MF 5', 'Type 2 (r 0.1), MF 1', 'Type 2 (r 0.1), MF 5',
+                          'Type 3 (r 0.1), MF 1', 'Type 3 (r 0.1), MF 5']
+    assert settings[2]['setting'] == dict(method='memory', resid_only=False, resid_frac=0.0, mem_frac=1.0)
+    assert len({s['id'] for s in settings}) == len(settings)
+    assert sweep.fmt_value('knn_num', [0] * 6 + [5, 5, 5, 0, 0, 0]) == 'layers 6,7,8 k5'
+    with pytest.raises(sweep.UserError, match='did you mean mem_frac'):
+        sweep.expand(dict(cfg, grid={'mem_fracc': [1]}))
+    with pytest.raises(sweep.UserError, match='describes the sweep'):
+        sweep.expand(dict(cfg, grid={'seeds': [1]}))
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    r = run_cli('--init_from=' + TINY, '--grid={"knn_numm": [[0,0,5,0]]}', f'--out_dir={tmp_path}')
+    assert r.returncode == 2 and r.stderr.strip().count('\n') == 0 and 'did you mean knn_num' in r.stderr
+    r = run_cli('--init_from=' + TINY, '--metric=recall', f'--out_dir={tmp_path}')
+    assert r.returncode == 2 and 'answers' in r.stderr
+
+
+# --- end to end ------------------------------------------------------------------
+
+def check_outputs(out, metric, n_settings, seeds):
+    rows = read_csv(out / 'results.csv')
+    samples = read_jsonl(out / 'samples.jsonl')
+    assert len(rows) == len(samples) == n_settings * len(seeds)
+    assert [int(r['seed']) for r in rows] == seeds * n_settings
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+    from model import GPT
+    enc = GPT.from_pretrained(TINY)[1]
+    vader = SentimentIntensityAnalyzer()
+    for row, s in zip(rows, samples):
+        assert {'setting', 'seed', 'text', 'tokens'} <= set(s)
+        assert row['label'] == s['label'] and int(row['seed']) == s['seed']
+        assert enc.decode(s['tokens']) == s['text']
+        for k, v in s['setting'].items():
+            if k != 'method':
+                assert json.loads(row[k]) == v if isinstance(v, list) else row[k] == str(v)
+        for n in (1, 2, 3):
+            assert float(row[f'distinct_{n}']) == pytest.approx(sweep.distinct_n(s['tokens'], n))
+        assert float(row['perplexity']) > 1
+        if metric == 'vader':
+            scores = vader.polarity_scores(s['text'])  # recomputed from the text
+            for k in ('compound', 'pos', 'neu', 'neg'):
+                assert float(row[k]) == pytest.approx(scores[k])
+            assert int(row['positive']) == int(scores['compound'] >= 0.05)
+    summary = read_csv(out / 'summary.csv')
+    assert len(summary) == n_settings
+    for srow in summary:
+        mine = [r for r in rows if r['setting_id'] == srow['setting_id']]
+        assert int(srow['seeds']) == len(mine) == len(seeds)
+        if metric == 'vader':
+            c = np.array([float(r['compound']) for r in mine])
+            assert float(srow['compound_median']) == pytest.approx(np.median(c))
+            assert float(srow['compound_iqr']) == pytest.approx(np.percentile(c, 75) - np.percentile(c, 25))
+            assert float(srow['compound_mean']) == pytest.approx(c.mean())
+            assert float(srow['frac_positive']) == pytest.approx(np.mean(c >= 0.05))
+        else:
+            assert int(srow['successes']) == sum(int(r['success']) for r in mine)
+    for png in (['vader.png'] if metric == 'vader' else ['recall.png']) + ['quality.png']:
+        assert (out / png).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    assert (out / 'summary.txt').read_text(encoding='utf-8').splitlines()[0].startswith('setting')
+    return rows, samples
+
+
+def test_vader_sweep_files_numbers_and_resume(tmp_path, tiny, monkeypatch, capsys):
+    cfg = write_config(tmp_path, 'tinyv', VADER_SWEEP)
+    out = tmp_path / 'out'
+    calls = []
+    real_run = sweep.Runner.run
+
+    def interrupted(self, s, bar=None):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(s['label'])
+        return real_run(self, s, bar)
+
+    monkeypatch.setattr(sweep.Runner, 'run', interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.main([cfg, f'--out_dir={out}'])
+    # the two finished settings are saved whole, the third is not there at all
+    assert len(list((out / 'settings').glob('*.json'))) == 2
+    assert len(read_csv(out / 'results.csv')) == 2 * 3
+    monkeypatch.setattr(sweep.Runner, 'run', lambda self, s, bar=None: (calls.append(s['label']), real_run(self, s, bar))[1])
+    calls.clear()
+    sweep.main([cfg, f'--out_dir={out}'])
+    assert calls == ['layers 0,1,2,3 k2']  # only the unfinished one ran
+    printed = capsys.readouterr().out
+    assert 'plain' in printed and 'compound med' in printed
+    rows, samples = check_outputs(out, 'vader', 3, [1337, 1338, 1339])
+    assert [r['label'] for r in rows[::3]] == ['plain', 'layers 1,2 k3', 'layers 0,1,2,3 k2']
+    # the memory setting's rows are what sample.py's generate gives for each seed alone
+    model, enc = tiny
+    c = configure(sweep.DEFAULTS, [cfg])
+    memory = prepare_memory(dict(c, knn_num=[2, 2, 2, 2]), model, enc, progress=False)
+    _, ids = prompt_ids(c, enc)
+    assert generate(model, ids, [1338], c, memory)[0] == samples[2 * 3 + 1]['tokens']
+    # a rerun runs nothing and writes the same results
+    before = (out / 'results.csv').read_text()
+    calls.clear()
+    sweep.main([cfg, f'--out_dir={out}'])
+    assert calls == [] and (out / 'results.csv').read_text() == before
+
+
+def test_recall_sweep_substitute_shards_and_merge(tmp_path):
+    cfg = write_config(tmp_path, 'tinyr', RECALL_SWEEP)
+    single, sharded = tmp_path / 'single', tmp_path / 'sharded'
+    sweep.main([cfg, f'--out_dir={single}'])
+    rows, samples = check_outputs(single, 'recall', 6, [1337, 1338, 1341, 1342])
+    labels = [r['label'] for r in rows[::4]]
+    assert labels == ['plain, lib', 'plain, at', 'context, lib', 'context, at', 'lib', 'at']
+    for row, s in zip(rows, samples):
+        answer = s['setting']['substitute']  # answers default to the substitute word
+        expected = s['text'].lstrip().lower().startswith(answer) and not s['text'].lstrip()[len(answer):][:1].isalnum()
+        assert int(row['success']) == int(expected)
+    success = {lab: sum(int(r['success']) for r in rows if r['label'] == lab) for lab in labels}
+    # plain: seed 1338 starts " lib:", seed 1341 "at mountai..." -- one success each
+    assert success['plain, lib'] == 1 and success['plain, at'] == 1
+    # the context baseline's prompt is the memory text (substitute applied) then the question
+    rec = json.loads(next((single / 'settings').glob('*.json')).read_text())
+    ctx = [json.loads(p.read_text()) for p in (single / 'settings').glob('*.json')]
+    ctx = [r for r in ctx if r['method'] == 'context' and r['setting']['substitute'] == 'lib'][0]
+    from model import GPT
+    enc = GPT.from_pretrained(TINY)[1]
+    assert ctx['prompt_tokens'] == len(enc.encode(VANCOUVER.replace('Vancouver', 'lib') + ctx['prompt']))
+    assert rec['model']['name'] == 'tiny-gpt2'
+    # two shards, then merge: the same files as the single run
+    for i in range(2):
+        sweep.main([cfg, f'--out_dir={sharded}', f'--shard={i}/2'])
+        assert len(read_csv(sharded / 'shards' / f'{i}-of-2' / 'results.csv')) == 3 * 4
+    assert not (sharded / 'results.csv').exists()
+    sweep.main([cfg, f'--out_dir={sharded}', '--merge=True'])
+    for f in ('results.csv', 'samples.jsonl', 'summary.csv', 'summary.txt'):
+        assert (sharded / f).read_text() == (single / f).read_text(), f
+
+
+def test_wandb_offline(tmp_path):
+    if importlib.util.find_spec('wandb') is None:
+        pytest.skip('wandb is not installed (pip install wandb) - wandb_log cannot be tested')
+    cfg = write_config(tmp_path, 'tinyw', VADER_SWEEP.replace('seeds = 3', 'seeds = 2'))
+    r = run_cli(cfg, f'--out_dir={tmp_path / "out"}', '--wandb_log=True', '--grid={}',
+                env=dict(WANDB_MODE='offline', WANDB_DIR=str(tmp_path), WANDB_SILENT='true'))
+    assert r.returncode == 0, r.stderr[-2000:]
+    runs = list((tmp_path / 'wandb').glob('offline-run-*'))
+    assert len(runs) == 1
+    assert list(runs[0].glob('*.wandb')) and (runs[0] / 'files').is_dir()
+    assert len(read_csv(tmp_path / 'out' / 'results.csv')) == 2 * 2
