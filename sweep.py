@@ -336,7 +336,8 @@ def make_setting(config, method, values, seeds):
     mem_text = memory_text(c) if method != 'plain' else ''
     if method == 'context' and not mem_text.strip():
         raise UserError("the 'context' baseline needs a memory text: set memory=... or memory=FILE:path")
-    ident = {k: v for k, v in c.items() if k not in NOT_IN_ID and k not in MEMORY_TEXT_KEYS}
+    ident = {k: v for k, v in c.items()
+             if k not in NOT_IN_ID and k not in MEMORY_TEXT_KEYS or (k == 'bookkeeping_token' and method == 'memory')}
     if c['metric'] != 'recall':
         ident.pop('answers', None)
     else:
@@ -406,6 +407,9 @@ def write_whole(path, data):
             f.write(data.encode('utf-8') if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -531,13 +535,17 @@ def make_plots(out_dir, metric, settings, finished, title):
                 box.set_alpha(0.75)
             for med in bp['medians']:
                 med.set_color('black')
+            rng = np.random.default_rng(0)  # every seed as a dot, jittered sideways (fixed jitter)
+            for xi, d in zip(x - 0.4 + w * (j + 0.5), data):
+                ax.scatter(xi + rng.uniform(-w * 0.3, w * 0.3, len(d)), d, s=4, color=COLOURS[c], alpha=0.5,
+                           linewidths=0, zorder=3)
         ax.set_xticks(x, labels, **rot)
         ax.set_ylim(-1.05, 1.05)
         ax.axhline(0, color='grey', lw=0.5)
         ax.set_ylabel('VADER score of the continuation')
         from matplotlib.patches import Patch
         ax.legend([Patch(color=COLOURS[c], alpha=0.75) for c in order], ['compound', 'positive', 'negative', 'neutral'],
-                  loc='lower right', fontsize=8, ncol=4)
+                  loc='upper left', bbox_to_anchor=(1.0, 1.0), fontsize=8)
         ax.set_title(title, fontsize=10)
         save_png(fig, os.path.join(out_dir, 'vader.png'))
         paths.append(os.path.join(out_dir, 'vader.png'))
@@ -561,7 +569,9 @@ def make_plots(out_dir, metric, settings, finished, title):
     ppl = [[r['scores']['perplexity'] for r in rec['rows'] if not math.isnan(r['scores']['perplexity'])]
            for _, rec in done]
     a1.boxplot(ppl, positions=x, widths=0.6, flierprops=dict(markersize=2))
-    a1.set_yscale('log')
+    flat = [v for p in ppl for v in p]
+    if flat and min(flat) > 0 and max(flat) / min(flat) > 20:
+        a1.set_yscale('log')
     a1.set_xticks(x, labels, **rot)
     a1.set_ylabel('perplexity under the plain model')
     w = 0.8 / 3
