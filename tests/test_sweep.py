@@ -316,5 +316,8 @@ def test_wandb_offline(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     runs = list((tmp_path / 'wandb').glob('offline-run-*'))
     assert len(runs) == 1
-    assert list(runs[0].glob('*.wandb')) and (runs[0] / 'files').is_dir()
+    assert list(runs[0].glob('*.wandb'))
+    media = runs[0] / 'files' / 'media'
+    assert sorted(p.name.split('_')[0] for p in (media / 'images' / 'plots').glob('*.png')) == ['quality', 'vader']
+    assert sorted(p.name.split('_')[0] for p in (media / 'table').glob('*.table.json')) == ['results', 'summary']
     assert len(read_csv(tmp_path / 'out' / 'results.csv')) == 2 * 2
