@@ -134,27 +134,20 @@ class LayerMemory:
         return v  # 7. the caller finishes attention: y = att @ v'
 
     @torch.no_grad()
-    def cached_values(self, q, k, v, att, state):
+    def cached_values(self, q, k, v, att, v_mem, done):
         """Cached mode (opt-in, not the method's exact decoding). q, k, v of all positions
         (B, H, T, d); att (B, H, T_new, T), the rows of the new positions. The selection is
         made from the newest row as in exact mode, but past positions keep the states they
         had: only this layer's values are swapped. Each token-head's v' is computed once and
-        kept in `state` (v' (B, H, T, d) and a computed mask (B, H, T)).
-        Returns (values to attend with, new state)."""
-        B, H, T, d = v.shape
-        if state is None:
-            v_mem, done = torch.zeros_like(v), torch.zeros(B, H, T, dtype=torch.bool, device=v.device)
-        else:
-            grow = T - state[0].size(2)
-            v_mem = torch.cat((state[0], v.new_zeros(B, H, grow, d)), dim=2)
-            done = torch.cat((state[1], state[1].new_zeros(B, H, grow)), dim=2)
+        kept in v_mem (B, H, T, d), with `done` (B, H, T) marking which; both are updated in
+        place. Returns the values to attend with."""
         selected = self.select(att)
         self.last_selection = selected
         b, h, j = (selected & ~done).nonzero(as_tuple=True)
         if b.numel():
             v_mem[b, h, j] = self.memory_values(q[b, h, j], k[b, h, j], v[b, h, j], h)
             done[b, h, j] = True
-        return torch.where(selected[..., None], v_mem, v), (v_mem, done)
+        return torch.where(selected[..., None], v_mem, v)
 
 
 # -----------------------------------------------------------------------------

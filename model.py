@@ -136,6 +136,42 @@ def new_gelu(x):
     return F.gelu(x, approximate='tanh')
 
 
+class LayerCache:
+    """What one layer keeps of the positions seen so far: keys and values, plus queries and
+    the memory's state (v' and a computed mask) for a memory layer in cached mode. Buffers
+    are allocated once for `capacity` positions, so adding a token writes in place instead
+    of copying the whole past (torch.cat would, every step)."""
+
+    def __init__(self, capacity):
+        self.capacity, self.length = capacity, 0
+        self.buffers = {}
+
+    def extend(self, **new):
+        """Append the new positions of each named (B, H, T_new, d) tensor; return views of all positions."""
+        T_new = next(iter(new.values())).size(2)
+        end = self.length + T_new
+        out = {}
+        for name, x in new.items():
+            buf = self.buffers.get(name)
+            if buf is None or buf.size(2) < end:
+                grown = x.new_empty(x.size(0), x.size(1), max(self.capacity, end), x.size(3))
+                if buf is not None:
+                    grown[:, :, :self.length] = buf[:, :, :self.length]
+                buf = self.buffers[name] = grown
+            buf[:, :, self.length:end] = x
+            out[name] = buf[:, :, :end]
+        self.length = end
+        return out
+
+    def memory_state(self, like, T):
+        """Zero-initialised v' (B, H, T, d) and computed mask (B, H, T) of a memory layer in cached mode."""
+        if 'v_mem' not in self.buffers:
+            B, H, _, d = like.shape
+            self.buffers['v_mem'] = like.new_zeros(B, H, max(self.capacity, T), d)
+            self.buffers['done'] = torch.zeros(B, H, max(self.capacity, T), dtype=torch.bool, device=like.device)
+        return self.buffers['v_mem'][:, :, :T], self.buffers['done'][:, :, :T]
+
+
 class CausalSelfAttention(nn.Module):
 
     def __init__(self, config):
@@ -147,35 +183,34 @@ class CausalSelfAttention(nn.Module):
         self.n_embd = config.n_embd
         self.memory = None  # a memory.LayerMemory, attached by GPT.attach_memory
 
-    def forward(self, x, past_kv=None, use_memory=True, need_att=False, cached_memory=False):
-        """x: (B, T, C) for the T newest positions; past_kv: what this layer returned as
-        `present` for the earlier positions: (k, v), plus (q, memory state) in a memory layer
-        in cached mode. Returns y, present, and att (B, H, T, T_all) when asked for."""
+    def forward(self, x, cache=None, use_memory=True, need_att=False, cached_memory=False):
+        """x: (B, T, C) for the T newest positions. cache: this layer's LayerCache, which holds
+        the earlier positions and receives these. Returns y, (k, v) of all positions, and
+        att (B, H, T, T_all) when asked for."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, d)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        if past_kv is not None:
-            k = torch.cat((past_kv[0], k), dim=2)
-            v = torch.cat((past_kv[1], v), dim=2)
+        retrieve = use_memory and self.memory is not None
+        if retrieve and cache is not None and not cached_memory:
+            raise ValueError("exact memory attention reruns the whole sequence; "
+                             "a KV cache in a memory layer needs cached_memory=True")
+        q_all = q
+        if cache is not None:
+            full = cache.extend(k=k, v=v, **(dict(q=q) if retrieve else {}))
+            k, v, q_all = full['k'], full['v'], full.get('q', q)
         present = (k, v)
         T_all = k.size(2)
-        retrieve = use_memory and self.memory is not None
         if retrieve or need_att:
             # explicit attention: the memory needs the attention weights
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
             causal = torch.ones(T, T_all, dtype=torch.bool, device=x.device).tril(diagonal=T_all - T)
             att = att.masked_fill(~causal, float('-inf'))
             att = F.softmax(att, dim=-1)
-            if retrieve and cached_memory:
-                q_all = q if past_kv is None else torch.cat((past_kv[2], q), dim=2)
-                v, state = self.memory.cached_values(q_all, k, v, att, None if past_kv is None else past_kv[3])
-                present = (present[0], present[1], q_all, state)
+            if retrieve and cache is not None:
+                v = self.memory.cached_values(q_all, k, v, att, *cache.memory_state(v, T_all))
             elif retrieve:
-                if past_kv is not None:
-                    raise ValueError("exact memory attention reruns the whole sequence; "
-                                     "a KV cache in a memory layer needs cached_memory=True")
                 v = self.memory.update_values(q, k, v, att)
             y = att @ v
         else:
@@ -209,8 +244,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x, past_kv=None, use_memory=True, need_att=False, cached_memory=False):
-        a, present, att = self.attn(self.ln_1(x), past_kv, use_memory, need_att, cached_memory)
+    def forward(self, x, cache=None, use_memory=True, need_att=False, cached_memory=False):
+        a, present, att = self.attn(self.ln_1(x), cache, use_memory, need_att, cached_memory)
         x = x + a
         x = x + self.mlp(self.ln_2(x))
         return x, present, att
@@ -296,39 +331,44 @@ class GPT(nn.Module):
 
     # --- forward ---------------------------------------------------------------
 
-    def forward(self, idx, past_kv=None, use_memory=True, return_att=False, all_logits=False,
+    def new_cache(self):
+        """An empty KV cache for forward(): one LayerCache per layer."""
+        return [LayerCache(self.config.block_size) for _ in range(self.config.n_layer)]
+
+    def forward(self, idx, cache=None, use_memory=True, return_att=False, all_logits=False,
                 start_layer=0, hidden=None, stop_layer=None, pos_start=None, cached_memory=False):
         """idx: (B, T) token ids of the newest T positions.
 
-        past_kv: per layer (k, v) of the earlier positions, or None. Returns (logits, kv, atts):
-        logits of the last position (B, 1, V), or of every position with all_logits; kv: per layer
-        (k, v) of all positions; atts: per layer attention weights (B, H, T, T_all) with return_att.
+        cache: from new_cache(); it holds the keys and values of the earlier positions and
+        receives these. Returns (logits, kv, atts): logits of the last position (B, 1, V), or
+        of every position with all_logits; kv: per layer (k, v) of all positions; atts: per
+        layer attention weights (B, H, T, T_all) with return_att.
 
         start_layer/hidden/stop_layer run a slice of the stack: `hidden` is the input of
         `start_layer`; with stop_layer the output is the hidden state entering that layer.
-        pos_start: position of idx's first token (default: the length of past_kv).
+        pos_start: position of idx's first token (default: the cache's length).
         cached_memory: memory layers keep a KV cache too (the approximate cached mode, see generate).
         """
         if hidden is None:
             B, T = idx.size()
-            past = pos_start if pos_start is not None else (past_kv[0][0].size(2) if past_kv else 0)
+            past = pos_start if pos_start is not None else (cache[start_layer].length if cache else 0)
             if past + T > self.config.block_size:
                 raise ValueError(f"cannot forward {past + T} positions, block size is {self.config.block_size}")
             pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)
             x = self.transformer.wte(idx) + self.transformer.wpe(pos)
         else:
             x = hidden
-        new_kv, atts = [], []
+        kv, atts = [], []
         for i in range(start_layer, self.config.n_layer if stop_layer is None else stop_layer):
-            layer_past = past_kv[i] if past_kv is not None else None
-            x, present, att = self.transformer.h[i](x, layer_past, use_memory, return_att, cached_memory)
-            new_kv.append(present)
+            x, present, att = self.transformer.h[i](x, cache[i] if cache else None, use_memory, return_att,
+                                                    cached_memory)
+            kv.append(present)
             atts.append(att)
         if stop_layer is not None:
-            return x, new_kv, atts
+            return x, kv, atts
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x if all_logits else x[:, [-1], :])
-        return logits, new_kv, atts
+        return logits, kv, atts
 
     # --- generation ------------------------------------------------------------
 
@@ -365,17 +405,18 @@ class GPT(nn.Module):
         if idx.size(1) > block_size:
             warnings.warn(f"prompt of {idx.size(1)} tokens is longer than block_size {block_size}; "
                           f"only its last {block_size} tokens are used")
-        past, mid = None, None  # KV cache of layers < split, hidden states entering `split`
+        cache, mid = None, None  # KV cache of layers < split, hidden states entering `split`
         for step in range(max_new_tokens):
-            if past is None:
+            if cache is None:
                 # (re)start: a full pass over the (cropped) context
-                mid, past, _ = self(idx[:, -block_size:], stop_layer=split, cached_memory=cached)
+                cache = self.new_cache()
+                mid, _, _ = self(idx[:, -block_size:], cache=cache, stop_layer=split, cached_memory=cached)
             else:
-                new, past, _ = self(idx[:, -1:], past_kv=past, stop_layer=split, pos_start=idx.size(1) - 1,
-                                    cached_memory=cached)
-                mid = torch.cat((mid, new), dim=1)
+                new, _, _ = self(idx[:, -1:], cache=cache, stop_layer=split, pos_start=idx.size(1) - 1,
+                                 cached_memory=cached)
+                mid = torch.cat((mid, new), dim=1) if split < n_layer else new
             if idx.size(1) >= block_size:
-                past = None  # the window slides from the next token on: positions shift, no cache
+                cache = None  # the window slides from the next token on: positions shift, no cache
             if split < n_layer:
                 logits, _, _ = self(None, hidden=mid, start_layer=split)
             else:

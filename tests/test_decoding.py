@@ -53,23 +53,24 @@ def test_cached_computes_each_token_head_once(tiny, reference, memory, monkeypat
         original = lm.memory_values
         monkeypatch.setattr(lm, 'memory_values', lambda q, k, v, h, f=original: rows.append(q.size(0)) or f(q, k, v, h))
     x = torch.tensor([reference['prompt_ids']])
-    past = None
+    cache = model.new_cache()
     with torch.no_grad():
-        _, past, _ = model(x.repeat(2, 1), cached_memory=True)
+        model(x.repeat(2, 1), cache=cache, cached_memory=True)
         for t in range(15):
-            _, past, _ = model(torch.full((2, 1), 7 + t), past_kv=past, cached_memory=True)
-    computed = sum(int(past[l][3][1].sum()) for l in memory.layers)
+            model(torch.full((2, 1), 7 + t), cache=cache, cached_memory=True)
+    computed = sum(int(cache[l].memory_state(None, 25)[1].sum()) for l in memory.layers)
     assert sum(rows) == computed > 0
-    assert past[1][3][0].shape == (2, 4, 25, 16)
+    assert cache[1].length == 25
 
 
 def test_exact_mode_rejects_a_cache_in_memory_layers(tiny, reference, memory):
     model, _ = tiny
     model.attach_memory(memory)
     x = torch.tensor([reference['prompt_ids']])
-    _, past, _ = model(x, use_memory=False)
+    cache = model.new_cache()
+    model(x, use_memory=False, cache=cache)
     with pytest.raises(ValueError, match='cached_memory=True'):
-        model(x[:, :1], past_kv=past)
+        model(x[:, :1], cache=cache)
 
 
 def test_exact_generation_equals_naive_full_recompute(tiny, reference, memory):

@@ -41,14 +41,16 @@ def test_kv_cache_last_token_equals_full_pass(tiny):
     idx = torch.randint(0, 474, (3, 40), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         full, _, _ = model(idx)
-        _, past, _ = model(idx[:, :-1])
-        cached, present, _ = model(idx[:, -1:], past_kv=past)
+        cache = model.new_cache()
+        model(idx[:, :-1], cache=cache)
+        cached, present, _ = model(idx[:, -1:], cache=cache)
         # several new tokens at once after a cache
-        _, past2, _ = model(idx[:, :30])
-        chunk, _, _ = model(idx[:, 30:], past_kv=past2, all_logits=True)
+        cache2 = model.new_cache()
+        model(idx[:, :30], cache=cache2)
+        chunk, _, _ = model(idx[:, 30:], cache=cache2, all_logits=True)
     assert (cached - full).abs().max().item() < 1e-4
     assert (chunk[:, -1:] - full).abs().max().item() < 1e-4
-    assert present[0][0].shape == (3, 4, 40, 16)
+    assert present[0][0].shape == (3, 4, 40, 16) and cache[0].length == 40
 
 
 def test_plain_generation_equals_full_recompute(tiny):
