@@ -183,10 +183,11 @@ class CausalSelfAttention(nn.Module):
         self.n_embd = config.n_embd
         self.memory = None  # a memory.LayerMemory, attached by GPT.attach_memory
 
-    def forward(self, x, cache=None, use_memory=True, need_att=False, cached_memory=False):
+    def forward(self, x, cache=None, use_memory=True, need_att=False, cached_memory=False, last_only=False):
         """x: (B, T, C) for the T newest positions. cache: this layer's LayerCache, which holds
         the earlier positions and receives these. Returns y, (k, v) of all positions, and
-        att (B, H, T, T_all) when asked for."""
+        att (B, H, T, T_all) when asked for. last_only: y of the last position only (the
+        top layer, when only the next token's logits are wanted)."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, d)
@@ -202,6 +203,14 @@ class CausalSelfAttention(nn.Module):
             k, v, q_all = full['k'], full['v'], full.get('q', q)
         present = (k, v)
         T_all = k.size(2)
+        if last_only:
+            # the last query row sees every position; step 4 still needs every token's own query
+            att = F.softmax((q[:, :, -1:] @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1))), dim=-1)
+            if retrieve:
+                v = self.memory.cached_values(q_all, k, v, att, *cache.memory_state(v, T_all)) \
+                    if cache is not None else self.memory.update_values(q, k, v, att)
+            y = (att @ v).transpose(1, 2).reshape(B, 1, C)
+            return self.c_proj(y), present, None
         if retrieve or need_att:
             # explicit attention: the memory needs the attention weights
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
@@ -244,9 +253,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache=None, use_memory=True, need_att=False, cached_memory=False):
-        a, present, att = self.attn(self.ln_1(x), cache, use_memory, need_att, cached_memory)
-        x = x + a
+    def forward(self, x, cache=None, use_memory=True, need_att=False, cached_memory=False, last_only=False):
+        a, present, att = self.attn(self.ln_1(x), cache, use_memory, need_att, cached_memory, last_only)
+        x = (x[:, -1:] if last_only else x) + a
         x = x + self.mlp(self.ln_2(x))
         return x, present, att
 
@@ -359,9 +368,12 @@ class GPT(nn.Module):
         else:
             x = hidden
         kv, atts = [], []
-        for i in range(start_layer, self.config.n_layer if stop_layer is None else stop_layer):
+        top = self.config.n_layer if stop_layer is None else stop_layer
+        for i in range(start_layer, top):
+            # the top layer's other positions feed nothing when only the last logits are wanted
+            last_only = stop_layer is None and i == top - 1 and not (all_logits or return_att)
             x, present, att = self.transformer.h[i](x, cache[i] if cache else None, use_memory, return_att,
-                                                    cached_memory)
+                                                    cached_memory, last_only)
             kv.append(present)
             atts.append(att)
         if stop_layer is not None:

@@ -122,3 +122,19 @@ def test_fingerprint_tells_weights_apart(tmp_path):
     a2, _ = GPT.from_pretrained(str(tmp_path / 'a'))
     b, _ = GPT.from_pretrained(str(tmp_path / 'b'))
     assert a.fingerprint() == a2.fingerprint() != b.fingerprint()
+
+
+def test_top_layer_on_the_last_position_only_changes_nothing(tiny, reference):
+    """forward() runs the top layer for the last position only unless every position's logits
+    are asked for; with and without a memory (a memory in the top layer too) it is the same."""
+    from memory import Memory
+    model, enc = tiny
+    idx = torch.randint(0, 474, (2, 33), generator=torch.Generator().manual_seed(8))
+    memory = Memory.build(model, enc, reference['memory_text'], layers=[2, 3])
+    for mem in (None, memory.use([0, 0, 3, 3], mem_frac=5.0, resid_frac=0.33)):
+        model.attach_memory(mem)
+        with torch.no_grad():
+            last, _, _ = model(idx)
+            every, _, _ = model(idx, all_logits=True)
+        model.attach_memory(None)
+        assert (last[:, 0] - every[:, -1]).abs().max().item() < 1e-5
