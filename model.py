@@ -454,4 +454,20 @@ def sample_next(logits, temperature, top_k, generators=None):
     probs = F.softmax(logits, dim=-1).cpu()
     if generators is None:
         return torch.multinomial(probs, num_samples=1)
-    return torch.cat([torch.multinomial(probs[i:i + 1], 1, generator=g) for i, g in enumerate(generators)])
+    # one draw per row from the row's own generator; a draw is serial (the generator's
+    # random stream) but rows are independent, so they run on several threads
+    draw = lambda i: torch.multinomial(probs[i:i + 1], 1, generator=generators[i])
+    if len(generators) > 1 and torch.get_num_threads() > 1:
+        return torch.cat(list(_sampling_pool().map(draw, range(len(generators)))))
+    return torch.cat([draw(i) for i in range(len(generators))])
+
+
+_POOL = None
+
+
+def _sampling_pool():
+    global _POOL
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+        _POOL = ThreadPoolExecutor(max_workers=torch.get_num_threads(), thread_name_prefix='sampling')
+    return _POOL
