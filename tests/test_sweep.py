@@ -68,6 +68,16 @@ baselines = ['plain', 'context']
 """
 
 
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    """The tiny model gains nothing from threads, and on a busy 2-core machine torch's thread
+    pool slows its small ops down many times over; the previous setting is restored."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope='module')
 def tiny():
     cfg = dict(SAMPLE_DEFAULTS, init_from=TINY)
@@ -91,7 +101,7 @@ def read_jsonl(path):
 
 
 def run_cli(*args, env=None):
-    full_env = dict(os.environ, HF_HUB_OFFLINE='1')
+    full_env = dict(os.environ, HF_HUB_OFFLINE='1', OMP_NUM_THREADS='1')
     full_env.update(env or {})
     return subprocess.run([sys.executable, os.path.join(ROOT, 'sweep.py'), *args], capture_output=True, text=True,
                           cwd=ROOT, env=full_env, timeout=300)
