@@ -81,15 +81,18 @@ def random_gpt2_small(device, sharpen, seed=0):
 
 
 def exact_flops(cfg, batch, prompt_len, new_tokens, first_mem):
-    """Matmul FLOPs of exact decoding: layers below the first memory layer see one new token
-    per step (KV cache), the others the whole context; attention counts the full T x T."""
+    """Matmul FLOPs that exact decoding performs: layers below the first memory layer see one
+    new token per step (KV cache); the others the whole context, attention counting the full
+    T x T, except the top layer, which needs q, k, v of every position but the rest only for
+    the last one; and the lm_head for the last position."""
     C, V, L = cfg.n_embd, cfg.vocab_size, cfg.n_layer
     total = 0
     for s in range(new_tokens):
         T = prompt_len + s
         n_new = T if s == 0 else 1
         total += first_mem * (24 * C * C * n_new + 4 * n_new * T * C)
-        total += (L - first_mem) * (24 * C * C * T + 4 * T * T * C)
+        total += (L - 1 - first_mem) * (24 * C * C * T + 4 * T * T * C)
+        total += 6 * C * C * T + 4 * T * C + 18 * C * C  # top layer: qkv for all, the rest for the last position
         total += 2 * C * V
     return batch * total
 
@@ -207,6 +210,20 @@ def main(argv):
     print(f"   this model: {agreement_line(*agreement(model, prompt, seeds, N), N)}")
     model.attach_memory(None)
     tiny_agreement()
+
+    print("\n4. kNN search for 2112 queries (10% of 32 rows x 12 heads x 55 tokens), one memory layer")
+    for n in (90, 2000, 20000):
+        ids = [198] + torch.randint(0, 50257, (n,), generator=g).tolist()
+        stored = Memory.build_from_ids(model, ids, layers=[6])
+        q = torch.randn(2112, 64, generator=g).to(device)
+        heads = torch.randint(0, 12, (2112,), generator=g).to(device)
+        line = []
+        for search in ('faiss', 'torch'):
+            lm = stored.use(**dict(TABLE1, knn_num=[0] * 6 + [5] + [0] * 5), device=device, search=search).layers[6]
+            lm.search(q, heads)
+            _, dt = timed(lambda: [lm.search(q, heads) for _ in range(5)], device)
+            line.append(f"{search} {dt / 5 * 1e3:.2f} ms")
+        print(f"   {n:6d} stored tokens: {', '.join(line)}")
 
 
 def tiny_agreement():
