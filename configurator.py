@@ -24,7 +24,7 @@ def _closest(name, known):
     return f"; did you mean {match[0]}?" if match else f"; known keys: {', '.join(sorted(known))}"
 
 
-def _check_type(key, value, default, where):
+def check_type(key, value, default, where):
     if default is None or value is None:
         return value
     if isinstance(default, bool):
@@ -61,7 +61,7 @@ def configure(defaults, argv):
                 if name.startswith('_') or isinstance(value, (types.ModuleType, types.FunctionType, type)):
                     continue
                 if name in config:
-                    config[name] = _check_type(name, value, defaults[name], arg)
+                    config[name] = check_type(name, value, defaults[name], arg)
                 elif difflib.get_close_matches(name, known, n=1, cutoff=0.85):
                     raise UserError(f"{arg}: unknown config key {name}{_closest(name, known)}")
         else:
@@ -76,7 +76,7 @@ def configure(defaults, argv):
                 value = val  # a bare string
             if isinstance(defaults[key], str) and not isinstance(value, str):
                 value = val  # --start=123 means the text "123"
-            config[key] = _check_type(key, value, defaults[key], f"--{key}")
+            config[key] = check_type(key, value, defaults[key], f"--{key}")
     return config
 
 

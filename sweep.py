@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from configurator import _check_type, configure, run_cli
+from configurator import check_type, configure, run_cli
 from model import UserError, encode
 from sample import DEFAULTS as SAMPLE_DEFAULTS
 from sample import generate, load_model, prepare_memory, prompt_ids, read_text_file, retrieval_settings
@@ -280,7 +280,7 @@ def grid_axes(config):
                     raise UserError(f"grid[{key!r}]: {v!r} must be a tuple of {len(keys)} values, one per key")
             else:
                 v = (v,)
-            vals.append(tuple(_check_type(k, x, DEFAULTS[k], f"grid[{key!r}]") for k, x in zip(keys, v)))
+            vals.append(tuple(check_type(k, x, DEFAULTS[k], f"grid[{key!r}]") for k, x in zip(keys, v)))
         axes.append((keys, vals))
     return axes
 
