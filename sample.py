@@ -28,7 +28,7 @@ DEFAULTS = dict(
     temperature=0.8,       # 1.0 = no change, < 1.0 = less random
     top_k=200,             # keep only the top_k most likely tokens
     seed=1337,             # sample i uses seed + i, unless seeds is given
-    seeds=None,            # explicit list of seeds, one sample each (overrides seed and num_samples)
+    seeds=None,            # a list of seeds, one sample each, or a count n (seed, ..., seed+n-1); overrides num_samples
     device='cpu',          # 'cpu', 'cuda', 'cuda:1', ...
     dtype='float32',       # 'float32', 'bfloat16' or 'float16'
     compile=False,         # accepted for the reference's configs; has no effect here
@@ -78,9 +78,14 @@ def seeds_of(config):
             raise UserError(f"num_samples={config['num_samples']} must be at least 1")
         return [config['seed'] + i for i in range(config['num_samples'])]
     if isinstance(seeds, int) and not isinstance(seeds, bool):
-        seeds = [seeds]
-    if not isinstance(seeds, (list, tuple)) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
-        raise UserError(f"seeds={seeds!r} must be a non-empty list of whole numbers >= 0")
+        if seeds < 1:
+            raise UserError(f"seeds={seeds} must be a count >= 1 or a list of seeds")
+        return [config['seed'] + i for i in range(seeds)]  # a count, as in sweep.py
+    if not isinstance(seeds, (list, tuple)) or not seeds or \
+            not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
+        raise UserError(f"seeds={seeds!r} must be a count or a non-empty list of whole numbers >= 0")
+    if len(set(seeds)) != len(seeds):
+        raise UserError(f"seeds={seeds!r} repeats a seed")
     return list(seeds)
 
 

@@ -33,7 +33,7 @@ from torch.nn import functional as F
 from configurator import check_type, configure, run_cli
 from model import UserError, encode
 from sample import DEFAULTS as SAMPLE_DEFAULTS
-from sample import generate, load_model, prepare_memory, prompt_ids, read_text_file, retrieval_settings
+from sample import generate, load_model, prepare_memory, prompt_ids, read_text_file, retrieval_settings, seeds_of
 
 SWEEP_DEFAULTS = dict(
     name='',               # sweep name; '' = the config file's name without "sweep_" and ".py"
@@ -203,20 +203,9 @@ def jsonable(v):
 
 
 def sweep_seeds(config):
-    """A count n gives seed, seed+1, ..., seed+n-1 (seed = 1337 by default); a list is used as is."""
-    seeds = config['seeds']
-    if seeds is None:
-        seeds = DEFAULT_SEED_COUNT
-    if isinstance(seeds, int) and not isinstance(seeds, bool):
-        if seeds < 1:
-            raise UserError(f"seeds={seeds} must be a count >= 1 or a list of seeds")
-        return [config['seed'] + i for i in range(seeds)]
-    if not isinstance(seeds, (list, tuple)) or not seeds or \
-            not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
-        raise UserError(f"seeds={seeds!r} must be a count or a non-empty list of whole numbers >= 0")
-    if len(set(seeds)) != len(seeds):
-        raise UserError(f"seeds={seeds!r} repeats a seed")
-    return list(seeds)
+    """sample.py's rule: a count n gives seed, seed+1, ..., seed+n-1 (seed = 1337 by default);
+    a list is used as is. None means DEFAULT_SEED_COUNT."""
+    return seeds_of(dict(config, seeds=DEFAULT_SEED_COUNT if config['seeds'] is None else config['seeds']))
 
 
 def memory_text(config):

@@ -177,6 +177,8 @@ def test_seeds_grid_and_labels():
     assert sweep.sweep_seeds(cfg) == list(range(1337, 1437))
     assert sweep.sweep_seeds(dict(cfg, seeds=3)) == [1337, 1338, 1339]
     assert sweep.sweep_seeds(dict(cfg, seeds=[5, 9])) == [5, 9]
+    with pytest.raises(sweep.UserError, match='repeats a seed'):
+        sweep.sweep_seeds(dict(cfg, seeds=[5, 5]))
     cfg.update(init_from=TINY, memory=MEMORY, baselines=['plain', 'context'],
                grid={('resid_only', 'resid_frac'): [(False, 0), (True, 0.1), (False, 0.1)], 'mem_frac': [1, 5]})
     settings, _ = sweep.expand(cfg)
