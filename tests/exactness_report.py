@@ -1,0 +1,53 @@
+"""Print the exactness figures the tests assert bounds on (python tests/exactness_report.py):
+largest logit differences against transformers and against the reference fixture, stored
+keys/values against the reference's, and the KV cache against a full pass."""
+import json
+import os
+import sys
+import tempfile
+
+import torch
+from safetensors.torch import load_file
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from conftest import REF, TINY, make_random_checkpoint  # noqa: E402
+from memory import Memory  # noqa: E402
+from model import GPT  # noqa: E402
+
+torch.set_grad_enabled(False)
+worst = 0.0
+for seed, shape in enumerate([dict(n_embd=32, n_layer=3, n_head=4), dict(n_embd=48, n_layer=2, n_head=3),
+                              dict(n_embd=64, n_layer=4, n_head=4, n_positions=128)]):
+    with tempfile.TemporaryDirectory() as d:
+        hf = make_random_checkpoint(d, seed=seed, **shape)
+        model, _ = GPT.from_pretrained(d)
+        idx = torch.randint(0, 474, (2, 30), generator=torch.Generator().manual_seed(seed))
+        worst = max(worst, (model(idx, all_logits=True)[0] - hf(idx).logits).abs().max().item())
+print(f"logits vs transformers GPT2LMHeadModel (3 random checkpoints): max |diff| {worst:.2e}")
+
+ref = json.load(open(os.path.join(REF, 'reference_outputs.json')))
+kv = load_file(os.path.join(REF, 'memory_kv.safetensors'))
+model, enc = GPT.from_pretrained(TINY)
+x = torch.tensor([ref['prompt_ids']])
+for case in ref['cases']:
+    layers = [i for i, k in enumerate(case['knn_num']) if k]
+    memory = Memory.build(model, enc, ref['memory_text'], layers=layers)
+    kv_diff = max((memory.keys[l] - kv[f"{case['name']}.layer{l}.keys"]).abs().max().item() for l in layers)
+    kv_diff = max(kv_diff, *((memory.values[l] - kv[f"{case['name']}.layer{l}.values"]).abs().max().item() for l in layers))
+    model.attach_memory(memory.use(case['knn_num'], case['mem_frac'], case['bookkeeping_frac'],
+                                   case['knn_softmax_influence'], case['resid_only'], case['resid_frac']))
+    logit_diff = (model(x)[0][0, -1] - torch.tensor(case['first_step_logits'])).abs().max().item()
+    same = 0
+    for s in ref['seeds']:
+        torch.manual_seed(s)
+        same += model.generate(x, ref['max_new_tokens'], 0.8, 200)[0, x.size(1):].tolist() == case['continuations'][str(s)]
+    model.attach_memory(None)
+    print(f"{case['name']}: first-step logits vs reference max |diff| {logit_diff:.2e}; stored k/v max |diff| "
+          f"{kv_diff:.2e}; continuations identical {same}/{len(ref['seeds'])}")
+idx = torch.randint(0, 474, (1, 100), generator=torch.Generator().manual_seed(0))
+full = model(idx)[0]
+cache = model.new_cache()
+model(idx[:, :-1], cache=cache)
+cached = model(idx[:, -1:], cache=cache)[0]
+print(f"KV cache, last-token logits vs a full pass: max |diff| {(full - cached).abs().max().item():.2e}, "
+      f"mean {(full - cached).abs().mean().item():.2e} (mean |logit| {full.abs().mean().item():.3f})")
