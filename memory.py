@@ -59,7 +59,11 @@ class LayerMemory:
                 self.indexes.append(index)
         else:
             self.key_sqnorms = keys.float().pow(2).sum(-1)  # (H, N), for the torch search
-        self.last_selection = None  # (B, H, T) bool of the latest call, for inspection
+        # for inspection, from the latest call: the selected tokens-heads (B, H, T), and for
+        # each one looked up, its (b, h, j), the stored rows found (n, k; -1: none) and the
+        # candidates' weights (n, k, or n, k+1 with the token's own first unless resid_only)
+        self.last_selection = None
+        self.last_retrieval = None
 
     def select(self, att):
         """Step 1: which tokens-heads (b, h, j) look up the memory, from the last query row."""
@@ -114,6 +118,7 @@ class LayerMemory:
         scores = (cand_k @ query_j[:, :, None]).squeeze(-1) * (1.0 / math.sqrt(d))
         scores = (scores * self.knn_softmax_influence).masked_fill(~valid, float('-inf'))
         w = F.softmax(scores, dim=-1)
+        self.last_retrieval = dict(neighbours=nbr.masked_fill(~valid[:, -nbr.size(1):], -1), weights=w)
         # 5. memory vector
         m = (w[:, :, None] * cand_v).sum(dim=1)
         # 6. new value
@@ -131,6 +136,7 @@ class LayerMemory:
             return v
         v = v.clone()
         v[b, h, j] = self.memory_values(q[b, h, j], k[b, h, j], v[b, h, j], h)
+        self.last_retrieval.update(b=b, h=h, j=j)
         return v  # 7. the caller finishes attention: y = att @ v'
 
     @torch.no_grad()
@@ -146,6 +152,7 @@ class LayerMemory:
         b, h, j = (selected & ~done).nonzero(as_tuple=True)
         if b.numel():
             v_mem[b, h, j] = self.memory_values(q[b, h, j], k[b, h, j], v[b, h, j], h)
+            self.last_retrieval.update(b=b, h=h, j=j)
             done[b, h, j] = True
         return torch.where(selected[..., None], v_mem, v)
 
@@ -174,6 +181,13 @@ class Memory:
     @property
     def stored_layers(self):
         return sorted(self.keys)
+
+    def stored_token_ids(self):
+        """The token id of each stored row, in order (None for an imported memory without its text)."""
+        windows, n_skip = self.meta.get('token_windows'), self.meta.get('remove_bookkeeping_token_mem_size')
+        if windows is None or n_skip is None:
+            return None
+        return [t for w in windows for t in w[n_skip:]]
 
     def num_entries(self):
         return next(iter(self.keys.values())).size(1) if self.keys else 0
@@ -408,8 +422,10 @@ def import_reference(path, model, enc):
     text = open(text_file, encoding='utf-8').read() if os.path.isfile(text_file) else None
     ident = model_identity(model)
     ident['fingerprint'] = None  # the reference recorded none
-    meta = dict(model=ident, text=text, token_windows=[encode(enc, text)] if text else None,
-                bookkeeping_token='\n', remove_bookkeeping_token_mem_size=None,
+    ids = encode(enc, text) if text else None
+    n = next(iter(keys.values())).size(1)
+    meta = dict(model=ident, text=text, token_windows=[ids] if ids else None, bookkeeping_token='\n',
+                remove_bookkeeping_token_mem_size=len(ids) - n if ids and len(ids) >= n else None,
                 retrieval_during_build=None, source=f'imported from reference layout {os.path.abspath(path)}')
     return Memory(keys, values, meta)
 

@@ -180,3 +180,26 @@ def test_faiss_and_torch_search_agree(tiny, reference):
         logits.append(model(x)[0])
         model.attach_memory(None)
     torch.testing.assert_close(logits[0], logits[1])
+
+
+def test_what_the_memory_retrieved_can_be_inspected(tiny, reference):
+    model, enc = tiny
+    memory = Memory.build(model, enc, reference['memory_text'], layers=[1])
+    assert memory.stored_token_ids() == reference['memory_ids'][1:]
+    legacy = Memory.load(os.path.join(REF, 'legacy-memstores', 'type3_sentiment_two_layers', 'memstore'), model, enc)
+    assert legacy.stored_token_ids() == reference['memory_ids'][1:]
+    model.attach_memory(memory.use([0, 3, 0, 0], mem_frac=5.0))
+    try:
+        _, kv, _ = model(torch.tensor([reference['prompt_ids']]))
+    finally:
+        model.attach_memory(None)
+    lm = memory.layers[1]
+    r = lm.last_retrieval
+    n = int(lm.last_selection.sum())
+    assert n > 0 and r['neighbours'].shape == (n, 3) and r['weights'].shape == (n, 4)
+    torch.testing.assert_close(r['weights'].sum(-1), torch.ones(n))
+    k = kv[1][0]
+    for i in range(n):
+        key = k[r['b'][i], r['h'][i], r['j'][i]]
+        dist = (memory.keys[1][r['h'][i]] - key).pow(2).sum(-1)
+        assert set(r['neighbours'][i].tolist()) == set(dist.topk(3, largest=False).indices.tolist())
