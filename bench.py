@@ -203,7 +203,7 @@ def main(argv):
     model.attach_memory(memory)
 
     # 2. exact batched vs one by one with full recompute
-    print(f"\n2. exact memory decoding, Table 1 settings (layers 6,7,8, k 5, BF 0.9, MF 5, TS 0.01, r 0.33)")
+    print("\n2. exact memory decoding, Table 1 settings (layers 6,7,8, k 5, BF 0.9, MF 5, TS 0.01, r 0.33)")
     x = prompt.repeat(B, 1)
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     y_exact, t_exact = timed(lambda: model.generate(x, N, 0.8, 200, generators=gens), device)

@@ -203,19 +203,14 @@ class CausalSelfAttention(nn.Module):
             k, v, q_all = full['k'], full['v'], full.get('q', q)
         present = (k, v)
         T_all = k.size(2)
-        if last_only:
-            # the last query row sees every position; step 4 still needs every token's own query
-            att = F.softmax((q[:, :, -1:] @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1))), dim=-1)
-            if retrieve:
-                v = self.memory.cached_values(q_all, k, v, att, *cache.memory_state(v, T_all)) \
-                    if cache is not None else self.memory.update_values(q, k, v, att)
-            y = (att @ v).transpose(1, 2).reshape(B, 1, C)
-            return self.c_proj(y), present, None
-        if retrieve or need_att:
-            # explicit attention: the memory needs the attention weights
-            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
-            causal = torch.ones(T, T_all, dtype=torch.bool, device=x.device).tril(diagonal=T_all - T)
-            att = att.masked_fill(~causal, float('-inf'))
+        if retrieve or need_att or last_only:
+            # explicit attention: the memory needs the attention weights. For the top layer, when
+            # only the next token's logits are wanted, the last query row is enough (it sees
+            # every position); step 4 of the method still uses every selected token's own query.
+            att = ((q[:, :, -1:] if last_only else q) @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+            if not last_only:
+                causal = torch.ones(T, T_all, dtype=torch.bool, device=x.device).tril(diagonal=T_all - T)
+                att = att.masked_fill(~causal, float('-inf'))
             att = F.softmax(att, dim=-1)
             if retrieve and cache is not None:
                 v = self.memory.cached_values(q_all, k, v, att, *cache.memory_state(v, T_all))
@@ -229,7 +224,7 @@ class CausalSelfAttention(nn.Module):
             else:  # several new positions after a cache: causal mask aligned to the end
                 causal = torch.ones(T, T_all, dtype=torch.bool, device=x.device).tril(diagonal=T_all - T)
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, y.size(2), C)
         return self.c_proj(y), present, att
 
 

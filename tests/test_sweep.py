@@ -17,7 +17,6 @@ sys.path.insert(0, ROOT)
 
 import sweep  # noqa: E402
 from configurator import configure  # noqa: E402
-from memory import Memory  # noqa: E402
 from sample import DEFAULTS as SAMPLE_DEFAULTS  # noqa: E402
 from sample import generate, load_model, prepare_memory, prompt_ids  # noqa: E402
 
