@@ -84,17 +84,21 @@ def random_gpt2_small(device, sharpen, seed=0):
 
 def exact_flops(cfg, batch, prompt_len, new_tokens, first_mem):
     """Matmul FLOPs that exact decoding performs: layers below the first memory layer see one
-    new token per step (KV cache); the others the whole context, attention counting the full
-    T x T, except the top layer, which needs q, k, v of every position but the rest only for
-    the last one; and the lm_head for the last position."""
+    new token per step (KV cache); the first memory layer projects q, k, v for the new token
+    only (its input for past positions never changes) and the rest for every position; the
+    layers above it run over the whole context, attention counting the full T x T, except the
+    top layer, which needs k, v of every position but the rest only for the last one; and
+    the lm_head for the last position."""
     C, V, L = cfg.n_embd, cfg.vocab_size, cfg.n_layer
+    assert first_mem < L - 1, "the count assumes the first memory layer is not the top layer"
     total = 0
     for s in range(new_tokens):
         T = prompt_len + s
         n_new = T if s == 0 else 1
         total += first_mem * (24 * C * C * n_new + 4 * n_new * T * C)
-        total += (L - 1 - first_mem) * (24 * C * C * T + 4 * T * T * C)
-        total += 6 * C * C * T + 4 * T * C + 18 * C * C  # top layer: qkv for all, the rest for the last position
+        total += 6 * C * C * n_new + 18 * C * C * T + 4 * T * T * C  # the first memory layer
+        total += (L - 2 - first_mem) * (24 * C * C * T + 4 * T * T * C)
+        total += 6 * C * C * T + 4 * T * C + 18 * C * C  # top layer: q, k, v for all, the rest for the last position
         total += 2 * C * V
     return batch * total
 

@@ -183,24 +183,29 @@ class CausalSelfAttention(nn.Module):
         self.n_embd = config.n_embd
         self.memory = None  # a memory.LayerMemory, attached by GPT.attach_memory
 
-    def forward(self, x, cache=None, use_memory=True, need_att=False, cached_memory=False, last_only=False):
+    def forward(self, x, cache=None, use_memory=True, need_att=False, cached_memory=False, last_only=False,
+                all_rows=False):
         """x: (B, T, C) for the T newest positions. cache: this layer's LayerCache, which holds
         the earlier positions and receives these. Returns y, (k, v) of all positions, and
         att (B, H, T, T_all) when asked for. last_only: y of the last position only (the
-        top layer, when only the next token's logits are wanted)."""
+        top layer, when only the next token's logits are wanted). all_rows: y of every
+        position, the cached ones too, their q, k, v taken from the cache (exact decoding's
+        first memory layer, whose input for past positions never changes)."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, d)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         retrieve = use_memory and self.memory is not None
-        if retrieve and cache is not None and not cached_memory:
+        if retrieve and cache is not None and not (cached_memory or all_rows):
             raise ValueError("exact memory attention reruns the whole sequence; "
                              "a KV cache in a memory layer needs cached_memory=True")
         q_all = q
         if cache is not None:
-            full = cache.extend(k=k, v=v, **(dict(q=q) if retrieve else {}))
+            full = cache.extend(k=k, v=v, **(dict(q=q) if retrieve or all_rows else {}))
             k, v, q_all = full['k'], full['v'], full.get('q', q)
+            if all_rows:
+                q, T = q_all, q_all.size(2)
         present = (k, v)
         T_all = k.size(2)
         if retrieve or need_att or last_only:
@@ -212,7 +217,7 @@ class CausalSelfAttention(nn.Module):
                 causal = torch.ones(T, T_all, dtype=torch.bool, device=x.device).tril(diagonal=T_all - T)
                 att = att.masked_fill(~causal, float('-inf'))
             att = F.softmax(att, dim=-1)
-            if retrieve and cache is not None:
+            if retrieve and cached_memory:
                 v = self.memory.cached_values(q_all, k, v, att, *cache.memory_state(v, T_all))
             elif retrieve:
                 v = self.memory.update_values(q, k, v, att)
@@ -248,8 +253,11 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache=None, use_memory=True, need_att=False, cached_memory=False, last_only=False):
-        a, present, att = self.attn(self.ln_1(x), cache, use_memory, need_att, cached_memory, last_only)
+    def forward(self, x, cache=None, use_memory=True, need_att=False, cached_memory=False, last_only=False,
+                all_rows=False):
+        """all_rows: x holds every position, but those already in the cache are not projected again."""
+        h = self.ln_1(x[:, cache.length:] if all_rows else x)
+        a, present, att = self.attn(h, cache, use_memory, need_att, cached_memory, last_only, all_rows)
         x = (x[:, -1:] if last_only else x) + a
         x = x + self.mlp(self.ln_2(x))
         return x, present, att
@@ -340,7 +348,8 @@ class GPT(nn.Module):
         return [LayerCache(self.config.block_size) for _ in range(self.config.n_layer)]
 
     def forward(self, idx, cache=None, use_memory=True, return_att=False, all_logits=False,
-                start_layer=0, hidden=None, stop_layer=None, pos_start=None, cached_memory=False):
+                start_layer=0, hidden=None, stop_layer=None, pos_start=None, cached_memory=False,
+                start_cache=None):
         """idx: (B, T) token ids of the newest T positions.
 
         cache: from new_cache(); it holds the keys and values of the earlier positions and
@@ -352,6 +361,8 @@ class GPT(nn.Module):
         `start_layer`; with stop_layer the output is the hidden state entering that layer.
         pos_start: position of idx's first token (default: the cache's length).
         cached_memory: memory layers keep a KV cache too (the approximate cached mode, see generate).
+        start_cache: with `hidden`, a LayerCache of start_layer's q, k, v for the positions whose
+        input has not changed since it was filled; only the others are projected (exact decoding).
         """
         if hidden is None:
             B, T = idx.size()
@@ -367,8 +378,10 @@ class GPT(nn.Module):
         for i in range(start_layer, top):
             # the top layer's other positions feed nothing when only the last logits are wanted
             last_only = stop_layer is None and i == top - 1 and not (all_logits or return_att)
-            x, present, att = self.transformer.h[i](x, cache[i] if cache else None, use_memory, return_att,
-                                                    cached_memory, last_only)
+            all_rows = i == start_layer and start_cache is not None
+            layer_cache = start_cache if all_rows else cache[i] if cache else None
+            x, present, att = self.transformer.h[i](x, layer_cache, use_memory, return_att, cached_memory, last_only,
+                                                    all_rows)
             kv.append(present)
             atts.append(att)
         if stop_layer is not None:
@@ -417,6 +430,7 @@ class GPT(nn.Module):
             if cache is None:
                 # (re)start: a full pass over the (cropped) context
                 cache = self.new_cache()
+                split_cache = LayerCache(block_size)  # layer `split`'s q, k, v: its input never changes
                 mid, _, _ = self(idx[:, -block_size:], cache=cache, stop_layer=split, cached_memory=cached)
             else:
                 new, _, _ = self(idx[:, -1:], cache=cache, stop_layer=split, pos_start=idx.size(1) - 1,
@@ -425,7 +439,7 @@ class GPT(nn.Module):
             if idx.size(1) >= block_size:
                 cache = None  # the window slides from the next token on: positions shift, no cache
             if split < n_layer:
-                logits, _, _ = self(None, hidden=mid, start_layer=split)
+                logits, _, _ = self(None, hidden=mid, start_layer=split, start_cache=split_cache)
             else:
                 logits = self.lm_head(self.transformer.ln_f(mid[:, [-1], :]))
             if logits_out is not None:

@@ -73,18 +73,24 @@ def test_exact_mode_rejects_a_cache_in_memory_layers(tiny, reference, memory):
         model(x[:, :1], cache=cache)
 
 
-def test_exact_generation_equals_naive_full_recompute(tiny, reference, memory):
-    """Exact mode (prefix cache below the first memory layer) draws what rerunning the whole
-    model on the whole context each step draws, also once the context window slides."""
-    model, _ = tiny
-    model.attach_memory(memory)
-    x = torch.randint(0, 473, (2, 245), generator=torch.Generator().manual_seed(0))
-    fast = gen(model, x[:1], [5, 6], 16, 'exact')  # crosses block_size 256
-    gens = [torch.Generator().manual_seed(s) for s in (5, 6)]
-    idx = x[:1].repeat(2, 1)
-    from model import sample_next
-    with torch.no_grad():
-        for _ in range(16):
-            logits, _, _ = model(idx[:, -256:])
-            idx = torch.cat((idx, sample_next(logits[:, -1], 0.8, 200, gens)), 1)
+@pytest.mark.parametrize('knn_num', [[0, 3, 3, 0], [3, 0, 0, 0], [0, 0, 0, 3]])
+def test_exact_generation_equals_naive_full_recompute(tiny, reference, knn_num):
+    """Exact mode (KV cache below the first memory layer, that layer's q, k, v of past positions
+    reused, the top layer on the last position only) draws what rerunning the whole model on
+    the whole context each step draws, also once the context window slides."""
+    model, enc = tiny
+    memory = Memory.build(model, enc, reference['memory_text'], layers=[i for i, k in enumerate(knn_num) if k])
+    model.attach_memory(memory.use(**dict(SETTINGS, knn_num=knn_num)))
+    try:
+        x = torch.randint(0, 473, (2, 245), generator=torch.Generator().manual_seed(0))
+        fast = gen(model, x[:1], [5, 6], 16, 'exact')  # crosses block_size 256
+        gens = [torch.Generator().manual_seed(s) for s in (5, 6)]
+        idx = x[:1].repeat(2, 1)
+        from model import sample_next
+        with torch.no_grad():
+            for _ in range(16):
+                logits, _, _ = model(idx[:, -256:], all_logits=True)  # every layer on every position
+                idx = torch.cat((idx, sample_next(logits[:, -1], 0.8, 200, gens)), 1)
+    finally:
+        model.attach_memory(None)
     assert torch.equal(fast, idx)
