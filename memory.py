@@ -104,9 +104,9 @@ class LayerMemory:
         Returns the new values v' (n, d). A token-head's v' depends on nothing but these."""
         d = key_j.size(-1)
         # 2. neighbours of the token's own key
-        nbr = self.search(key_j, heads)  # (n, k)
-        valid = nbr >= 0
-        nbr = nbr.clamp(min=0)
+        found = self.search(key_j, heads)  # (n, k), -1: none
+        valid = found >= 0
+        nbr = found.clamp(min=0)
         cand_k = self.keys[heads[:, None], nbr].to(key_j.dtype)  # (n, k, d)
         cand_v = self.values[heads[:, None], nbr].to(value_j.dtype)
         # 3. unless resid_only, the token's own (key, value) is one more candidate
@@ -118,7 +118,7 @@ class LayerMemory:
         scores = (cand_k @ query_j[:, :, None]).squeeze(-1) * (1.0 / math.sqrt(d))
         scores = (scores * self.knn_softmax_influence).masked_fill(~valid, float('-inf'))
         w = F.softmax(scores, dim=-1)
-        self.last_retrieval = dict(neighbours=nbr.masked_fill(~valid[:, -nbr.size(1):], -1), weights=w)
+        self.last_retrieval = dict(neighbours=found, weights=w)
         # 5. memory vector
         m = (w[:, :, None] * cand_v).sum(dim=1)
         # 6. new value
@@ -127,8 +127,9 @@ class LayerMemory:
 
     @torch.no_grad()
     def update_values(self, q, k, v, att):
-        """Exact mode. q, k, v: (B, H, T, d); att: (B, H, T, T) softmaxed causal attention.
-        Returns v' (B, H, T, d), every selected token-head's value replaced."""
+        """Exact mode. q, k, v: (B, H, T, d); att: (B, H, T_q, T) softmaxed causal attention, of
+        which the selection reads the last row. Returns v' (B, H, T, d), every selected
+        token-head's value replaced."""
         selected = self.select(att)
         self.last_selection = selected
         b, h, j = selected.nonzero(as_tuple=True)

@@ -217,7 +217,7 @@ class CausalSelfAttention(nn.Module):
                 causal = torch.ones(T, T_all, dtype=torch.bool, device=x.device).tril(diagonal=T_all - T)
                 att = att.masked_fill(~causal, float('-inf'))
             att = F.softmax(att, dim=-1)
-            if retrieve and cached_memory:
+            if retrieve and cached_memory and cache is not None:
                 v = self.memory.cached_values(q_all, k, v, att, *cache.memory_state(v, T_all))
             elif retrieve:
                 v = self.memory.update_values(q, k, v, att)

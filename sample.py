@@ -89,6 +89,16 @@ def seeds_of(config):
     return list(seeds)
 
 
+def check_generation(config, where=None):
+    """The sampling settings and decoding mode; `where` names the setting in the message."""
+    at = f"{where}: " if where else ''
+    if config['max_new_tokens'] < 1 or config['temperature'] <= 0 or \
+            (config['top_k'] is not None and config['top_k'] < 1):
+        raise UserError(f"{at}max_new_tokens and top_k must be >= 1 and temperature > 0")
+    if config['decoding'] not in ('exact', 'cached'):
+        raise UserError(f"{at}decoding={config['decoding']!r} must be 'exact' or 'cached'")
+
+
 def load_model(config):
     device = config['device']
     if device.startswith('cuda') and not torch.cuda.is_available():
@@ -176,10 +186,7 @@ def main(argv):
     config = configure(DEFAULTS, argv)
     warnings.formatwarning = lambda msg, *a, **k: f"warning: {msg}\n"
     seeds = seeds_of(config)
-    if config['decoding'] not in ('exact', 'cached'):
-        raise UserError(f"decoding={config['decoding']!r} must be 'exact' or 'cached'")
-    if config['max_new_tokens'] < 1 or config['temperature'] <= 0 or (config['top_k'] is not None and config['top_k'] < 1):
-        raise UserError("max_new_tokens and top_k must be >= 1 and temperature > 0")
+    check_generation(config)
     model, enc = load_model(config)
     memory = prepare_memory(config, model, enc)
     start, ids = prompt_ids(config, enc)

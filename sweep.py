@@ -33,7 +33,8 @@ from torch.nn import functional as F
 from configurator import check_type, configure, run_cli
 from model import UserError, encode
 from sample import DEFAULTS as SAMPLE_DEFAULTS
-from sample import generate, load_model, prepare_memory, prompt_ids, read_text_file, retrieval_settings, seeds_of
+from sample import (check_generation, generate, load_model, prepare_memory, prompt_ids, read_text_file,
+                    retrieval_settings, seeds_of)
 
 SWEEP_DEFAULTS = dict(
     name='',               # sweep name; '' = the config file's name without "sweep_" and ".py"
@@ -308,13 +309,6 @@ def setting_label(method, values, method_text=None):
     return ', '.join(parts) if parts else 'memory'
 
 
-def check_generation(c, where):
-    if c['max_new_tokens'] < 1 or c['temperature'] <= 0 or (c['top_k'] is not None and c['top_k'] < 1):
-        raise UserError(f"{where}: max_new_tokens and top_k must be >= 1 and temperature > 0")
-    if c.get('decoding', 'exact') not in ('exact', 'cached'):
-        raise UserError(f"{where}: decoding={c['decoding']!r} must be 'exact' or 'cached'")
-
-
 def make_setting(config, method, values, seeds):
     c = dict(config)
     c.update(values)
@@ -433,23 +427,26 @@ def csv_text(columns, rows):
     return buf.getvalue()
 
 
+def finished_rows(settings, finished):
+    """(setting, row) for every seed's row of the finished settings, in setting order."""
+    for s in settings:
+        for r in finished[s['id']]['rows'] if s['id'] in finished else []:
+            yield s, r
+
+
 def result_table(metric, settings, finished):
     grid_cols = list(dict.fromkeys(k for s in settings for k in s['values']))
     cols = ['setting_index', 'setting_id', 'label', 'method', 'seed'] + grid_cols + \
            [c for c in CORE_COLUMNS if c not in grid_cols]
     score_cols = (VADER_SCORES + ['positive'] if metric == 'vader' else ['success', 'answer']) + QUALITY_SCORES
     rows = []
-    for s in settings:
-        rec = finished.get(s['id'])
-        if rec is None:
-            continue
-        for r in rec['rows']:
-            row = dict(setting_index=s['index'], setting_id=s['id'], label=s['label'], method=s['method'], seed=r['seed'])
-            for c in grid_cols + CORE_COLUMNS:
-                if c not in row:
-                    row[c] = None if s['method'] != 'memory' and c in RETRIEVAL_KEYS else rec['config'].get(c)
-            row.update({c: r['scores'][c] for c in score_cols})
-            rows.append(row)
+    for s, r in finished_rows(settings, finished):
+        row = dict(setting_index=s['index'], setting_id=s['id'], label=s['label'], method=s['method'], seed=r['seed'])
+        for c in grid_cols + CORE_COLUMNS:
+            if c not in row:
+                row[c] = None if s['method'] != 'memory' and c in RETRIEVAL_KEYS else finished[s['id']]['config'].get(c)
+        row.update({c: r['scores'][c] for c in score_cols})
+        rows.append(row)
     return cols + score_cols, rows
 
 
@@ -590,14 +587,10 @@ def write_outputs(out_dir, config, name, settings, seeds, finished):
     cols, rows = result_table(metric, settings, finished)
     write_whole(os.path.join(out_dir, 'results.csv'), csv_text(cols, rows))
     lines = []
-    for s in settings:
-        rec = finished.get(s['id'])
-        if rec is None:
-            continue
-        for r in rec['rows']:
-            lines.append(json.dumps(dict(setting=s['setting'], setting_index=s['index'], setting_id=s['id'],
-                                         label=s['label'], seed=r['seed'], text=r['text'], tokens=r['tokens'],
-                                         scores=r['scores']), ensure_ascii=False))
+    for s, r in finished_rows(settings, finished):
+        lines.append(json.dumps(dict(setting=s['setting'], setting_index=s['index'], setting_id=s['id'],
+                                     label=s['label'], seed=r['seed'], text=r['text'], tokens=r['tokens'],
+                                     scores=r['scores']), ensure_ascii=False))
     write_whole(os.path.join(out_dir, 'samples.jsonl'), ''.join(l + '\n' for l in lines))
     summary = summary_table(metric, settings, finished)
     scols = list(dict.fromkeys(k for r in summary for k in r))

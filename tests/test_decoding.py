@@ -37,6 +37,9 @@ def test_cached_equals_exact_on_the_first_token(tiny, reference, memory):
         y = gen(model, x, [1, 2, 3, 4], 5, mode, logits_out=out)
         logits[mode] = (y, out)
     torch.testing.assert_close(logits['exact'][1][0], logits['cached'][1][0])
+    # a single pass in cached mode without a cache is an exact pass
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, cached_memory=True)[0], model(x)[0])
     assert torch.equal(logits['exact'][0][:, :11], logits['cached'][0][:, :11])
     # and it is an approximation: later steps differ somewhere
     forced = logits['exact'][0][:, 10:]
