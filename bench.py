@@ -8,10 +8,11 @@ random weights (no download needed).
 
 1. plain decoding (no memory) against transformers' GPT2LMHeadModel.generate on the same
    weights and sampling settings, at batch 1 and `seeds`: tokens/s and the ratio;
-2. exact memory decoding (Table 1 settings) of `seeds` seeds as one batch against the same
-   seeds run one by one with full recomputation of every layer each step (the reference
-   code's way), checking the tokens are identical; and the exact run's achieved FLOP/s as
-   a fraction of this machine's float32 matmul rate, measured here;
+2. exact memory decoding (Table 1 settings) of `seeds` seeds as one batch, as a sweep setting
+   runs it (run.continuations), against the same seeds run one by one, both with exact
+   decoding and with full recomputation of every layer each step (the reference code's
+   way), checking the tokens are identical; and the exact run's achieved FLOP/s as a
+   fraction of this machine's float32 matmul rate, measured here;
 3. cached mode against exact mode: the ratio, the mean KL divergence of next-token
    distributions (cached mode fed the exact continuation) and the token agreement, on this
    model and on the tiny reference checkpoint; and plain decoding's time, which bounds how
@@ -28,8 +29,9 @@ import time
 import torch
 
 from configurator import configure, run_cli
-from memory import Memory
-from model import GPT, GPTConfig, sample_next
+from memory import Memory, RetrievalSettings
+from model import GPT, Decoder, GPTConfig, sample_next
+from run import Sampling, continuations
 
 DEFAULTS = dict(
     device='cpu',
@@ -42,8 +44,8 @@ DEFAULTS = dict(
     threads=0,            # torch threads; 0 = torch's default
     skip_transformers=False,
 )
-TABLE1 = dict(knn_num=[0, 0, 0, 0, 0, 0, 5, 5, 5, 0, 0, 0], mem_frac=5.0, bookkeeping_frac=0.9,
-              knn_softmax_influence=0.01, resid_only=False, resid_frac=0.33)
+TABLE1 = RetrievalSettings(knn_num=[0, 0, 0, 0, 0, 0, 5, 5, 5, 0, 0, 0], mem_frac=5.0, bookkeeping_frac=0.9,
+                           knn_softmax_influence=0.01, resid_only=False, resid_frac=0.33)
 
 
 def sync(device):
@@ -67,16 +69,20 @@ def matmul_rate(device, n=2048, reps=10):
 
 
 def random_gpt2_small(device, sharpen, seed=0):
-    """GPT-2 small's shapes, normal(0, 0.02) weights, query weights scaled by `sharpen`."""
+    """GPT-2 small's shapes with GPT-2's initialisation: weight matrices and embeddings
+    normal(0, 0.02), biases 0, layer norms 1; query weights scaled by `sharpen`."""
     torch.manual_seed(seed)
     model = GPT(GPTConfig())
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith('bias') or 'ln_' in name:
-                continue
-            p.normal_(0.0, 0.02)
+            if 'ln_' in name:
+                torch.nn.init.ones_(p) if name.endswith('weight') else torch.nn.init.zeros_(p)
+            elif name.endswith('bias'):
+                torch.nn.init.zeros_(p)
+            else:
+                torch.nn.init.normal_(p, 0.0, 0.02)
         C = model.config.n_embd
-        for block in model.transformer.h:
+        for block in model.transformer.h:  # nn.Linear's weight is (3C, C): its first C rows make q
             block.attn.c_attn.weight[:C] *= sharpen
     model.name = f'random-gpt2-small-seed{seed}'
     return model.to(device).eval()
@@ -124,14 +130,23 @@ def oneby_full_recompute(model, prompt, seed, n, temperature=0.8, top_k=200):
     return idx
 
 
+def teacher_forced_logits(model, x, tokens, mode):
+    """Next-token logits at every step of `mode` decoding fed the given tokens (B, n)."""
+    decoder = Decoder(model, mode, capacity=x.size(1) + tokens.size(1))
+    out = [decoder.prefill(x).float()]
+    for t in range(tokens.size(1) - 1):
+        out.append(decoder.step(tokens[:, t:t + 1]).float())
+    return out
+
+
 def agreement(model, prompt, seeds, n):
     """Cached vs exact: mean KL(exact || cached) of next-token distributions with cached mode fed
     the exact continuation, and the fraction of positions where the sampled tokens agree."""
     gens = lambda: [torch.Generator().manual_seed(s) for s in seeds]
     x = prompt.repeat(len(seeds), 1)
-    log_exact, log_cached = [], []
-    y_exact = model.generate(x, n, 0.8, 200, generators=gens(), mode='exact', logits_out=log_exact)
-    model.generate(x, n, 0.8, 200, mode='cached', forced=y_exact[:, x.size(1):], logits_out=log_cached)
+    y_exact = model.generate(x, n, 0.8, 200, generators=gens(), mode='exact')
+    log_exact = teacher_forced_logits(model, x, y_exact[:, x.size(1):], 'exact')
+    log_cached = teacher_forced_logits(model, x, y_exact[:, x.size(1):], 'cached')
     y_cached = model.generate(x, n, 0.8, 200, generators=gens(), mode='cached')
     kl = torch.stack([torch.nn.functional.kl_div(c.log_softmax(-1), e.log_softmax(-1), log_target=True,
                                                  reduction='none').sum(-1) for e, c in zip(log_exact, log_cached)])
@@ -147,40 +162,27 @@ def agreement_line(kl, top1, same, prefix, n):
             f"sampled continuations: {same:.1%} of tokens equal, identical for the first {prefix:.1f} of {n} on average")
 
 
-def main(argv):
-    cfg = configure(DEFAULTS, argv)
-    device = cfg['device']
-    if cfg['threads']:
-        torch.set_num_threads(cfg['threads'])
-    torch.set_grad_enabled(False)
-    B, N = cfg['seeds'], cfg['max_new_tokens']
-    seeds = [1337 + i for i in range(B)]
-    dev_name = torch.cuda.get_device_name() if device.startswith('cuda') else f'CPU, {torch.get_num_threads()} threads'
-    print(f"bench.py on {dev_name}, torch {torch.__version__}; GPT-2-small-shaped random model; "
-          f"{B} seeds, {N} new tokens, prompt {cfg['prompt_len']} tokens")
+def transformers_twin(model, device):
+    """transformers' GPT2LMHeadModel with our model's weights."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    c = model.config
+    hf = GPT2LMHeadModel(GPT2Config(n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head, n_positions=c.block_size,
+                                    vocab_size=c.vocab_size)).to(device).eval()
+    sd = {k.removeprefix('transformer.'): v for k, v in model.state_dict().items()}
+    conv = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
+    hf.transformer.load_state_dict({k: (v.t() if k.endswith(conv) else v) for k, v in sd.items()
+                                    if k != 'lm_head.weight'}, strict=False)
+    hf.tie_weights()
+    return hf
 
-    rate = matmul_rate(device)
-    print(f"float32 matmul rate (2048x2048, torch.matmul): {rate / 1e9:.1f} GFLOP/s")
-    model = random_gpt2_small(device, cfg['sharpen'])
-    g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, 50257, (1, cfg['prompt_len']), generator=g).to(device)
 
-    # 1. plain decoding against transformers
+def bench_plain(model, prompt, seeds, N, device, skip_transformers):
+    """Section 1. Returns our plain decoding time per batch size."""
     print("\n1. plain decoding (no memory), ours vs transformers GPT2LMHeadModel.generate, same weights "
           "(best of 3, alternating)")
-    hf = None
-    if not cfg['skip_transformers']:
-        from transformers import GPT2Config, GPT2LMHeadModel
-        c = model.config
-        hf = GPT2LMHeadModel(GPT2Config(n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head, n_positions=c.block_size,
-                                        vocab_size=c.vocab_size)).to(device).eval()
-        sd = {k.removeprefix('transformer.'): v for k, v in model.state_dict().items()}
-        conv = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
-        hf.transformer.load_state_dict({k: (v.t() if k.endswith(conv) else v) for k, v in sd.items()
-                                        if k != 'lm_head.weight'}, strict=False)
-        hf.tie_weights()
+    hf = None if skip_transformers else transformers_twin(model, device)
     t_plain = {}
-    for batch in sorted({1, B}):
+    for batch in sorted({1, len(seeds)}):
         x = prompt.repeat(batch, 1)
         model.generate(x, 2, 0.8, 200)  # warm-up
         if hf is not None:
@@ -200,46 +202,60 @@ def main(argv):
         if hf is not None:
             line += f", transformers {batch * N / t_hf:8.1f} tok/s, ratio {t_hf / t_ours:.2f}x (target >= 1.0x)"
         print(line)
+    return t_plain
 
-    # the memory: random "text" of memory_len tokens behind a bookkeeping token
-    ids = [198] + torch.randint(0, 50257, (cfg['memory_len'],), generator=g).tolist()
-    memory = Memory.build_from_ids(model, ids, layers=[6, 7, 8], n_skip=1).use(**TABLE1, device=device)
-    model.attach_memory(memory)
 
-    # 2. exact batched vs one by one with full recompute
+def bench_exact(model, memory, prompt, seeds, N, oneby_seeds, rate, device):
+    """Section 2. Returns the batched exact decoding time."""
     print("\n2. exact memory decoding, Table 1 settings (layers 6,7,8, k 5, BF 0.9, MF 5, TS 0.01, r 0.33)")
-    x = prompt.repeat(B, 1)
-    gens = [torch.Generator().manual_seed(s) for s in seeds]
-    y_exact, t_exact = timed(lambda: model.generate(x, N, 0.8, 200, generators=gens), device)
-    sel = [lm.last_selection.float().mean().item() for lm in memory.layers.values()]
-    K = min(cfg['oneby_seeds'], B)
+    B, ids = len(seeds), prompt[0].tolist()
+    sampling = Sampling(N, 0.8, 200, 'exact')
+    y_exact, t_exact = timed(lambda: continuations(model, ids, seeds, sampling, memory), device)
+    sel = [lm.last_selection.float().mean().item() for lm in memory.values()]
+    K = min(oneby_seeds, B)
+    single, t_single = timed(lambda: [continuations(model, ids, [s], sampling, memory)[0] for s in seeds[:K]], device)
+    model.attach_memory(memory)
     outs, t_oneby = timed(lambda: [oneby_full_recompute(model, prompt, s, N) for s in seeds[:K]], device)
-    identical = all(torch.equal(o[0], y_exact[i]) for i, o in enumerate(outs))
-    t_oneby_all = t_oneby * B / K
-    flops = exact_flops(model.config, B, cfg['prompt_len'], N, first_mem=6)
+    model.attach_memory(None)
+    identical = all(o[0, len(ids):].tolist() == y_exact[i] == single[i] for i, o in enumerate(outs))
+    scale = B / K
+    flops = exact_flops(model.config, B, len(ids), N, first_mem=6)
+    measured = f" (scaled from {K} measured)" if K < B else ""
     print(f"   selected tokens-heads at the last step: {', '.join(f'{s:.1%}' for s in sel)} (layers 6, 7, 8)")
     print(f"   batched exact: {t_exact:.2f} s for {B} seeds ({B * N / t_exact:.1f} tok/s)")
-    print(f"   one by one, full recompute: {t_oneby:.2f} s for {K} seeds" +
-          (f" -> {t_oneby_all:.2f} s for {B} (scaled from {K} measured)" if K < B else ""))
-    print(f"   ratio {t_oneby_all / t_exact:.2f}x; outputs identical on the {K} seeds compared: {identical}")
+    print(f"   one by one, exact decoding: {t_single * scale:.2f} s for {B} seeds{measured}: batched is "
+          f"{t_single * scale / t_exact:.2f}x faster (target >= 1.5x)")
+    print(f"   one by one, full recompute: {t_oneby * scale:.2f} s for {B} seeds{measured}: batched is "
+          f"{t_oneby * scale / t_exact:.2f}x faster")
+    print(f"   outputs identical on the {K} seeds compared (batched, one by one, full recompute): {identical}")
     print(f"   exact run: {flops / 1e12:.2f} TFLOP of matmuls, {flops / t_exact / 1e9:.1f} GFLOP/s = "
           f"{flops / t_exact / rate:.0%} of the measured matmul rate (target >= 60%)")
+    return t_exact
 
-    # 3. cached vs exact
+
+def bench_cached(model, memory, prompt, seeds, N, t_exact, t_plain, device):
+    """Section 3."""
     print("\n3. cached mode vs exact mode, same seeds")
+    B, P = len(seeds), prompt.size(1)
+    x = prompt.repeat(B, 1)
+    model.attach_memory(memory)
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     _, t_cached = timed(lambda: model.generate(x, N, 0.8, 200, generators=gens, mode='cached'), device)
     print(f"   cached: {t_cached:.2f} s ({B * N / t_cached:.1f} tok/s); exact/cached = {t_exact / t_cached:.1f}x "
           f"(target >= 10x)")
-    print(f"   plain decoding of the same batch took {t_plain[B]:.2f} s: cached mode runs at "
-          f"{t_plain[B] / t_cached:.0%} of its speed, and exact/plain = {t_exact / t_plain[B]:.1f}x is the most "
+    print(f"   plain decoding of the same batch took {t_plain:.2f} s: cached mode runs at "
+          f"{t_plain / t_cached:.0%} of its speed, and exact/plain = {t_exact / t_plain:.1f}x is the most "
           f"cached mode could gain here; the arithmetic ratio exact/plain is "
-          f"{exact_flops(model.config, B, cfg['prompt_len'], N, 6) / plain_flops(model.config, B, cfg['prompt_len'], N):.1f}x")
+          f"{exact_flops(model.config, B, P, N, 6) / plain_flops(model.config, B, P, N):.1f}x")
     print(f"   this model: {agreement_line(*agreement(model, prompt, seeds, N), N)}")
     model.attach_memory(None)
     tiny_agreement()
 
+
+def bench_search(model, g, device):
+    """Section 4."""
     print("\n4. kNN search for 2112 queries (10% of 32 rows x 12 heads x 55 tokens), one memory layer")
+    one_layer = RetrievalSettings(**dict(TABLE1.as_dict(), knn_num=[0] * 6 + [5] + [0] * 5))
     for n in (90, 2000, 20000):
         ids = [198] + torch.randint(0, 50257, (n,), generator=g).tolist()
         stored = Memory.build_from_ids(model, ids, layers=[6])
@@ -247,11 +263,36 @@ def main(argv):
         heads = torch.randint(0, 12, (2112,), generator=g).to(device)
         line = []
         for search in ('faiss', 'torch'):
-            lm = stored.use(**dict(TABLE1, knn_num=[0] * 6 + [5] + [0] * 5), device=device, search=search).layers[6]
+            lm = stored.retrieving_layers(one_layer, device, search)[6]
             lm.search(q, heads)
             _, dt = timed(lambda: [lm.search(q, heads) for _ in range(5)], device)
             line.append(f"{search} {dt / 5 * 1e3:.2f} ms")
         print(f"   {n:6d} stored tokens: {', '.join(line)}")
+
+
+def main(argv):
+    cfg = configure(DEFAULTS, argv)
+    device = cfg['device']
+    if cfg['threads']:
+        torch.set_num_threads(cfg['threads'])
+    torch.set_grad_enabled(False)
+    B, N = cfg['seeds'], cfg['max_new_tokens']
+    seeds = [1337 + i for i in range(B)]
+    dev_name = torch.cuda.get_device_name() if device.startswith('cuda') else f'CPU, {torch.get_num_threads()} threads'
+    print(f"bench.py on {dev_name}, torch {torch.__version__}; GPT-2-small-shaped random model; "
+          f"{B} seeds, {N} new tokens, prompt {cfg['prompt_len']} tokens")
+    rate = matmul_rate(device)
+    print(f"float32 matmul rate (2048x2048, torch.matmul): {rate / 1e9:.1f} GFLOP/s")
+    model = random_gpt2_small(device, cfg['sharpen'])
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, 50257, (1, cfg['prompt_len']), generator=g).to(device)
+    t_plain = bench_plain(model, prompt, seeds, N, device, cfg['skip_transformers'])
+    # the memory: random "text" of memory_len tokens behind a bookkeeping token
+    ids = [198] + torch.randint(0, 50257, (cfg['memory_len'],), generator=g).tolist()
+    memory = Memory.build_from_ids(model, ids, layers=[6, 7, 8], n_skip=1).retrieving_layers(TABLE1, device)
+    t_exact = bench_exact(model, memory, prompt, seeds, N, cfg['oneby_seeds'], rate, device)
+    bench_cached(model, memory, prompt, seeds, N, t_exact, t_plain[B], device)
+    bench_search(model, g, device)
 
 
 def tiny_agreement():
@@ -264,8 +305,9 @@ def tiny_agreement():
     for case in ref['cases']:
         layers = [i for i, k in enumerate(case['knn_num']) if k > 0]
         memory = Memory.build(model, enc, ref['memory_text'], layers=layers)
-        model.attach_memory(memory.use(case['knn_num'], case['mem_frac'], case['bookkeeping_frac'],
-                                       case['knn_softmax_influence'], case['resid_only'], case['resid_frac']))
+        settings = RetrievalSettings(*(case[k] for k in ('knn_num', 'mem_frac', 'bookkeeping_frac',
+                                                          'knn_softmax_influence', 'resid_only', 'resid_frac')))
+        model.attach_memory(memory.retrieving_layers(settings))
         line = agreement_line(*agreement(model, prompt, [1337 + i for i in range(32)], 100), 100)
         model.attach_memory(None)
         print(f"   tiny checkpoint, {case['name']}: {line}")

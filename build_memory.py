@@ -11,10 +11,9 @@ Use it with: python sample.py ... --load_mem_store=True --mem_store=out/wiki
 
 import os
 
-from configurator import configure, run_cli
+from configurator import UserError, configure, run_cli
 from memory import Memory
-from model import UserError
-from sample import load_model, read_text_file
+from run import load_model, memory_text
 
 DEFAULTS = dict(
     init_from='gpt2',      # hub name or local checkpoint directory
@@ -32,7 +31,7 @@ def main(argv):
     if len(texts) != 1:
         raise UserError("give one text file: python build_memory.py FILE.txt [--key=value ...]")
     config = configure(DEFAULTS, [a for a in argv if a not in texts])
-    text = read_text_file(texts[0], 'memory')
+    text = memory_text('FILE:' + texts[0], config['bookkeeping_token'])  # the token put in front
     layers = config['layers']
     if layers is not None and (not isinstance(layers, (list, tuple)) or not all(isinstance(l, int) for l in layers)):
         raise UserError(f"layers={layers!r} must be a list of layer indices, e.g. --layers=[9]")
@@ -40,7 +39,7 @@ def main(argv):
     model, enc = load_model(config)
     memory = Memory.build(model, enc, text, layers=layers, bookkeeping_token=config['bookkeeping_token'],
                           remove_bookkeeping_token_mem_size=config['remove_bookkeeping_token_mem_size'],
-                          add_bookkeeping_token=True, progress=True)
+                          progress=True)
     path = memory.save(mem_store)
     size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
     m = memory.meta

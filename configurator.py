@@ -15,8 +15,11 @@ import difflib
 import os
 import sys
 import types
+import warnings
 
-from model import UserError
+
+class UserError(Exception):
+    """A mistake in what the user asked for: run_cli prints it as one line and exits 2."""
 
 
 def _closest(name, known):
@@ -81,7 +84,9 @@ def configure(defaults, argv):
 
 
 def run_cli(main):
-    """Run a script's main(argv); a UserError becomes one line on stderr and exit status 2."""
+    """Run a script's main(argv); a UserError becomes one line on stderr and exit status 2.
+    Warnings print as one line, "warning: ...", without the source line."""
+    warnings.formatwarning = lambda msg, *a, **k: f"warning: {msg}\n"
     try:
         main(sys.argv[1:])
     except UserError as e:

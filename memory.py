@@ -1,13 +1,18 @@
 """
 The persistent attention memory of METHOD.md.
 
-  Memory        what was stored: per memory layer, every head's keys and values (H, N, d),
-                and where they came from (model, text, token ids, bookkeeping settings).
-                Built from text (build_memory), saved and loaded as a directory (save,
-                load), or imported from the reference code's layout (import_reference).
-  LayerMemory   one layer's memory in use: a FAISS IndexFlatL2 per head plus the
-                retrieval settings, and update_values(), the method's equations
-                (METHOD.md section 2), called by that layer's attention.
+  RetrievalSettings  section 2's parameters (k per layer, MF, BF, TS, resid_only, r), checked
+                     once when made.
+  LayerMemory        one layer's memory in use: the method's equations (METHOD.md section 2,
+                     steps 1-7: select, search, memory_values, update_values), called by that
+                     layer's attention.
+  KNNIndex           exact squared-L2 search of one layer's stored keys, one index per head.
+  Memory             what was stored: per memory layer, every head's keys and values (H, N, d),
+                     and where they came from (model, text, token ids, bookkeeping settings).
+                     Built from text (build), saved and loaded as a directory (save, load), or
+                     imported from the reference code's layout (import_reference). It hands out
+                     LayerMemory objects for a RetrievalSettings (retrieving_layers), building
+                     each layer's search index once however many settings use it.
 """
 
 import hashlib
@@ -16,52 +21,135 @@ import math
 import os
 import shutil
 import tempfile
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
-from model import UserError, encode
+from configurator import UserError
+from model import encode
 
 FORMAT = 'gpt2-persistent-memory'
 FORMAT_VERSION = 1
 MANIFEST = 'memory.json'
 TENSORS = 'memory.safetensors'
+SEARCHES = ('faiss', 'torch')
 
 
 # -----------------------------------------------------------------------------
 # retrieval: METHOD.md section 2
 
-class LayerMemory:
-    """One layer's stored keys/values (H, N, d) and the settings it retrieves with."""
+def _is_number(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
-    def __init__(self, keys, values, k, mem_frac=0.0, bookkeeping_frac=0.0, knn_softmax_influence=1.0,
-                 resid_only=False, resid_frac=0.0, search='faiss'):
-        self.keys, self.values = keys, values
-        self.k = k                                    # neighbours per selected token-head
-        self.mem_frac = mem_frac                      # MF
-        self.bookkeeping_frac = bookkeeping_frac      # BF
-        self.knn_softmax_influence = knn_softmax_influence  # TS
-        self.resid_only = resid_only
-        self.resid_frac = resid_frac                  # r
-        self.search_kind = search
-        self.indexes = None
-        if search == 'faiss':
+
+@dataclass(frozen=True)
+class RetrievalSettings:
+    """The retrieval parameters of METHOD.md section 2, like GPTConfig for the model. Bad values
+    are refused when the settings are made, with a one-line UserError."""
+    knn_num: tuple                      # k per layer, one entry per layer; 0 = no memory in that layer
+    mem_frac: float = 0.0               # MF
+    bookkeeping_frac: float = 0.0       # BF
+    knn_softmax_influence: float = 1.0  # TS
+    resid_only: bool = False
+    resid_frac: float = 0.0             # r
+
+    def __post_init__(self):
+        knn_num = self.knn_num
+        if not isinstance(knn_num, (list, tuple)) or not knn_num:
+            raise UserError(f"knn_num={knn_num!r} must be a list with one k per layer, e.g. [0, 0, 5, 0]")
+        for i, k in enumerate(knn_num):
+            if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+                raise UserError(f"knn_num[{i}]={k!r}: each k must be a whole number >= 0")
+        object.__setattr__(self, 'knn_num', tuple(knn_num))
+        for name in ('mem_frac', 'bookkeeping_frac', 'knn_softmax_influence'):
+            val = getattr(self, name)
+            if not _is_number(val) or val < 0:
+                raise UserError(f"{name}={val!r} must be a number >= 0")
+            object.__setattr__(self, name, float(val))
+        if not _is_number(self.resid_frac) or not 0 <= self.resid_frac <= 1:
+            raise UserError(f"resid_frac={self.resid_frac!r} must be between 0 and 1")
+        object.__setattr__(self, 'resid_frac', float(self.resid_frac))
+        if not isinstance(self.resid_only, bool):
+            raise UserError(f"resid_only={self.resid_only!r} must be True or False")
+
+    @classmethod
+    def from_config(cls, config, n_layer):
+        """The settings a run config asks for (knn_num None = no memory), for a model of n_layer layers."""
+        knn_num = config['knn_num'] if config['knn_num'] is not None else [0] * n_layer
+        settings = cls(knn_num, config['mem_frac'], config['bookkeeping_frac'], config['knn_softmax_influence'],
+                       config['resid_only'], config['resid_frac'])
+        settings.check_layers(n_layer)
+        return settings
+
+    def check_layers(self, n_layer):
+        if len(self.knn_num) != n_layer:
+            raise UserError(f"knn_num has {len(self.knn_num)} entries, the model has {n_layer} layers; "
+                            f"give one k per layer, e.g. --knn_num={[0] * n_layer}")
+
+    @property
+    def layers(self):
+        """The layers that retrieve (k > 0)."""
+        return [i for i, k in enumerate(self.knn_num) if k > 0]
+
+    def as_dict(self):
+        return dict(asdict(self), knn_num=list(self.knn_num))
+
+
+class KNNIndex:
+    """Exact squared-L2 nearest-neighbour search over one layer's stored keys (H, N, d), one
+    index per head: FAISS IndexFlatL2 (the reference's; on the GPU with faiss-gpu) or an
+    exact torch search on the keys' device."""
+
+    def __init__(self, keys, kind):
+        self.kind, self.n_entries = kind, keys.size(1)
+        if kind == 'faiss':
             import faiss
             gpu = keys.is_cuda and hasattr(faiss, 'StandardGpuResources')
             self.faiss_gpu = faiss.StandardGpuResources() if gpu else None
-            self.indexes = []
+            self.heads = []
             for h in range(keys.size(0)):
-                index = faiss.IndexFlatL2(keys.size(2))  # exact squared-L2 search, as the reference
+                index = faiss.IndexFlatL2(keys.size(2))
                 index.add(np.ascontiguousarray(keys[h].detach().to('cpu', torch.float32).numpy()))
                 if gpu:
                     index = faiss.index_cpu_to_gpu(self.faiss_gpu, keys.device.index or 0, index)
-                self.indexes.append(index)
+                self.heads.append(index)
         else:
-            self.key_sqnorms = keys.float().pow(2).sum(-1)  # (H, N), for the torch search
-        # for inspection, from the latest call: the selected tokens-heads (B, H, T), and for
-        # each one looked up, its (b, h, j), the stored rows found (n, k; -1: none) and the
-        # candidates' weights (n, k, or n, k+1 with the token's own first unless resid_only)
+            self.keys = keys.float()
+            self.key_sqnorms = self.keys.pow(2).sum(-1)  # (H, N)
+
+    def search(self, queries, heads, k):
+        """The k nearest stored keys of each query (n, d) in its head's index: one search per head
+        for all of that head's queries. Returns indices (n, k), -1 where there are fewer than k."""
+        n = queries.size(0)
+        found = torch.full((n, k), -1, dtype=torch.long, device=queries.device)
+        q32 = queries.detach().float()
+        kk = min(k, self.n_entries)
+        for h in heads.unique().tolist():
+            rows = (heads == h).nonzero(as_tuple=True)[0]
+            if self.kind == 'faiss':
+                _, I = self.heads[h].search(np.ascontiguousarray(q32[rows].cpu().numpy()), kk)
+                found[rows, :kk] = torch.from_numpy(I).to(found.device)
+            else:
+                qh = q32[rows]
+                dist = qh.pow(2).sum(-1, keepdim=True) - 2 * qh @ self.keys[h].T + self.key_sqnorms[h]
+                found[rows, :kk] = dist.topk(kk, dim=-1, largest=False).indices
+        return found
+
+
+class LayerMemory:
+    """One layer's memory in use: its stored keys/values (H, N, d), their search index, its k
+    and the retrieval settings. Made by Memory.retrieving_layers."""
+
+    def __init__(self, keys, values, index, k, settings):
+        self.keys, self.values, self.index = keys, values, index
+        self.k = k                  # neighbours per selected token-head
+        self.settings = settings    # RetrievalSettings
+        # for inspection, from the latest call (reset by every call): the selected tokens-heads
+        # (B, H, T), and for those looked up, their (b, h, j), the stored rows found (n, k; -1:
+        # none) and the candidates' weights (n, k, or n, k+1 with the token's own first unless
+        # resid_only); None when nothing was looked up
         self.last_selection = None
         self.last_retrieval = None
 
@@ -69,35 +157,19 @@ class LayerMemory:
         """Step 1: which tokens-heads (b, h, j) look up the memory, from the last query row."""
         s = att[:, :, -1, :].clone()  # (B, H, T)
         T = s.size(-1)
-        if self.bookkeeping_frac != 0:
-            s[:, :, 0] = s[:, :, 0].masked_fill(s[:, :, 0] <= self.bookkeeping_frac, 0)
-        if self.mem_frac != 0:
-            s = s.masked_fill(s < 1 / (self.mem_frac * T), 0)
+        BF, MF = self.settings.bookkeeping_frac, self.settings.mem_frac
+        if BF != 0:
+            s[:, :, 0] = s[:, :, 0].masked_fill(s[:, :, 0] <= BF, 0)
+        if MF != 0:
+            s = s.masked_fill(s < 1 / (MF * T), 0)
         else:
             s[:, :, 1:] = 0
         return s != 0
 
     def search(self, queries, heads):
         """Step 2: the k nearest stored keys (squared L2) of each query (n, d) in its head's
-        memory: one search per head for all of that head's queries. Returns indices (n, k),
-        -1 where the memory holds fewer than k entries."""
-        n, K = queries.size(0), self.k
-        found = torch.full((n, K), -1, dtype=torch.long, device=queries.device)
-        q32 = queries.detach().float()
-        if self.indexes is not None:
-            q_cpu = q32.cpu()
-            for h in heads.unique().tolist():
-                rows = (heads == h).nonzero(as_tuple=True)[0]
-                _, I = self.indexes[h].search(np.ascontiguousarray(q_cpu[rows.cpu()].numpy()), K)
-                found[rows] = torch.from_numpy(I).to(found.device)
-            return found
-        kk = min(K, self.keys.size(1))  # exact torch search, same metric, on the keys' device
-        for h in heads.unique().tolist():
-            rows = (heads == h).nonzero(as_tuple=True)[0]
-            qh = q32[rows]
-            dist = qh.pow(2).sum(-1, keepdim=True) - 2 * qh @ self.keys[h].float().T + self.key_sqnorms[h]
-            found[rows, :kk] = dist.topk(kk, dim=-1, largest=False).indices
-        return found
+        memory. Returns indices (n, k), -1 where the memory holds fewer than k entries."""
+        return self.index.search(queries, heads, self.k)
 
     def memory_values(self, query_j, key_j, value_j, heads):
         """Steps 2-6 for n selected token-heads: each one's own q, k, v (n, d) and head (n,).
@@ -110,19 +182,19 @@ class LayerMemory:
         cand_k = self.keys[heads[:, None], nbr].to(key_j.dtype)  # (n, k, d)
         cand_v = self.values[heads[:, None], nbr].to(value_j.dtype)
         # 3. unless resid_only, the token's own (key, value) is one more candidate
-        if not self.resid_only:
+        if not self.settings.resid_only:
             cand_k = torch.cat((key_j[:, None], cand_k), dim=1)
             cand_v = torch.cat((value_j[:, None], cand_v), dim=1)
             valid = torch.cat((torch.ones_like(valid[:, :1]), valid), dim=1)
         # 4. w = softmax(TS * (q_j . key) / sqrt(d)) over the candidates, with token j's own query
         scores = (cand_k @ query_j[:, :, None]).squeeze(-1) * (1.0 / math.sqrt(d))
-        scores = (scores * self.knn_softmax_influence).masked_fill(~valid, float('-inf'))
+        scores = (scores * self.settings.knn_softmax_influence).masked_fill(~valid, float('-inf'))
         w = F.softmax(scores, dim=-1)
         self.last_retrieval = dict(neighbours=found, weights=w)
         # 5. memory vector
         m = (w[:, :, None] * cand_v).sum(dim=1)
         # 6. new value
-        r = self.resid_frac
+        r = self.settings.resid_frac
         return (1 - r) * m + r * value_j if r != 0 else m
 
     @torch.no_grad()
@@ -131,7 +203,7 @@ class LayerMemory:
         which the selection reads the last row. Returns v' (B, H, T, d), every selected
         token-head's value replaced."""
         selected = self.select(att)
-        self.last_selection = selected
+        self.last_selection, self.last_retrieval = selected, None
         b, h, j = selected.nonzero(as_tuple=True)
         if b.numel() == 0:
             return v
@@ -149,7 +221,7 @@ class LayerMemory:
         kept in v_mem (B, H, T, d), with `done` (B, H, T) marking which; both are updated in
         place. Returns the values to attend with."""
         selected = self.select(att)
-        self.last_selection = selected
+        self.last_selection, self.last_retrieval = selected, None
         b, h, j = (selected & ~done).nonzero(as_tuple=True)
         if b.numel():
             v_mem[b, h, j] = self.memory_values(q[b, h, j], k[b, h, j], v[b, h, j], h)
@@ -177,7 +249,7 @@ class Memory:
     def __init__(self, keys, values, meta):
         self.keys, self.values = keys, values  # {layer: (H, N, d)}
         self.meta = meta
-        self.layers = {}  # {layer: LayerMemory}, the layers that retrieve; set by use()
+        self._in_use = {}  # (layer, device, search) -> (keys, values, KNNIndex) there: built once
 
     @property
     def stored_layers(self):
@@ -198,17 +270,16 @@ class Memory:
     @classmethod
     @torch.no_grad()
     def build(cls, model, enc, text, layers=None, bookkeeping_token='\n', remove_bookkeeping_token_mem_size=None,
-              add_bookkeeping_token=False, progress=False, batch_size=8):
-        """METHOD.md section 1. `text` is tokenized as given (the `memory` config key, which
-        already starts with its bookkeeping token); add_bookkeeping_token puts the token in
-        front first (a text read from a file). The first remove_bookkeeping_token_mem_size
-        tokens (default: the bookkeeping token's length) are not stored. The plain model
-        runs over the tokens, retrieval off, in windows of at most block_size tokens."""
+              progress=False, batch_size=8):
+        """METHOD.md section 1. `text` is tokenized as given: it starts with its bookkeeping token
+        (run.memory_text puts it in front of a text read from a file). The first
+        remove_bookkeeping_token_mem_size tokens (default: the bookkeeping token's length) are
+        not stored. The plain model runs over the tokens, retrieval off, in windows of at most
+        block_size tokens."""
         bk_ids = encode(enc, bookkeeping_token) if bookkeeping_token else []
         n_skip = len(bk_ids) if remove_bookkeeping_token_mem_size is None else remove_bookkeeping_token_mem_size
-        full = (bookkeeping_token if add_bookkeeping_token else '') + text
-        return cls.build_from_ids(model, encode(enc, full), layers, n_skip, progress=progress, batch_size=batch_size,
-                                  text=full, bookkeeping_token=bookkeeping_token)
+        return cls.build_from_ids(model, encode(enc, text), layers, n_skip, progress=progress, batch_size=batch_size,
+                                  text=text, bookkeeping_token=bookkeeping_token)
 
     @classmethod
     @torch.no_grad()
@@ -239,7 +310,7 @@ class Memory:
             while i + len(group) < len(windows) and len(group) < batch_size and len(windows[i + len(group)]) == len(group[0]):
                 group.append(windows[i + len(group)])
             x = torch.tensor(group, dtype=torch.long, device=device)
-            _, kv, _ = model(x, use_memory=False, stop_layer=max(layers) + 1)
+            _, kv, _ = model.run_blocks(model.embed(x), 0, max(layers) + 1, use_memory=False)
             for l in layers:
                 k, v = kv[l]  # (B, H, T, d): the attention block's own k and v
                 # one row per token, in order: (B, H, T', d) -> (H, B*T', d)
@@ -256,22 +327,30 @@ class Memory:
 
     # --- using -------------------------------------------------------------------
 
-    def use(self, knn_num, mem_frac=0.0, bookkeeping_frac=0.0, knn_softmax_influence=1.0, resid_only=False,
-            resid_frac=0.0, device='cpu', search=None):
-        """Choose the retrieving layers (knn_num[i] > 0) and the settings; then model.attach_memory(self)."""
-        n_layer = self.meta['model']['n_layer']
-        check_retrieval_settings(knn_num, n_layer, mem_frac, bookkeeping_frac, knn_softmax_influence, resid_frac,
-                                 resid_only)
-        missing = [i for i, k in enumerate(knn_num) if k > 0 and i not in self.keys]
+    def retrieving_layers(self, settings, device='cpu', search=None):
+        """{layer: LayerMemory} for the layers that retrieve under `settings` (a RetrievalSettings),
+        to give to model.attach_memory. The memory itself is not changed: each layer's keys,
+        values and search index on a device are made once and shared by every settings value.
+        search: 'faiss' or 'torch' (both exact); None = FAISS on the CPU, torch on CUDA."""
+        settings.check_layers(self.meta['model']['n_layer'])
+        missing = [i for i in settings.layers if i not in self.keys]
         if missing:
             raise UserError(f"knn_num asks for layers {missing} but the memory holds layers {self.stored_layers}; "
                             f"rebuild it with --layers={sorted(set(missing) | set(self.stored_layers))} or set those k to 0")
-        if search is None:
-            search = default_search(device)
-        self.layers = {i: LayerMemory(self.keys[i].to(device), self.values[i].to(device), k, mem_frac,
-                                      bookkeeping_frac, knn_softmax_influence, resid_only, resid_frac, search)
-                       for i, k in enumerate(knn_num) if k > 0}
-        return self
+        search = default_search(device) if search is None else search
+        if search not in SEARCHES:
+            raise UserError(f"search={search!r} must be one of {', '.join(map(repr, SEARCHES))} "
+                            f"(or None: faiss on the CPU, torch on CUDA)")
+        layers = {}
+        for i in settings.layers:
+            key = (i, str(device), search)
+            if key not in self._in_use:
+                keys, values = self.keys[i].to(device), self.values[i].to(device)
+                self._in_use[key] = (keys, values, KNNIndex(keys, search))
+            keys, values, index = self._in_use[key]
+            # a k beyond the memory's size finds nothing more: those neighbours take no part anyway
+            layers[i] = LayerMemory(keys, values, index, min(settings.knn_num[i], keys.size(1)), settings)
+        return layers
 
     def check_model(self, model):
         """Refuse a memory made by another model or with other shapes."""
@@ -433,24 +512,6 @@ def import_reference(path, model, enc):
 
 # -----------------------------------------------------------------------------
 # helpers
-
-def check_retrieval_settings(knn_num, n_layer, mem_frac, bookkeeping_frac, knn_softmax_influence, resid_frac,
-                             resid_only=False):
-    if not isinstance(knn_num, (list, tuple)) or len(knn_num) != n_layer:
-        raise UserError(f"knn_num has {len(knn_num) if isinstance(knn_num, (list, tuple)) else 'no'} entries, "
-                        f"the model has {n_layer} layers; give one k per layer, e.g. --knn_num={[0] * n_layer}")
-    for i, k in enumerate(knn_num):
-        if not isinstance(k, int) or isinstance(k, bool) or k < 0:
-            raise UserError(f"knn_num[{i}]={k!r}: each k must be a whole number >= 0")
-    for name, val in (('mem_frac', mem_frac), ('bookkeeping_frac', bookkeeping_frac),
-                      ('knn_softmax_influence', knn_softmax_influence)):
-        if not isinstance(val, (int, float)) or isinstance(val, bool) or val < 0 or val != val:
-            raise UserError(f"{name}={val!r} must be a number >= 0")
-    if not isinstance(resid_frac, (int, float)) or isinstance(resid_frac, bool) or not 0 <= resid_frac <= 1:
-        raise UserError(f"resid_frac={resid_frac!r} must be between 0 and 1")
-    if not isinstance(resid_only, bool):
-        raise UserError(f"resid_only={resid_only!r} must be True or False")
-
 
 def default_search(device):
     """FAISS on the CPU; on CUDA the exact torch search keeps everything on the GPU."""

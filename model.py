@@ -4,7 +4,8 @@ GPT-2, written by hand in the nanoGPT manner, with a hook for the persistent mem
 Read top to bottom:
   1. loading a Hugging Face GPT-2 checkpoint (hub name or local directory) and its tokenizer
   2. the model: attention (with a KV cache and the memory hook), MLP, block, GPT
-  3. generation (nanoGPT sampling; exact decoding when a memory is attached)
+  3. decoding in two named phases, prefill then one step per token (Decoder), and
+     generation with nanoGPT's sampling on top of it
 
 The attention of a layer calls `self.memory.update_values(q, k, v, att)` when a memory is
 attached to it (see memory.py, where the method's equations live). The model knows
@@ -22,9 +23,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-
-class UserError(Exception):
-    """A mistake in what the user asked for: the scripts print it as one line and exit 2."""
+from configurator import UserError
 
 
 # -----------------------------------------------------------------------------
@@ -140,7 +139,7 @@ class LayerCache:
     """What one layer keeps of the positions seen so far: keys and values, plus queries and
     the memory's state (v' and a computed mask) for a memory layer in cached mode. Buffers
     are allocated once for `capacity` positions, so adding a token writes in place instead
-    of copying the whole past (torch.cat would, every step)."""
+    of copying the whole past (torch.cat would, every step); they grow if a run needs more."""
 
     def __init__(self, capacity):
         self.capacity, self.length = capacity, 0
@@ -172,6 +171,11 @@ class LayerCache:
         return self.buffers['v_mem'][:, :, :T], self.buffers['done'][:, :, :T]
 
 
+def causal_mask(T_new, T_all, device):
+    """(T_new, T_all) boolean mask for the T_new newest of T_all positions: each sees itself and the past."""
+    return torch.ones(T_new, T_all, dtype=torch.bool, device=device).tril(diagonal=T_all - T_new)
+
+
 class CausalSelfAttention(nn.Module):
 
     def __init__(self, config):
@@ -183,52 +187,52 @@ class CausalSelfAttention(nn.Module):
         self.n_embd = config.n_embd
         self.memory = None  # a memory.LayerMemory, attached by GPT.attach_memory
 
-    def forward(self, x, cache=None, use_memory=True, need_att=False, cached_memory=False, last_only=False,
-                all_rows=False):
-        """x: (B, T, C) for the T newest positions. cache: this layer's LayerCache, which holds
-        the earlier positions and receives these. Returns y, (k, v) of all positions, and
-        att (B, H, T, T_all) when asked for. last_only: y of the last position only (the
-        top layer, when only the next token's logits are wanted). all_rows: y of every
-        position, the cached ones too, their q, k, v taken from the cache (exact decoding's
-        first memory layer, whose input for past positions never changes)."""
+    def forward(self, x, *, cache=None, use_memory=True, need_att=False, cached_memory=False, rerun=False,
+                last_only=False):
+        """x: (B, T, C), the T newest positions. cache: this layer's LayerCache, which holds the
+        earlier positions and receives these. Returns y, (k, v) of all positions, and att
+        (B, H, T_q, T_all) when it was computed.
+
+        rerun: y for every position, the cached ones too, with their q, k, v taken from the
+        cache (exact decoding's first rerun layer, whose input for past positions never
+        changes). last_only: y of the last position only (the top layer, when only the next
+        token's logits are wanted). cached_memory: a memory layer with a KV cache (cached mode).
+        """
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, d)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         retrieve = use_memory and self.memory is not None
-        if retrieve and cache is not None and not (cached_memory or all_rows):
+        if retrieve and cache is not None and not (cached_memory or rerun):
             raise ValueError("exact memory attention reruns the whole sequence; "
                              "a KV cache in a memory layer needs cached_memory=True")
         q_all = q
         if cache is not None:
-            full = cache.extend(k=k, v=v, **(dict(q=q) if retrieve or all_rows else {}))
+            full = cache.extend(k=k, v=v, **(dict(q=q) if retrieve or rerun else {}))
             k, v, q_all = full['k'], full['v'], full.get('q', q)
-            if all_rows:
+            if rerun:
                 q, T = q_all, q_all.size(2)
         present = (k, v)
         T_all = k.size(2)
+        att = None
         if retrieve or need_att or last_only:
             # explicit attention: the memory needs the attention weights. For the top layer, when
             # only the next token's logits are wanted, the last query row is enough (it sees
             # every position); step 4 of the method still uses every selected token's own query.
             att = ((q[:, :, -1:] if last_only else q) @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
             if not last_only:
-                causal = torch.ones(T, T_all, dtype=torch.bool, device=x.device).tril(diagonal=T_all - T)
-                att = att.masked_fill(~causal, float('-inf'))
+                att = att.masked_fill(~causal_mask(T, T_all, x.device), float('-inf'))
             att = F.softmax(att, dim=-1)
             if retrieve and cached_memory and cache is not None:
                 v = self.memory.cached_values(q_all, k, v, att, *cache.memory_state(v, T_all))
             elif retrieve:
                 v = self.memory.update_values(q, k, v, att)
             y = att @ v
-        else:
-            att = None
-            if T == 1 or T == T_all:
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
-            else:  # several new positions after a cache: causal mask aligned to the end
-                causal = torch.ones(T, T_all, dtype=torch.bool, device=x.device).tril(diagonal=T_all - T)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal)
+        elif T == 1 or T == T_all:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+        else:  # several new positions after a cache
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(T, T_all, x.device))
         y = y.transpose(1, 2).contiguous().view(B, y.size(2), C)
         return self.c_proj(y), present, att
 
@@ -253,11 +257,11 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache=None, use_memory=True, need_att=False, cached_memory=False, last_only=False,
-                all_rows=False):
-        """all_rows: x holds every position, but those already in the cache are not projected again."""
-        h = self.ln_1(x[:, cache.length:] if all_rows else x)
-        a, present, att = self.attn(h, cache, use_memory, need_att, cached_memory, last_only, all_rows)
+    def forward(self, x, *, cache=None, rerun=False, last_only=False, **attn_flags):
+        """x: (B, T, C). With rerun, x holds every position and those already in the cache are
+        not projected again; with last_only, only the last position comes out."""
+        h = self.ln_1(x[:, cache.length:] if rerun else x)
+        a, present, att = self.attn(h, cache=cache, rerun=rerun, last_only=last_only, **attn_flags)
         x = (x[:, -1:] if last_only else x) + a
         x = x + self.mlp(self.ln_2(x))
         return x, present, att
@@ -333,125 +337,156 @@ class GPT(nn.Module):
 
     # --- memory ----------------------------------------------------------------
 
-    def attach_memory(self, memory):
-        """Give each memory layer its LayerMemory (memory=None detaches all)."""
+    def attach_memory(self, layers):
+        """Give the memory layers their retrieval: `layers` is {layer index: memory.LayerMemory}
+        (what Memory.retrieving_layers hands out); None or {} detaches every layer."""
+        layers = layers or {}
         for i, block in enumerate(self.transformer.h):
-            block.attn.memory = memory.layers.get(i) if memory is not None else None
+            block.attn.memory = layers.get(i)
 
     def memory_layers(self):
         return [i for i, b in enumerate(self.transformer.h) if b.attn.memory is not None]
 
     # --- forward ---------------------------------------------------------------
 
-    def new_cache(self):
-        """An empty KV cache for forward(): one LayerCache per layer."""
-        return [LayerCache(self.config.block_size) for _ in range(self.config.n_layer)]
+    def new_cache(self, capacity=None):
+        """An empty KV cache: one LayerCache per layer, for `capacity` positions (default block_size)."""
+        return [LayerCache(capacity or self.config.block_size) for _ in range(self.config.n_layer)]
 
-    def forward(self, idx, cache=None, use_memory=True, return_att=False, all_logits=False,
-                start_layer=0, hidden=None, stop_layer=None, pos_start=None, cached_memory=False,
-                start_cache=None):
+    def embed(self, idx, pos_start=0):
+        """Token plus position embeddings of idx (B, T), whose first token stands at pos_start."""
+        T = idx.size(1)
+        if pos_start + T > self.config.block_size:
+            raise ValueError(f"cannot forward {pos_start + T} positions, block size is {self.config.block_size}")
+        pos = torch.arange(pos_start, pos_start + T, dtype=torch.long, device=idx.device)
+        return self.transformer.wte(idx) + self.transformer.wpe(pos)
+
+    def run_blocks(self, x, start, stop, *, caches=None, rerun_cache=None, last_only=False, **attn_flags):
+        """Blocks start .. stop-1 over x, the hidden states entering block `start`.
+
+        caches: per layer index, a LayerCache (a list from new_cache() or a dict). rerun_cache:
+        block `start` reruns every position, reusing the q, k, v of the positions in this cache
+        (exact decoding). last_only: the top block returns the last position only.
+        Returns (x, kv, atts): per block, (k, v) of all positions and the attention weights."""
+        kv, atts = [], []
+        for i in range(start, stop):
+            rerun = i == start and rerun_cache is not None
+            cache = rerun_cache if rerun else caches[i] if caches is not None else None
+            x, present, att = self.transformer.h[i](x, cache=cache, rerun=rerun,
+                                                    last_only=last_only and i == self.config.n_layer - 1,
+                                                    **attn_flags)
+            kv.append(present)
+            atts.append(att)
+        return x, kv, atts
+
+    def head(self, x):
+        """Logits from the last block's hidden states: final layer norm, then the LM head."""
+        return self.lm_head(self.transformer.ln_f(x))
+
+    def forward(self, idx, *, cache=None, use_memory=True, return_att=False, all_logits=False, cached_memory=False):
         """idx: (B, T) token ids of the newest T positions.
 
         cache: from new_cache(); it holds the keys and values of the earlier positions and
         receives these. Returns (logits, kv, atts): logits of the last position (B, 1, V), or
         of every position with all_logits; kv: per layer (k, v) of all positions; atts: per
-        layer attention weights (B, H, T, T_all) with return_att.
-
-        start_layer/hidden/stop_layer run a slice of the stack: `hidden` is the input of
-        `start_layer`; with stop_layer the output is the hidden state entering that layer.
-        pos_start: position of idx's first token (default: the cache's length).
-        cached_memory: memory layers keep a KV cache too (the approximate cached mode, see generate).
-        start_cache: with `hidden`, a LayerCache of start_layer's q, k, v for the positions whose
-        input has not changed since it was filled; only the others are projected (exact decoding).
+        layer attention weights (B, H, T, T_all) with return_att. cached_memory: memory layers
+        keep a KV cache too (the approximate cached mode, see generate).
         """
-        if hidden is None:
-            B, T = idx.size()
-            past = pos_start if pos_start is not None else (cache[start_layer].length if cache else 0)
-            if past + T > self.config.block_size:
-                raise ValueError(f"cannot forward {past + T} positions, block size is {self.config.block_size}")
-            pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)
-            x = self.transformer.wte(idx) + self.transformer.wpe(pos)
-        else:
-            x = hidden
-        kv, atts = [], []
-        top = self.config.n_layer if stop_layer is None else stop_layer
-        for i in range(start_layer, top):
-            # the top layer's other positions feed nothing when only the last logits are wanted
-            last_only = stop_layer is None and i == top - 1 and not (all_logits or return_att)
-            all_rows = i == start_layer and start_cache is not None
-            layer_cache = start_cache if all_rows else cache[i] if cache else None
-            x, present, att = self.transformer.h[i](x, layer_cache, use_memory, return_att, cached_memory, last_only,
-                                                    all_rows)
-            kv.append(present)
-            atts.append(att)
-        if stop_layer is not None:
-            return x, kv, atts
-        x = self.transformer.ln_f(x)
-        logits = self.lm_head(x if all_logits else x[:, [-1], :])
+        x = self.embed(idx, cache[0].length if cache else 0)
+        # the top layer's other positions feed nothing when only the last logits are wanted
+        x, kv, atts = self.run_blocks(x, 0, self.config.n_layer, caches=cache,
+                                      last_only=not (all_logits or return_att), use_memory=use_memory,
+                                      need_att=return_att, cached_memory=cached_memory)
+        logits = self.head(x if all_logits else x[:, [-1], :])
         return logits, kv, atts
 
     # --- generation ------------------------------------------------------------
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generators=None, progress=None,
-                 mode='exact', forced=None, logits_out=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, *, generators=None, progress=None,
+                 mode='exact'):
         """Continue each row of idx (B, T) by max_new_tokens sampled tokens (nanoGPT semantics).
 
         generators: one torch.Generator per row (CPU), so row i draws exactly what a run of
         its own would; None uses torch's global generator (as nanoGPT). Sampling happens on
         the CPU, so a CUDA run draws the same tokens as a CPU run from the same probabilities.
-
-        mode='exact' (the default) is the method's decoding: a memory layer changes the
-        values of past tokens, and its selection depends on the newest token, so every layer
-        from the first memory layer on is rerun over the whole sequence for each new token
-        (METHOD.md section 2). Layers before it are unaffected and use a KV cache.
-
-        mode='cached' is an approximation whose cost per token does not grow with the
-        context: every layer keeps an ordinary KV cache, so past positions keep the states
-        they had; a memory layer selects from the new token's attention row and attends
-        with memory-updated values for the selected past tokens-heads (each computed once).
-        The prompt pass and so the first generated token are the same as in exact mode.
-
-        forced: (B, max_new_tokens) tokens to feed instead of sampling (teacher forcing);
-        logits_out: a list that receives each step's last-position logits (B, V).
+        mode: 'exact' (the method) or 'cached' (an approximation); see Decoder.
         """
-        if mode not in ('exact', 'cached'):
-            raise ValueError(f"mode={mode!r}: use 'exact' or 'cached'")
-        cached = mode == 'cached'
-        n_layer, block_size = self.config.n_layer, self.config.block_size
-        # layers below `split` run once per token with a KV cache; layers from `split` on are
-        # rerun over the whole sequence (exact mode with a memory only)
-        split = n_layer if cached else min(self.memory_layers(), default=n_layer)
-        if idx.size(1) > block_size:
-            warnings.warn(f"prompt of {idx.size(1)} tokens is longer than block_size {block_size}; "
-                          f"only its last {block_size} tokens are used")
-        cache, mid = None, None  # KV cache of layers < split, hidden states entering `split`
+        if idx.size(1) > self.config.block_size:
+            warnings.warn(f"prompt of {idx.size(1)} tokens is longer than block_size {self.config.block_size}; "
+                          f"only its last {self.config.block_size} tokens are used")
+        decoder = Decoder(self, mode, capacity=idx.size(1) + max_new_tokens)
+        logits = decoder.prefill(idx)
         for step in range(max_new_tokens):
-            if cache is None:
-                # (re)start: a full pass over the (cropped) context
-                cache = self.new_cache()
-                split_cache = LayerCache(block_size)  # layer `split`'s q, k, v: its input never changes
-                mid, _, _ = self(idx[:, -block_size:], cache=cache, stop_layer=split, cached_memory=cached)
-            else:
-                new, _, _ = self(idx[:, -1:], cache=cache, stop_layer=split, pos_start=idx.size(1) - 1,
-                                 cached_memory=cached)
-                mid = torch.cat((mid, new), dim=1) if split < n_layer else new
-            if idx.size(1) >= block_size:
-                cache = None  # the window slides from the next token on: positions shift, no cache
-            if split < n_layer:
-                logits, _, _ = self(None, hidden=mid, start_layer=split, start_cache=split_cache)
-            else:
-                logits = self.lm_head(self.transformer.ln_f(mid[:, [-1], :]))
-            if logits_out is not None:
-                logits_out.append(logits[:, -1, :].float().cpu())
-            if forced is not None:
-                idx_next = forced[:, step:step + 1]
-            else:
-                idx_next = sample_next(logits[:, -1, :], temperature, top_k, generators)
-            idx = torch.cat((idx, idx_next.to(idx.device)), dim=1)
+            idx_next = sample_next(logits, temperature, top_k, generators).to(idx.device)
+            idx = torch.cat((idx, idx_next), dim=1)
             if progress is not None:
                 progress.update(1)
+            if step < max_new_tokens - 1:
+                logits = decoder.step(idx_next)
         return idx
+
+
+class Decoder:
+    """Decoding in two phases, as gpt-fast names them: prefill(prompt), then step(token) once per
+    new token; each returns the next token's logits (B, V).
+
+    mode='exact' (the default) is the method's decoding: a memory layer changes the values of
+    past tokens, and its selection depends on the newest token, so every layer from the first
+    memory layer on (the first rerun layer) is rerun over the whole sequence for each new
+    token (METHOD.md section 2). Layers below it are unaffected and keep a KV cache; the first
+    rerun layer's input never changes either, so it projects q, k, v for the new token only.
+
+    mode='cached' is an approximation whose cost per token does not grow with the context:
+    every layer keeps an ordinary KV cache, so past positions keep the states they had; a
+    memory layer selects from the new token's attention row and attends with memory-updated
+    values for the selected past tokens-heads (each computed once). The prefill is the same
+    as in exact mode, and so is the first generated token.
+
+    Once the sequence is longer than block_size the window slides: positions shift, so each
+    step is a fresh prefill of the last block_size tokens.
+    """
+
+    def __init__(self, model, mode='exact', capacity=None):
+        if mode not in ('exact', 'cached'):
+            raise ValueError(f"mode={mode!r}: use 'exact' or 'cached'")
+        self.model, self.cached = model, mode == 'cached'
+        n_layer, block_size = model.config.n_layer, model.config.block_size
+        self.capacity = min(capacity or block_size, block_size)  # positions the caches are sized for
+        self.first_rerun_layer = n_layer if self.cached else min(model.memory_layers(), default=n_layer)
+        self.tokens = None           # (B, T): every token so far
+        self.caches = None           # KV caches of the layers below first_rerun_layer
+        self.rerun_cache = None      # q, k, v of first_rerun_layer for the positions already seen
+        self.hidden_at_rerun = None  # (B, T, C): hidden states entering first_rerun_layer
+
+    def prefill(self, idx):
+        """Run the prompt idx (B, T) (its last block_size tokens) through the model."""
+        self.tokens = idx
+        window = idx[:, -self.model.config.block_size:]
+        self.caches = self.model.new_cache(self.capacity)[:self.first_rerun_layer]
+        self.rerun_cache = LayerCache(self.capacity)
+        self.hidden_at_rerun, _, _ = self.model.run_blocks(self.model.embed(window), 0, self.first_rerun_layer,
+                                                           caches=self.caches, cached_memory=self.cached)
+        return self._next_logits()
+
+    def step(self, idx_next):
+        """Add one token per row, idx_next (B, 1)."""
+        self.tokens = torch.cat((self.tokens, idx_next), dim=1)
+        T = self.tokens.size(1)
+        if T > self.model.config.block_size:
+            return self.prefill(self.tokens)
+        new, _, _ = self.model.run_blocks(self.model.embed(idx_next, T - 1), 0, self.first_rerun_layer,
+                                          caches=self.caches, cached_memory=self.cached)
+        rerun = self.first_rerun_layer < self.model.config.n_layer
+        self.hidden_at_rerun = torch.cat((self.hidden_at_rerun, new), dim=1) if rerun else new
+        return self._next_logits()
+
+    def _next_logits(self):
+        h = self.hidden_at_rerun
+        if self.first_rerun_layer < self.model.config.n_layer:
+            h, _, _ = self.model.run_blocks(h, self.first_rerun_layer, self.model.config.n_layer,
+                                            rerun_cache=self.rerun_cache, last_only=True)
+        return self.model.head(h[:, -1, :])
 
 
 def sample_next(logits, temperature, top_k, generators=None):

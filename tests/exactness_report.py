@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import REF, TINY, make_random_checkpoint  # noqa: E402
-from memory import Memory  # noqa: E402
+from memory import Memory, RetrievalSettings  # noqa: E402
 from model import GPT  # noqa: E402
 
 torch.set_grad_enabled(False)
@@ -34,8 +34,9 @@ for case in ref['cases']:
     memory = Memory.build(model, enc, ref['memory_text'], layers=layers)
     kv_diff = max((memory.keys[l] - kv[f"{case['name']}.layer{l}.keys"]).abs().max().item() for l in layers)
     kv_diff = max(kv_diff, *((memory.values[l] - kv[f"{case['name']}.layer{l}.values"]).abs().max().item() for l in layers))
-    model.attach_memory(memory.use(case['knn_num'], case['mem_frac'], case['bookkeeping_frac'],
-                                   case['knn_softmax_influence'], case['resid_only'], case['resid_frac']))
+    model.attach_memory(memory.retrieving_layers(RetrievalSettings(
+        case['knn_num'], case['mem_frac'], case['bookkeeping_frac'], case['knn_softmax_influence'],
+        case['resid_only'], case['resid_frac'])))
     logit_diff = (model(x)[0][0, -1] - torch.tensor(case['first_step_logits'])).abs().max().item()
     same = 0
     for s in ref['seeds']:

@@ -2,22 +2,40 @@
 import pytest
 import torch
 
-from memory import Memory
+from memory import Memory, RetrievalSettings
+from model import Decoder, sample_next
 
 SETTINGS = dict(knn_num=[0, 3, 3, 0], mem_frac=5.0, bookkeeping_frac=0.1, knn_softmax_influence=0.01, resid_frac=0.33)
 
 
 @pytest.fixture
 def memory(tiny, reference):
+    """The retrieving layers of a memory at layers 1 and 2."""
     model, enc = tiny
     mem = Memory.build(model, enc, reference['memory_text'], layers=[1, 2])
-    yield mem.use(**SETTINGS)
+    yield mem.retrieving_layers(RetrievalSettings(**SETTINGS))
     model.attach_memory(None)
 
 
-def gen(model, x, seeds, n, mode, **kw):
+def gen(model, x, seeds, n, mode, logits_out=None, forced=None):
+    """Decode n tokens for each seed; logits_out receives each step's next-token logits (B, V);
+    forced (B, n) feeds those tokens instead of sampling (teacher forcing)."""
+    x = x.repeat(len(seeds), 1)
+    if logits_out is None and forced is None:
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        return model.generate(x, n, 0.8, 200, generators=gens, mode=mode)
     gens = [torch.Generator().manual_seed(s) for s in seeds]
-    return model.generate(x.repeat(len(seeds), 1), n, 0.8, 200, generators=gens, mode=mode, **kw)
+    decoder = Decoder(model, mode, capacity=x.size(1) + n)
+    with torch.no_grad():
+        logits = decoder.prefill(x)
+        for step in range(n):
+            if logits_out is not None:
+                logits_out.append(logits.float())
+            nxt = forced[:, step:step + 1] if forced is not None else sample_next(logits, 0.8, 200, gens)
+            x = torch.cat((x, nxt), dim=1)
+            if step < n - 1:
+                logits = decoder.step(nxt)
+    return x
 
 
 def test_cached_without_memory_is_plain_decoding(tiny, reference):
@@ -52,7 +70,7 @@ def test_cached_computes_each_token_head_once(tiny, reference, memory, monkeypat
     model, _ = tiny
     model.attach_memory(memory)
     rows = []
-    for lm in memory.layers.values():
+    for lm in memory.values():
         original = lm.memory_values
         monkeypatch.setattr(lm, 'memory_values', lambda q, k, v, h, f=original: rows.append(q.size(0)) or f(q, k, v, h))
     x = torch.tensor([reference['prompt_ids']])
@@ -61,7 +79,7 @@ def test_cached_computes_each_token_head_once(tiny, reference, memory, monkeypat
         model(x.repeat(2, 1), cache=cache, cached_memory=True)
         for t in range(15):
             model(torch.full((2, 1), 7 + t), cache=cache, cached_memory=True)
-    computed = sum(int(cache[l].memory_state(None, 25)[1].sum()) for l in memory.layers)
+    computed = sum(int(cache[l].memory_state(None, 25)[1].sum()) for l in memory)
     assert sum(rows) == computed > 0
     assert cache[1].length == 25
 
@@ -83,13 +101,12 @@ def test_exact_generation_equals_naive_full_recompute(tiny, reference, knn_num):
     the whole context each step draws, also once the context window slides."""
     model, enc = tiny
     memory = Memory.build(model, enc, reference['memory_text'], layers=[i for i, k in enumerate(knn_num) if k])
-    model.attach_memory(memory.use(**dict(SETTINGS, knn_num=knn_num)))
+    model.attach_memory(memory.retrieving_layers(RetrievalSettings(**dict(SETTINGS, knn_num=knn_num))))
     try:
         x = torch.randint(0, 473, (2, 245), generator=torch.Generator().manual_seed(0))
         fast = gen(model, x[:1], [5, 6], 16, 'exact')  # crosses block_size 256
         gens = [torch.Generator().manual_seed(s) for s in (5, 6)]
         idx = x[:1].repeat(2, 1)
-        from model import sample_next
         with torch.no_grad():
             for _ in range(16):
                 logits, _, _ = model(idx[:, -256:], all_logits=True)  # every layer on every position

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from conftest import REF, make_random_checkpoint
-from memory import LayerMemory, Memory, memory_token_windows
-from model import GPT, UserError, encode
+from configurator import UserError
+from memory import KNNIndex, LayerMemory, Memory, RetrievalSettings, memory_token_windows
+from model import GPT, encode
 
 TEXT = "\nCats are curious animals that sleep for most of the day and play at night."
 
@@ -16,7 +17,7 @@ def test_long_text_is_split_into_windows_each_with_its_bookkeeping_token(tmp_pat
     make_random_checkpoint(tmp_path, seed=3, n_positions=16)
     model, enc = GPT.from_pretrained(str(tmp_path))
     text = "Dogs and cats can live together when they are introduced slowly and kindly. " * 3
-    memory = Memory.build(model, enc, text, layers=[0, 2], add_bookkeeping_token=True)
+    memory = Memory.build(model, enc, '\n' + text, layers=[0, 2])
     ids = encode(enc, '\n' + text)
     windows = memory.meta['token_windows']
     assert all(w[0] == ids[0] and len(w) <= 16 for w in windows)
@@ -52,8 +53,8 @@ def test_save_load_round_trip(tiny, tmp_path, reference):
     x = torch.tensor([reference['prompt_ids']])
     outs = []
     for m in (memory, loaded):
-        model.attach_memory(m.use([0, 3, 3, 0], mem_frac=5.0, bookkeeping_frac=0.1, knn_softmax_influence=0.01,
-                                  resid_frac=0.33))
+        model.attach_memory(m.retrieving_layers(RetrievalSettings([0, 3, 3, 0], mem_frac=5.0, bookkeeping_frac=0.1,
+                                                                  knn_softmax_influence=0.01, resid_frac=0.33)))
         torch.manual_seed(1)
         outs.append(model.generate(x, 10, 0.8, 200).tolist())
         model.attach_memory(None)
@@ -124,16 +125,18 @@ def test_retrieval_settings_are_checked(tiny):
     model, enc = tiny
     memory = Memory.build(model, enc, TEXT, layers=[1])
     with pytest.raises(UserError, match='knn_num has 3 entries, the model has 4 layers'):
-        memory.use([0, 1, 0])
+        memory.retrieving_layers(RetrievalSettings([0, 1, 0]))
     with pytest.raises(UserError, match=r'knn_num\[1\]=-1'):
-        memory.use([0, -1, 0, 0])
+        RetrievalSettings([0, -1, 0, 0])
     for key in ('mem_frac', 'bookkeeping_frac', 'knn_softmax_influence'):
         with pytest.raises(UserError, match=f'{key}=-0.5 must be a number >= 0'):
-            memory.use([0, 1, 0, 0], **{key: -0.5})
+            RetrievalSettings([0, 1, 0, 0], **{key: -0.5})
     with pytest.raises(UserError, match='resid_frac=1.5 must be between 0 and 1'):
-        memory.use([0, 1, 0, 0], resid_frac=1.5)
+        RetrievalSettings([0, 1, 0, 0], resid_frac=1.5)
     with pytest.raises(UserError, match=r'asks for layers \[2\] but the memory holds layers \[1\]'):
-        memory.use([0, 1, 1, 0])
+        memory.retrieving_layers(RetrievalSettings([0, 1, 1, 0]))
+    with pytest.raises(UserError, match=r"search='fiass' must be one of 'faiss', 'torch'"):
+        memory.retrieving_layers(RetrievalSettings([0, 1, 0, 0]), search='fiass')
 
 
 def test_selection_rules():
@@ -141,7 +144,7 @@ def test_selection_rules():
     keys = torch.randn(1, 5, 4)
     att = torch.zeros(1, 1, 4, 4)
     att[0, 0, -1] = torch.tensor([0.5, 0.3, 0.15, 0.05])  # T = 4
-    sel = lambda **kw: LayerMemory(keys, keys, 1, **kw).select(att)[0, 0].tolist()
+    sel = lambda **kw: LayerMemory(keys, keys, None, 1, RetrievalSettings([1], **kw)).select(att)[0, 0].tolist()
     assert sel(mem_frac=0, bookkeeping_frac=0) == [True, False, False, False]   # MF 0: token 0 only
     assert sel(mem_frac=0, bookkeeping_frac=0.5) == [False, False, False, False]  # BF drops s0 <= BF
     assert sel(mem_frac=1, bookkeeping_frac=0) == [True, True, False, False]     # keep s >= 1/(MF*T) = 0.25
@@ -158,8 +161,8 @@ def test_update_values_by_hand(search):
     q, k, v = torch.randn(1, 1, 3, d), torch.randn(1, 1, 3, d), torch.randn(1, 1, 3, d)
     att = torch.tensor([[[[1, 0, 0], [0.5, 0.5, 0], [0.9, 0.05, 0.05]]]])
     for resid_only, r in ((False, 0.0), (True, 0.1), (False, 0.33)):
-        lm = LayerMemory(mem_k, mem_v, 3, mem_frac=0, knn_softmax_influence=2.0, resid_only=resid_only,
-                         resid_frac=r, search=search)
+        settings = RetrievalSettings([3], mem_frac=0, knn_softmax_influence=2.0, resid_only=resid_only, resid_frac=r)
+        lm = LayerMemory(mem_k, mem_v, KNNIndex(mem_k, search), 3, settings)
         out = lm.update_values(q, k, v, att)
         cand_k = mem_k[0] if resid_only else torch.cat((k[0, 0, :1], mem_k[0]))
         cand_v = mem_v[0] if resid_only else torch.cat((v[0, 0, :1], mem_v[0]))
@@ -176,7 +179,7 @@ def test_faiss_and_torch_search_agree(tiny, reference):
     logits = []
     for search in ('faiss', 'torch'):
         memory = Memory.build(model, enc, reference['memory_text'], layers=[0, 1, 2, 3])
-        model.attach_memory(memory.use([2, 2, 2, 2], mem_frac=1.0, search=search))
+        model.attach_memory(memory.retrieving_layers(RetrievalSettings([2, 2, 2, 2], mem_frac=1.0), search=search))
         logits.append(model(x)[0])
         model.attach_memory(None)
     torch.testing.assert_close(logits[0], logits[1])
@@ -188,12 +191,13 @@ def test_what_the_memory_retrieved_can_be_inspected(tiny, reference):
     assert memory.stored_token_ids() == reference['memory_ids'][1:]
     legacy = Memory.load(os.path.join(REF, 'legacy-memstores', 'type3_sentiment_two_layers', 'memstore'), model, enc)
     assert legacy.stored_token_ids() == reference['memory_ids'][1:]
-    model.attach_memory(memory.use([0, 3, 0, 0], mem_frac=5.0))
+    retrieval = memory.retrieving_layers(RetrievalSettings([0, 3, 0, 0], mem_frac=5.0))
+    model.attach_memory(retrieval)
     try:
         _, kv, _ = model(torch.tensor([reference['prompt_ids']]))
     finally:
         model.attach_memory(None)
-    lm = memory.layers[1]
+    lm = retrieval[1]
     r = lm.last_retrieval
     n = int(lm.last_selection.sum())
     assert n > 0 and r['neighbours'].shape == (n, 3) and r['weights'].shape == (n, 4)
@@ -203,3 +207,7 @@ def test_what_the_memory_retrieved_can_be_inspected(tiny, reference):
         key = k[r['b'][i], r['h'][i], r['j'][i]]
         dist = (memory.keys[1][r['h'][i]] - key).pow(2).sum(-1)
         assert set(r['neighbours'][i].tolist()) == set(dist.topk(3, largest=False).indices.tolist())
+    # a call that selects nothing leaves no stale retrieval from the call before
+    q = torch.randn(1, 4, 5, 16)
+    lm.update_values(q, q, q, torch.zeros(1, 4, 5, 5))
+    assert lm.last_retrieval is None and not lm.last_selection.any()

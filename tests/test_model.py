@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import TINY, make_random_checkpoint, run_script
-from model import GPT, UserError, encode, load_tokenizer, resolve_checkpoint
+from configurator import UserError
+from model import GPT, encode, load_tokenizer, resolve_checkpoint
 
 
 @pytest.mark.parametrize('shape', [dict(n_embd=32, n_layer=3, n_head=4), dict(n_embd=48, n_layer=2, n_head=3, n_positions=40)])
@@ -127,11 +128,11 @@ def test_fingerprint_tells_weights_apart(tmp_path):
 def test_top_layer_on_the_last_position_only_changes_nothing(tiny, reference):
     """forward() runs the top layer for the last position only unless every position's logits
     are asked for; with and without a memory (a memory in the top layer too) it is the same."""
-    from memory import Memory
+    from memory import Memory, RetrievalSettings
     model, enc = tiny
     idx = torch.randint(0, 474, (2, 33), generator=torch.Generator().manual_seed(8))
     memory = Memory.build(model, enc, reference['memory_text'], layers=[2, 3])
-    for mem in (None, memory.use([0, 0, 3, 3], mem_frac=5.0, resid_frac=0.33)):
+    for mem in (None, memory.retrieving_layers(RetrievalSettings([0, 0, 3, 3], mem_frac=5.0, resid_frac=0.33))):
         model.attach_memory(mem)
         with torch.no_grad():
             last, _, _ = model(idx)

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REF
-from memory import Memory
+from memory import Memory, RetrievalSettings
 from model import encode
 
 CASES = ['type1_all_layers', 'type2_recall_one_layer', 'type3_sentiment_two_layers']
@@ -17,8 +17,9 @@ def case_of(reference, name):
 
 
 def use(memory, case):
-    return memory.use(case['knn_num'], case['mem_frac'], case['bookkeeping_frac'], case['knn_softmax_influence'],
-                      case['resid_only'], case['resid_frac'])
+    return memory.retrieving_layers(RetrievalSettings(case['knn_num'], case['mem_frac'], case['bookkeeping_frac'],
+                                                      case['knn_softmax_influence'], case['resid_only'],
+                                                      case['resid_frac']))
 
 
 def build(tiny, reference, case):

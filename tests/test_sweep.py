@@ -15,10 +15,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, 'tests', 'reference', 'tiny-gpt2')
 sys.path.insert(0, ROOT)
 
+import scores  # noqa: E402
 import sweep  # noqa: E402
-from configurator import configure  # noqa: E402
-from sample import DEFAULTS as SAMPLE_DEFAULTS  # noqa: E402
-from sample import generate, load_model, prepare_memory, prompt_ids  # noqa: E402
+from configurator import UserError, configure  # noqa: E402
+from memory import RetrievalSettings  # noqa: E402
+from run import RUN_DEFAULTS, Sampling, continuations, load_model, prepare_memory, prompt_ids  # noqa: E402
 
 MEMORY = ("\nCats are curious animals that sleep for most of the day and play at night. "
           "Dogs and cats can live together when they are introduced slowly and kindly.")
@@ -79,8 +80,17 @@ def one_thread():
 
 @pytest.fixture(scope='module')
 def tiny():
-    cfg = dict(SAMPLE_DEFAULTS, init_from=TINY)
+    cfg = dict(RUN_DEFAULTS, init_from=TINY)
     return load_model(cfg)
+
+
+def generate(model, enc, config, seeds):
+    """sample.py's generation for a config: its memory (built as sample.py builds it), its seeds as one batch."""
+    settings = RetrievalSettings.from_config(config, model.config.n_layer)
+    memory = prepare_memory(config, model, enc, settings, progress=False)
+    retrieval = memory.retrieving_layers(settings) if memory else None
+    _, ids = prompt_ids(config['start'], enc)
+    return continuations(model, ids, seeds, Sampling.from_config(config), retrieval)
 
 
 def write_config(tmp_path, name, text):
@@ -112,53 +122,54 @@ def run_cli(*args, env=None):
 @pytest.mark.parametrize('kind', ['plain', 'type1', 'type2', 'type3'])
 def test_batch_equals_one_by_one(tiny, kind, decoding):
     """All seeds as one batch give exactly what each seed gives alone, for every method type."""
-    if decoding not in ('exact', SAMPLE_DEFAULTS.get('decoding', 'exact')) and 'decoding' not in SAMPLE_DEFAULTS:
-        pytest.skip('sample.py has no decoding modes')
     model, enc = tiny
     memory_text, start = (VANCOUVER, RECALL_PROMPT) if kind == 'type2' else (MEMORY, '\nCats are horrible')
-    config = dict(SAMPLE_DEFAULTS, init_from=TINY, memory=memory_text, start=start, max_new_tokens=20,
+    config = dict(RUN_DEFAULTS, init_from=TINY, memory=memory_text, start=start, max_new_tokens=20,
                   decoding=decoding, **TYPES.get(kind, {}))
-    memory = prepare_memory(config, model, enc, progress=False)
+    settings = RetrievalSettings.from_config(config, model.config.n_layer)
+    memory = prepare_memory(config, model, enc, settings, progress=False)
     assert (memory is None) == (kind == 'plain')
-    _, ids = prompt_ids(config, enc)
+    retrieval = memory.retrieving_layers(settings) if memory else None
+    _, ids = prompt_ids(start, enc)
     seeds = [1337, 1338, 2658, 8932]
-    batched = generate(model, ids, seeds, config, memory)
+    sampling = Sampling.from_config(config)
+    batched = continuations(model, ids, seeds, sampling, retrieval)
     for seed, row in zip(seeds, batched):
-        assert generate(model, ids, [seed], config, memory) == [row], seed
+        assert continuations(model, ids, [seed], sampling, retrieval) == [row], seed
     if kind != 'plain':  # the memory does change what is generated
-        assert batched != generate(model, ids, seeds, config, None)
+        assert batched != continuations(model, ids, seeds, sampling, None)
 
 
 # --- scores ---------------------------------------------------------------------
 
 def test_recall_rule():
     a = ['Vancouver']
-    assert sweep.recall_answer(' Vancouver is', a) == 'Vancouver'
-    assert sweep.recall_answer('\n\n  vancouver.', a) == 'Vancouver'
-    assert sweep.recall_answer(" VANCOUVER's", a) == 'Vancouver'
-    assert sweep.recall_answer(' Vancouver', a) == 'Vancouver'
-    assert sweep.recall_answer(' Vancouverite', a) is None       # word boundary after the answer
-    assert sweep.recall_answer(' the city of Vancouver', a) is None  # must start with it
-    assert sweep.recall_answer(' Toronto', ['Vancouver', ' toronto ']) == 'toronto'
-    assert sweep.recall_answer(' New York City', ['New York', 'New York City']) == 'New York City'
+    assert scores.recall_answer(' Vancouver is', a) == 'Vancouver'
+    assert scores.recall_answer('\n\n  vancouver.', a) == 'Vancouver'
+    assert scores.recall_answer(" VANCOUVER's", a) == 'Vancouver'
+    assert scores.recall_answer(' Vancouver', a) == 'Vancouver'
+    assert scores.recall_answer(' Vancouverite', a) is None       # word boundary after the answer
+    assert scores.recall_answer(' the city of Vancouver', a) is None  # must start with it
+    assert scores.recall_answer(' Toronto', ['Vancouver', ' toronto ']) == 'toronto'
+    assert scores.recall_answer(' New York City', ['New York', 'New York City']) == 'New York City'
 
 
 def test_distinct_and_vader():
-    assert sweep.distinct_n([1, 2, 1, 2], 1) == 0.5
-    assert sweep.distinct_n([1, 2, 1, 2], 2) == 2 / 3
-    assert sweep.distinct_n([1, 2, 1, 2], 3) == 1.0
-    assert np.isnan(sweep.distinct_n([1], 2))
-    s = sweep.vader_scores('Cats are absolutely wonderful and lovely.')
+    assert scores.distinct_n([1, 2, 1, 2], 1) == 0.5
+    assert scores.distinct_n([1, 2, 1, 2], 2) == 2 / 3
+    assert scores.distinct_n([1, 2, 1, 2], 3) == 1.0
+    assert np.isnan(scores.distinct_n([1], 2))
+    s = scores.vader_scores('Cats are absolutely wonderful and lovely.')
     assert set(s) == {'compound', 'pos', 'neu', 'neg'} and s['compound'] > 0.5
-    rows = sweep.score_rows('vader', None, ['I love it', 'I hate it'], [[1, 2], [3, 4]], [2.0, 3.0])
+    rows = scores.score_rows('vader', None, ['I love it', 'I hate it'], [[1, 2], [3, 4]], [2.0, 3.0])
     assert [r['positive'] for r in rows] == [1, 0]
 
 
 def test_perplexity_batched_equals_single(tiny):
     model, enc = tiny
     prompt = enc.encode('\nCats are horrible')
-    conts = generate(model, prompt, [1, 2, 3], dict(SAMPLE_DEFAULTS, max_new_tokens=12), None)
-    batched = sweep.perplexities(model, prompt, conts)
+    conts = continuations(model, prompt, [1, 2, 3], Sampling.from_config(dict(RUN_DEFAULTS, max_new_tokens=12)))
+    batched = scores.perplexities(model, prompt, conts)
     for c, p in zip(conts, batched):
         x = torch.tensor([prompt + c])
         logits, _, _ = model(x, all_logits=True)
@@ -166,7 +177,7 @@ def test_perplexity_batched_equals_single(tiny):
         nll = -logp[torch.arange(len(prompt) - 1, x.size(1) - 1), x[0, len(prompt):]].mean()
         assert abs(p - torch.exp(nll).item()) < 1e-3 * p
     # small chunks give the same numbers
-    assert np.allclose(sweep.perplexities(model, prompt, conts, max_logit_floats=1), batched, rtol=1e-5)
+    assert np.allclose(scores.perplexities(model, prompt, conts, max_logit_floats=1), batched, rtol=1e-5)
 
 
 # --- configs and settings -----------------------------------------------------------
@@ -176,9 +187,9 @@ def test_seeds_grid_and_labels():
     assert sweep.sweep_seeds(cfg) == list(range(1337, 1437))
     assert sweep.sweep_seeds(dict(cfg, seeds=3)) == [1337, 1338, 1339]
     assert sweep.sweep_seeds(dict(cfg, seeds=[5, 9])) == [5, 9]
-    with pytest.raises(sweep.UserError, match='repeats a seed'):
+    with pytest.raises(UserError, match='repeats a seed'):
         sweep.sweep_seeds(dict(cfg, seeds=[5, 5]))
-    cfg.update(init_from=TINY, memory=MEMORY, baselines=['plain', 'context'],
+    cfg.update(init_from=TINY, memory=MEMORY, baselines=['plain', 'context'], knn_num=[2, 2, 2, 2],
                grid={('resid_only', 'resid_frac'): [(False, 0), (True, 0.1), (False, 0.1)], 'mem_frac': [1, 5]})
     settings, _ = sweep.expand(cfg)
     labels = [s['label'] for s in settings]
@@ -189,9 +200,9 @@ def test_seeds_grid_and_labels():
     assert settings[2]['setting'] == dict(method='memory', resid_only=False, resid_frac=0.0, mem_frac=1.0)
     assert len({s['id'] for s in settings}) == len(settings)
     assert sweep.fmt_value('knn_num', [0] * 6 + [5, 5, 5, 0, 0, 0]) == 'layers 6,7,8 k5'
-    with pytest.raises(sweep.UserError, match='did you mean mem_frac'):
+    with pytest.raises(UserError, match='did you mean mem_frac'):
         sweep.expand(dict(cfg, grid={'mem_fracc': [1]}))
-    with pytest.raises(sweep.UserError, match='describes the sweep'):
+    with pytest.raises(UserError, match='describes the sweep'):
         sweep.expand(dict(cfg, grid={'seeds': [1]}))
 
 
@@ -221,13 +232,13 @@ def check_outputs(out, metric, n_settings, seeds):
             if k != 'method':
                 assert json.loads(row[k]) == v if isinstance(v, list) else row[k] == str(v)
         for n in (1, 2, 3):
-            assert float(row[f'distinct_{n}']) == pytest.approx(sweep.distinct_n(s['tokens'], n))
+            assert float(row[f'distinct_{n}']) == pytest.approx(scores.distinct_n(s['tokens'], n))
         assert float(row['perplexity']) > 1
         if metric == 'vader':
-            scores = vader.polarity_scores(s['text'])  # recomputed from the text
+            expected = vader.polarity_scores(s['text'])  # recomputed from the text
             for k in ('compound', 'pos', 'neu', 'neg'):
-                assert float(row[k]) == pytest.approx(scores[k])
-            assert int(row['positive']) == int(scores['compound'] >= 0.05)
+                assert float(row[k]) == pytest.approx(expected[k])
+            assert int(row['positive']) == int(expected['compound'] >= 0.05)
     summary = read_csv(out / 'summary.csv')
     assert len(summary) == n_settings
     for srow in summary:
@@ -276,9 +287,7 @@ def test_vader_sweep_files_numbers_and_resume(tmp_path, tiny, monkeypatch, capsy
     # the memory setting's rows are what sample.py's generate gives for each seed alone
     model, enc = tiny
     c = configure(sweep.DEFAULTS, [cfg])
-    memory = prepare_memory(dict(c, knn_num=[2, 2, 2, 2]), model, enc, progress=False)
-    _, ids = prompt_ids(c, enc)
-    assert generate(model, ids, [1338], c, memory)[0] == samples[2 * 3 + 1]['tokens']
+    assert generate(model, enc, dict(c, knn_num=[2, 2, 2, 2]), [1338])[0] == samples[2 * 3 + 1]['tokens']
     # a rerun runs nothing and writes the same results
     before = (out / 'results.csv').read_text()
     calls.clear()
@@ -332,3 +341,45 @@ def test_wandb_offline(tmp_path):
     assert sorted(p.name.split('_')[0] for p in (media / 'images' / 'plots').glob('*.png')) == ['quality', 'vader']
     assert sorted(p.name.split('_')[0] for p in (media / 'table').glob('*.table.json')) == ['results', 'summary']
     assert len(read_csv(tmp_path / 'out' / 'results.csv')) == 2 * 2
+
+
+def test_sweep_with_a_file_memory_builds_what_sample_py_builds(tmp_path, monkeypatch):
+    """One rule for a FILE: memory (the bookkeeping token put in front): the sweep's memory is
+    the one sample.py stores, tensor for tensor, and its continuations are sample.py's."""
+    text = tmp_path / 'cats.txt'
+    text.write_text(MEMORY[1:] + '\n', encoding='utf-8')
+    common = [f'--init_from={TINY}', f'--memory=FILE:{text}', '--knn_num=[0,3,3,0]', '--mem_frac=5.0',
+              '--bookkeeping_frac=0.1', '--knn_softmax_influence=0.01', '--resid_frac=0.33',
+              '--start=\nCats are horrible', '--seeds=[1337,1338]', '--max_new_tokens=12']
+    r = subprocess.run([sys.executable, os.path.join(ROOT, 'sample.py'), *common, '--store_mem=True',
+                        f'--mem_store={tmp_path / "sample_mem"}', f'--out_jsonl={tmp_path / "sample.jsonl"}'],
+                       capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE='1'))
+    assert r.returncode == 0, r.stderr
+    built = []
+    real_load = sweep.MemorySource.load
+    monkeypatch.setattr(sweep.MemorySource, 'load', lambda self, *a, **k: built.append(real_load(self, *a, **k)) or built[-1])
+    sweep.main([*common, f'--out_dir={tmp_path / "sweep"}', '--plots=False'])
+    from memory import Memory
+    model, enc = load_model(dict(RUN_DEFAULTS, init_from=TINY))
+    stored = Memory.load(str(tmp_path / 'sample_mem'), model, enc)
+    assert len(built) == 1 and built[0].meta['text'] == stored.meta['text'] == MEMORY
+    assert built[0].meta['token_windows'] == stored.meta['token_windows']
+    for layer in (1, 2):
+        assert torch.equal(built[0].keys[layer], stored.keys[layer])
+        assert torch.equal(built[0].values[layer], stored.values[layer])
+    from_sample = [json.loads(line)['tokens'] for line in (tmp_path / 'sample.jsonl').read_text().splitlines()]
+    assert [s['tokens'] for s in read_jsonl(tmp_path / 'sweep' / 'samples.jsonl')] == from_sample
+
+
+def test_settings_of_one_memory_share_its_search_indexes(tmp_path, monkeypatch):
+    """A sweep over MF, TS, k and layers of one memory builds each layer's search index once."""
+    import memory
+    built = []
+    real_init = memory.KNNIndex.__init__
+    monkeypatch.setattr(memory.KNNIndex, '__init__', lambda self, keys, kind: built.append(kind) or real_init(self, keys, kind))
+    cfg = write_config(tmp_path, 'share', VADER_SWEEP.replace('seeds = 3', 'seeds = 2').replace('max_new_tokens = 16', 'max_new_tokens = 4'))
+    sweep.main([cfg, f'--out_dir={tmp_path / "out"}', '--plots=False', '--search=faiss',
+                "--grid={'mem_frac': [1.0, 5.0], 'knn_softmax_influence': [0.01, 1.0], "
+                "'knn_num': [[0, 3, 3, 0], [0, 2, 0, 0]]}"])
+    assert len(read_csv(tmp_path / 'out' / 'summary.csv')) == 1 + 2 * 2 * 2
+    assert built == ['faiss', 'faiss']  # layers 1 and 2, once each

@@ -1,0 +1,270 @@
+"""
+Reporting a sweep: results.csv, samples.jsonl, summary.csv and summary.txt, the plots (one
+function per plot), and Weights & Biases logging. Everything is rewritten whole from the
+finished settings, so the files always agree with each other.
+"""
+
+import io
+import json
+import math
+import os
+
+import numpy as np
+
+from configurator import UserError
+from run import write_whole
+from scores import QUALITY_SCORES, VADER_SCORES, summarize
+
+# columns of results.csv besides the grid keys
+CORE_COLUMNS = ['init_from', 'knn_num', 'mem_frac', 'bookkeeping_frac', 'knn_softmax_influence', 'resid_only',
+                'resid_frac', 'remove_bookkeeping_token_mem_size', 'decoding', 'temperature', 'top_k',
+                'max_new_tokens', 'dtype']
+# the write-up's colours
+COLOURS = dict(compound='tab:green', pos='tab:orange', neg='tab:red', neu='tab:blue')
+
+
+def jsonable(v):
+    """v as JSON can hold it: tuples become lists, a tuple of keys becomes 'key1+key2'."""
+    if isinstance(v, dict):
+        return {str(k) if not isinstance(k, tuple) else '+'.join(k): jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [jsonable(x) for x in v]
+    return v
+
+
+def csv_text(columns, rows):
+    import csv
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator='\n')
+    w.writerow(columns)
+    for r in rows:
+        w.writerow(['' if r.get(c) is None else json.dumps(r[c]) if isinstance(r.get(c), (list, dict, bool))
+                    else r[c] for c in columns])
+    return buf.getvalue()
+
+
+def finished_rows(settings, finished):
+    """(setting, row) for every seed's row of the finished settings, in setting order."""
+    for s in settings:
+        for r in finished[s['id']]['rows'] if s['id'] in finished else []:
+            yield s, r
+
+
+def result_table(metric, settings, finished):
+    """results.csv: one row per finished setting and seed, the setting's values and the scores."""
+    grid_cols = list(dict.fromkeys(k for s in settings for k in s['values']))
+    cols = ['setting_index', 'setting_id', 'label', 'method', 'seed'] + grid_cols + \
+           [c for c in CORE_COLUMNS if c not in grid_cols]
+    score_cols = (VADER_SCORES + ['positive'] if metric == 'vader' else ['success', 'answer']) + QUALITY_SCORES
+    rows = []
+    for s, r in finished_rows(settings, finished):
+        row = dict(setting_index=s['index'], setting_id=s['id'], label=s['label'], method=s['method'], seed=r['seed'])
+        for c in grid_cols + CORE_COLUMNS:
+            row.setdefault(c, s['columns'].get(c))
+        row.update({c: r['scores'][c] for c in score_cols})
+        rows.append(row)
+    return cols + score_cols, rows
+
+
+def summary_table(metric, settings, finished):
+    """summary.csv: one row per finished setting (scores.summarize)."""
+    rows = []
+    for s in settings:
+        rec = finished.get(s['id'])
+        if rec is not None:
+            rows.append(dict(setting_index=s['index'], setting_id=s['id'], label=s['label'], method=s['method'],
+                             **summarize(metric, rec['rows'])))
+    return rows
+
+
+def summary_text(metric, summary, n_settings):
+    """summary.txt: the summary as a table for the terminal."""
+    if metric == 'vader':
+        head = f"{'setting':<34} {'seeds':>5} {'compound med (IQR)':>19} {'mean':>6} {'pos':>5} {'neu':>5} " \
+               f"{'neg':>5} {'%pos':>5} {'dist-1/2/3':>14} {'ppl med':>8}"
+    else:
+        head = f"{'setting':<40} {'successes':>12} {'dist-1/2/3':>14} {'ppl med':>8}"
+    lines = [head, '-' * len(head)]
+    for r in summary:
+        label = r['label'] if len(r['label']) <= 34 else r['label'][:31] + '...'
+        dist = '/'.join(f"{r[f'distinct_{n}_mean']:.2f}" for n in (1, 2, 3))
+        if metric == 'vader':
+            lines.append(f"{label:<34} {r['seeds']:>5} {r['compound_median']:>8.3f} ({r['compound_iqr']:.3f})  "
+                         f"{r['compound_mean']:>6.3f} {r['pos_median']:>5.2f} {r['neu_median']:>5.2f} "
+                         f"{r['neg_median']:>5.2f} {100 * r['frac_positive']:>5.0f} {dist:>14} {r['perplexity_median']:>8.1f}")
+        else:
+            label = r['label'] if len(r['label']) <= 40 else r['label'][:37] + '...'
+            lines.append(f"{label:<40} {r['successes']:>5} / {r['seeds']:<4} {dist:>14} {r['perplexity_median']:>8.1f}")
+    if len(summary) < n_settings:
+        lines.append(f"({n_settings - len(summary)} of {n_settings} settings not finished yet)")
+    if metric == 'vader':
+        lines.append("medians of VADER scores of the continuation; %pos = compound >= 0.05; dist = mean distinct-n "
+                     "of tokens; ppl = perplexity under the plain model")
+    else:
+        lines.append("successes = seeds whose continuation starts with an answer; dist = mean distinct-n of tokens; "
+                     "ppl = perplexity under the plain model")
+    return '\n'.join(lines) + '\n'
+
+
+def save_png(fig, path):
+    buf = io.BytesIO()
+    fig.savefig(buf, format='png', dpi=110, bbox_inches='tight')
+    write_whole(path, buf.getvalue())
+
+
+def plot_setup():
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def setting_axis(done):
+    """x positions, labels and tick style for the finished settings, and a figure width that fits them."""
+    labels = [s['label'] for s, _ in done]
+    rot = dict(rotation=30 if len(done) > 3 else 0, ha='right' if len(done) > 3 else 'center')
+    return np.arange(len(done)), labels, rot, max(6.0, 0.9 * len(done) + 2)
+
+
+def plot_vader(path, done, title):
+    """Box plots of the four VADER scores per setting, every seed a dot."""
+    plt = plot_setup()
+    x, labels, rot, width = setting_axis(done)
+    fig, ax = plt.subplots(figsize=(width, 4.8))
+    order = ['compound', 'pos', 'neg', 'neu']
+    w = 0.8 / len(order)
+    for j, c in enumerate(order):
+        data = [[r['scores'][c] for r in rec['rows']] for _, rec in done]
+        bp = ax.boxplot(data, positions=x - 0.4 + w * (j + 0.5), widths=w * 0.85, patch_artist=True,
+                        manage_ticks=False, flierprops=dict(markersize=2))
+        for box in bp['boxes']:
+            box.set_facecolor(COLOURS[c])
+            box.set_alpha(0.75)
+        for med in bp['medians']:
+            med.set_color('black')
+        rng = np.random.default_rng(0)  # every seed as a dot, jittered sideways (fixed jitter)
+        for xi, d in zip(x - 0.4 + w * (j + 0.5), data):
+            ax.scatter(xi + rng.uniform(-w * 0.3, w * 0.3, len(d)), d, s=4, color=COLOURS[c], alpha=0.5,
+                       linewidths=0, zorder=3)
+    ax.set_xticks(x, labels, **rot)
+    ax.set_ylim(-1.05, 1.05)
+    ax.axhline(0, color='grey', lw=0.5)
+    ax.set_ylabel('VADER score of the continuation')
+    from matplotlib.patches import Patch
+    ax.legend([Patch(color=COLOURS[c], alpha=0.75) for c in order], ['compound', 'positive', 'negative', 'neutral'],
+              loc='upper left', bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    ax.set_title(title, fontsize=10)
+    save_png(fig, path)
+    plt.close(fig)
+
+
+def plot_recall(path, done, title):
+    """Bars: seeds whose continuation gives the answer, per setting."""
+    plt = plot_setup()
+    x, labels, rot, width = setting_axis(done)
+    fig, ax = plt.subplots(figsize=(width, 4.5))
+    succ = [sum(r['scores']['success'] for r in rec['rows']) for _, rec in done]
+    n = [len(rec['rows']) for _, rec in done]
+    colours = ['tab:gray' if s['method'] == 'plain' else 'tab:olive' if s['method'] == 'context' else 'tab:blue'
+               for s, _ in done]
+    bars = ax.bar(x, succ, color=colours)
+    for b, k, m in zip(bars, succ, n):
+        ax.annotate(f"{k}/{m}", (b.get_x() + b.get_width() / 2, b.get_height()), ha='center', va='bottom', fontsize=8)
+    ax.set_xticks(x, labels, **rot)
+    ax.set_ylim(0, max(n) * 1.1)
+    ax.set_ylabel('seeds that give the answer')
+    ax.set_title(title, fontsize=10)
+    save_png(fig, path)
+    plt.close(fig)
+
+
+def plot_quality(path, done, title):
+    """Perplexity box plots and mean distinct-1/2/3 per setting."""
+    plt = plot_setup()
+    x, labels, rot, width = setting_axis(done)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(2 * width, 4.2))
+    ppl = [[r['scores']['perplexity'] for r in rec['rows'] if not math.isnan(r['scores']['perplexity'])]
+           for _, rec in done]
+    a1.boxplot(ppl, positions=x, widths=0.6, flierprops=dict(markersize=2))
+    flat = [v for p in ppl for v in p]
+    if flat and min(flat) > 0 and max(flat) / min(flat) > 20:
+        a1.set_yscale('log')
+    a1.set_xticks(x, labels, **rot)
+    a1.set_ylabel('perplexity under the plain model')
+    w = 0.8 / 3
+    for j, (nn, col) in enumerate(zip((1, 2, 3), ('tab:cyan', 'tab:purple', 'tab:brown'))):
+        means = [np.nanmean([r['scores'][f'distinct_{nn}'] for r in rec['rows']]) for _, rec in done]
+        a2.bar(x - 0.4 + w * (j + 0.5), means, width=w * 0.9, color=col, label=f'distinct-{nn}')
+    a2.set_xticks(x, labels, **rot)
+    a2.set_ylim(0, 1.05)
+    a2.set_ylabel('mean distinct-n (tokens)')
+    a2.legend(fontsize=8, loc='lower right')
+    fig.suptitle(title + ' - text quality', fontsize=10)
+    save_png(fig, path)
+    plt.close(fig)
+
+
+def make_plots(out_dir, metric, settings, finished, title):
+    """vader.png or recall.png, and quality.png, for the finished settings. Returns their paths."""
+    done = [(s, finished[s['id']]) for s in settings if s['id'] in finished]
+    if not done:
+        return []
+    paths = [os.path.join(out_dir, 'vader.png' if metric == 'vader' else 'recall.png'),
+             os.path.join(out_dir, 'quality.png')]
+    (plot_vader if metric == 'vader' else plot_recall)(paths[0], done, title)
+    plot_quality(paths[1], done, title)
+    return paths
+
+
+def default_title(config, name, seeds, finished):
+    model = next((r['model']['name'] for r in finished.values()), config['init_from'])
+    return config['plot_title'] or f"{name}: {model}, {len(seeds)} seeds x {config['max_new_tokens']} tokens"
+
+
+def write_outputs(out_dir, config, name, settings, seeds, finished):
+    """Rewrite results.csv, samples.jsonl, summary.csv, summary.txt and the plots from the
+    finished settings (each file whole). Returns the summary rows and the plot paths."""
+    metric = config['metric']
+    cols, rows = result_table(metric, settings, finished)
+    write_whole(os.path.join(out_dir, 'results.csv'), csv_text(cols, rows))
+    lines = []
+    for s, r in finished_rows(settings, finished):
+        lines.append(json.dumps(dict(setting=s['setting'], setting_index=s['index'], setting_id=s['id'],
+                                     label=s['label'], seed=r['seed'], text=r['text'], tokens=r['tokens'],
+                                     scores=r['scores']), ensure_ascii=False))
+    write_whole(os.path.join(out_dir, 'samples.jsonl'), ''.join(l + '\n' for l in lines))
+    summary = summary_table(metric, settings, finished)
+    scols = list(dict.fromkeys(k for r in summary for k in r))
+    write_whole(os.path.join(out_dir, 'summary.csv'), csv_text(scols, summary))
+    text = summary_text(metric, summary, len(settings))
+    write_whole(os.path.join(out_dir, 'summary.txt'), text)
+    plots = make_plots(out_dir, metric, settings, finished, default_title(config, name, seeds, finished)) \
+        if config['plots'] else []
+    return summary, text, plots, (cols, rows)
+
+
+class WandbLog:
+    def __init__(self, config, name):
+        try:
+            import wandb
+        except ImportError:
+            raise UserError("wandb_log=True needs wandb: pip install wandb (WANDB_MODE=offline works without an account)") from None
+        self.wandb = wandb
+        self.run = wandb.init(project=config['wandb_project'], name=config['wandb_run_name'] or name,
+                              config=jsonable({k: v for k, v in config.items() if k != 'memory' or len(v) < 2000}))
+
+    def setting(self, summary_row):
+        self.run.log({f"summary/{k}": v for k, v in summary_row.items() if isinstance(v, (int, float))} |
+                     {'setting': summary_row['label']})
+
+    def finish(self, summary, table, plots):
+        wb = self.wandb
+        cols, rows = table
+        data = {'results': wb.Table(columns=cols, data=[[json.dumps(r[c]) if isinstance(r[c], (list, dict)) else r[c]
+                                                         for c in cols] for r in rows])}
+        scols = list(dict.fromkeys(k for r in summary for k in r))
+        data['summary'] = wb.Table(columns=scols, data=[[r.get(c) for c in scols] for r in summary])
+        for p in plots:
+            data[f"plots/{os.path.splitext(os.path.basename(p))[0]}"] = wb.Image(p)
+        self.run.log(data)
+        self.run.finish()

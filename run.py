@@ -1,0 +1,263 @@
+"""
+The run layer: what sample.py, sweep.py, build_memory.py and bench.py share. Scripts import
+from here and never from each other.
+
+  texts        reading a user's text file; the one rule for prompt and memory texts
+               (FILE:path, the bookkeeping token, the sweep's substitute word)
+  the model    load_model (checkpoint, device, dtype)
+  a run        seeds_of (which seeds), Sampling (how tokens are drawn), MemorySource
+               (where a memory comes from), prepare_memory, continuations
+  files        write_whole (temporary file, then rename) and append_jsonl
+"""
+
+import json
+import os
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass
+
+import torch
+
+from configurator import UserError
+from memory import Memory, RetrievalSettings
+from model import GPT, encode
+
+# a run's config keys, shared by sample.py and sweep.py: the reference code's sample.py keys
+# (same names, same meaning) plus a few of ours (seeds, search, decoding, bookkeeping_token)
+RUN_DEFAULTS = dict(
+    init_from='gpt2',      # 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' or a local checkpoint directory
+    start='\n',            # the prompt, or "FILE:prompt.txt"
+    num_samples=3,         # number of samples to draw (when seeds is not given)
+    max_new_tokens=50,     # tokens generated per sample
+    temperature=0.8,       # 1.0 = no change, < 1.0 = less random
+    top_k=200,             # keep only the top_k most likely tokens
+    seed=1337,             # sample i uses seed + i, unless seeds is given
+    seeds=None,            # a list of seeds, one sample each, or a count n (seed, ..., seed+n-1); overrides num_samples
+    device='cpu',          # 'cpu', 'cuda', 'cuda:1', ...
+    dtype='float32',       # 'float32', 'bfloat16' or 'float16'
+    compile=False,         # accepted for the reference's configs; has no effect here
+    out_dir='out',         # accepted for the reference's configs; has no effect here
+    # --- the memory (METHOD.md) ---
+    knn_num=None,          # k per layer, one entry per layer (0 = no memory in that layer); None = all 0
+    memory='',             # the memory text, tokenized as given (starts with its bookkeeping token), or "FILE:path"
+    bookkeeping_token='\n',  # put in front of a memory read from a file
+    remove_bookkeeping_token_mem_size=None,  # leading memory tokens not stored; None = the bookkeeping token's length
+    mem_store='',          # a saved memory directory (ours, or the reference's layout)
+    load_mem_store=False,  # load the memory from mem_store instead of building it from `memory`
+    store_mem=False,       # save the memory built from `memory` to mem_store
+    mem_frac=0.0,          # MF: tokens whose last-row attention is >= 1/(MF*T) look up the memory; 0 = token 0 only
+    bookkeeping_frac=0.0,  # BF: token 0 looks up the memory only if its attention is > BF
+    knn_softmax_influence=1.0,  # TS: scales q.key before the softmax over candidates
+    resid_only=False,      # True: the token's own key/value is not a candidate
+    resid_frac=0.0,        # r: v' = (1-r) m + r v; 0 = v' = m
+    decoding='exact',      # 'exact' (the method) or 'cached' (approximate, cost per token independent of context)
+    search=None,           # kNN search: 'faiss' or 'torch' (exact, on the model's device); None = faiss on CPU, torch on CUDA
+    method_text='No Memory',  # label of the method's samples (sample.py) or of a sweep's one memory setting
+)
+
+DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+DECODINGS = ('exact', 'cached')
+
+
+# -----------------------------------------------------------------------------
+# texts
+
+def read_text_file(path, what):
+    """A user's text file, read whole: clear errors for missing, non-UTF-8 or empty files.
+    One final newline (the one editors add) is dropped."""
+    if not os.path.isfile(path):
+        raise UserError(f"{what} file {path} does not exist")
+    try:
+        with open(path, encoding='utf-8') as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what} file {path} is not UTF-8 text (byte {e.start}); convert it to UTF-8") from None
+    text = text[:-2] if text.endswith('\r\n') else text[:-1] if text.endswith('\n') else text
+    if not text.strip():
+        raise UserError(f"{what} file {path} is empty; put some text in it")
+    return text
+
+
+def memory_text(memory, bookkeeping_token, substitute='', substitute_target=''):
+    """The memory text as the memory stores it. The `memory` config key is tokenized as given
+    (it starts with its bookkeeping token, as in the reference's configs); "FILE:path" reads
+    the file and puts the bookkeeping token in front (METHOD.md section 1). Then, for the
+    sweeps' Figure 13, every substitute_target becomes substitute."""
+    text = bookkeeping_token + read_text_file(memory[5:], 'memory') if memory.startswith('FILE:') else memory
+    if substitute:
+        if not substitute_target or substitute_target not in text:
+            raise UserError(f"substitute={substitute!r} replaces {substitute_target!r}, which the memory text "
+                            f"does not contain; set substitute_target to a word of the memory")
+        text = text.replace(substitute_target, substitute)
+    return text
+
+
+def prompt_text(start):
+    """The prompt: the `start` config key as given, or the file it names with "FILE:path"."""
+    return read_text_file(start[5:], 'prompt') if start.startswith('FILE:') else start
+
+
+def prompt_ids(start, enc, block_size=None):
+    """(text, token ids) of the prompt; with block_size, only its last block_size tokens are kept
+    (the model sees no more, as in the reference's generate), with a warning."""
+    text = prompt_text(start)
+    ids = encode(enc, text)
+    if not ids:
+        raise UserError("the prompt is empty; set start=... (the model needs at least one token)")
+    if block_size is not None and len(ids) > block_size:
+        warnings.warn(f"prompt of {len(ids)} tokens is longer than block_size {block_size}; "
+                      f"only its last {block_size} tokens are used")
+        ids = ids[-block_size:]
+    return text, ids
+
+
+# -----------------------------------------------------------------------------
+# the model
+
+def load_model(config):
+    """(model, tokenizer) for config's init_from, on its device, in its dtype."""
+    device = config['device']
+    if device.startswith('cuda') and not torch.cuda.is_available():
+        raise UserError(f"device={device} but CUDA is not available here; use --device=cpu")
+    if config['dtype'] not in DTYPES:
+        raise UserError(f"dtype={config['dtype']!r} must be one of {', '.join(DTYPES)}")
+    model, enc = GPT.from_pretrained(config['init_from'])
+    return model.to(device=device, dtype=DTYPES[config['dtype']]), enc
+
+
+# -----------------------------------------------------------------------------
+# a run
+
+def seeds_of(config):
+    """The run's seeds: `seeds` as a list, or a count n meaning seed, seed+1, ..., seed+n-1;
+    with seeds None, num_samples seeds counted the same way."""
+    seeds = config['seeds']
+    if seeds is None:
+        if config['num_samples'] < 1:
+            raise UserError(f"num_samples={config['num_samples']} must be at least 1")
+        return [config['seed'] + i for i in range(config['num_samples'])]
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        if seeds < 1:
+            raise UserError(f"seeds={seeds} must be a count >= 1 or a list of seeds")
+        return [config['seed'] + i for i in range(seeds)]
+    if not isinstance(seeds, (list, tuple)) or not seeds or \
+            not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
+        raise UserError(f"seeds={seeds!r} must be a count or a non-empty list of whole numbers >= 0")
+    if len(set(seeds)) != len(seeds):
+        raise UserError(f"seeds={seeds!r} repeats a seed")
+    return list(seeds)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How continuations are drawn (METHOD.md section 3) and decoded."""
+    max_new_tokens: int
+    temperature: float
+    top_k: int | None
+    decoding: str  # 'exact' (the method) or 'cached' (approximate)
+
+    @classmethod
+    def from_config(cls, config, where=None):
+        """The config's sampling settings, checked; `where` names the setting in the message."""
+        at = f"{where}: " if where else ''
+        if config['max_new_tokens'] < 1 or config['temperature'] <= 0 or \
+                (config['top_k'] is not None and config['top_k'] < 1):
+            raise UserError(f"{at}max_new_tokens and top_k must be >= 1 and temperature > 0")
+        if config['decoding'] not in DECODINGS:
+            raise UserError(f"{at}decoding={config['decoding']!r} must be 'exact' or 'cached'")
+        return cls(config['max_new_tokens'], config['temperature'], config['top_k'], config['decoding'])
+
+
+@dataclass(frozen=True)
+class MemorySource:
+    """Where a run's memory comes from: a text built on the fly (`text`, bookkeeping token in
+    front) or a saved directory (`store`)."""
+    text: str | None
+    store: str | None
+    bookkeeping_token: str
+    remove_bookkeeping_token_mem_size: int | None
+
+    @classmethod
+    def from_config(cls, config, substitute='', substitute_target=''):
+        if config['load_mem_store']:
+            if not config['mem_store']:
+                raise UserError("load_mem_store=True needs mem_store=DIR (a memory made by build_memory.py)")
+            return cls(None, config['mem_store'], config['bookkeeping_token'],
+                       config['remove_bookkeeping_token_mem_size'])
+        text = memory_text(config['memory'], config['bookkeeping_token'], substitute, substitute_target)
+        if not text.strip():
+            raise UserError("knn_num turns the memory on but the memory text is empty; set memory=... "
+                            "(or memory=FILE:path), or load_mem_store=True with mem_store=DIR")
+        return cls(text, None, config['bookkeeping_token'], config['remove_bookkeeping_token_mem_size'])
+
+    def load(self, model, enc, layers, progress=False):
+        """The memory: loaded from `store`, or built from `text` for `layers`."""
+        if self.store is not None:
+            return Memory.load(self.store, model, enc)
+        return Memory.build(model, enc, self.text, layers=layers, bookkeeping_token=self.bookkeeping_token,
+                            remove_bookkeeping_token_mem_size=self.remove_bookkeeping_token_mem_size,
+                            progress=progress)
+
+    def as_dict(self):
+        return asdict(self)
+
+
+def prepare_memory(config, model, enc, settings, progress=True):
+    """The memory a sample.py config asks for (None when no layer retrieves); built from the
+    config's text and saved to mem_store with store_mem=True, or loaded from mem_store."""
+    if not settings.layers:
+        return None
+    if config['store_mem'] and not config['mem_store']:
+        raise UserError("store_mem=True needs mem_store=DIR to save the memory to")
+    memory = MemorySource.from_config(config).load(model, enc, settings.layers, progress=progress)
+    if config['store_mem'] and not config['load_mem_store']:
+        memory.save(config['mem_store'])
+    return memory
+
+
+def continuations(model, ids, seeds, sampling, retrieval=None, progress=None):
+    """Continuations (token id lists) of prompt `ids`, one per seed, all seeds as one batch:
+    row i draws with its own generator seeded with seeds[i], so it is exactly what a run with
+    that seed alone gives. retrieval: the memory's retrieving layers (None: the plain model)."""
+    model.attach_memory(retrieval)
+    try:
+        device = next(model.parameters()).device
+        x = torch.tensor([ids] * len(seeds), dtype=torch.long, device=device)
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        y = model.generate(x, sampling.max_new_tokens, temperature=sampling.temperature, top_k=sampling.top_k,
+                           generators=gens, progress=progress, mode=sampling.decoding)
+    finally:
+        model.attach_memory(None)
+    return [row[len(ids):].tolist() for row in y]
+
+
+# -----------------------------------------------------------------------------
+# files
+
+def write_whole(path, data):
+    """Write bytes or text to path through a temporary file and os.replace: never half a file."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=d)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            f.write(data.encode('utf-8') if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def append_jsonl(path, records):
+    """Append records as JSON lines, in one write, so a line is never left half-written."""
+    if os.path.dirname(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    data = ''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in records)
+    with open(path, 'a', encoding='utf-8') as f:
+        f.write(data)

@@ -1,0 +1,123 @@
+"""
+Scores of continuations, as the write-up measures them, and text quality beside them. Pure
+functions (perplexities runs the model, nothing else), for sweep.py and anyone analysing
+results.
+
+  vader_scores    VADER compound, pos, neu, neg of a continuation (the prompt excluded)
+  recall_answer   which answer a continuation starts with
+  distinct_n      unique n-grams / all n-grams of a continuation's tokens
+  perplexities    of continuations under the plain model, batched
+  score_rows      all of the above for one setting's continuations
+  summarize       median, IQR and mean per score; fraction positive or successes
+"""
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+VADER_SCORES = ['compound', 'pos', 'neu', 'neg']
+QUALITY_SCORES = ['distinct_1', 'distinct_2', 'distinct_3', 'perplexity']
+POSITIVE_THRESHOLD = 0.05  # VADER's convention: compound >= 0.05 is positive
+
+_vader = None
+
+
+def vader_scores(text):
+    """VADER's compound, pos, neu, neg of a text (the continuation alone, prompt excluded)."""
+    global _vader
+    if _vader is None:
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+        _vader = SentimentIntensityAnalyzer()
+    s = _vader.polarity_scores(text)
+    return {k: s[k] for k in VADER_SCORES}
+
+
+def recall_answer(text, answers):
+    """The answer the continuation starts with, or None.
+
+    Leading whitespace of the continuation is skipped; the comparison ignores case; the
+    answer must end at a word boundary (the next character, if any, is not a letter, a
+    digit or '_'): "Vancouver." and "Vancouver's" count, "Vancouverite" does not.
+    Answers are stripped of surrounding whitespace; the longest matching answer is given.
+    """
+    t = text.lstrip().casefold()
+    for a in sorted((a.strip() for a in answers), key=len, reverse=True):
+        a_cf = a.casefold()
+        if a_cf and t.startswith(a_cf):
+            nxt = t[len(a_cf):len(a_cf) + 1]
+            if not nxt or not (nxt.isalnum() or nxt == '_'):
+                return a
+    return None
+
+
+def distinct_n(tokens, n):
+    """Unique n-grams / all n-grams of one continuation's token ids; NaN if it has none."""
+    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else float('nan')
+
+
+@torch.no_grad()
+def perplexities(model, prompt, continuations, max_logit_floats=1 << 26):
+    """exp(mean NLL) of each continuation's tokens under the plain model (any memory attached
+    is not used), given the prompt and the continuation's preceding tokens. Batched; rows whose logits
+    would exceed max_logit_floats go in several chunks. Sequences longer than block_size
+    keep their last block_size tokens (the prompt is cut first)."""
+    device = next(model.parameters()).device
+    block, V = model.config.block_size, model.config.vocab_size
+    out = [float('nan')] * len(continuations)
+    by_len = {}
+    for i, c in enumerate(continuations):
+        by_len.setdefault(len(c), []).append(i)
+    for n, rows in by_len.items():
+        if n == 0:
+            continue
+        seqs = [(prompt + continuations[i])[-block:] for i in rows]
+        L = len(seqs[0])
+        first = max(L - n, 1)  # first scored position (it needs one token before it)
+        per_chunk = max(1, max_logit_floats // (L * V))
+        for c0 in range(0, len(rows), per_chunk):
+            x = torch.tensor(seqs[c0:c0 + per_chunk], dtype=torch.long, device=device)
+            logits, _, _ = model(x, use_memory=False, all_logits=True)
+            logp = F.log_softmax(logits[:, first - 1:L - 1].float(), dim=-1)
+            nll = -logp.gather(-1, x[:, first:, None]).squeeze(-1).mean(dim=1)
+            for r, v in zip(rows[c0:c0 + per_chunk], torch.exp(nll).tolist()):
+                out[r] = v
+    return out
+
+
+def score_rows(metric, answers, texts, tokens, ppl):
+    rows = []
+    for text, toks, p in zip(texts, tokens, ppl):
+        s = {}
+        if metric == 'vader':
+            s.update(vader_scores(text))
+            s['positive'] = int(s['compound'] >= POSITIVE_THRESHOLD)
+        else:
+            a = recall_answer(text, answers)
+            s['success'] = int(a is not None)
+            s['answer'] = a or ''
+        for n in (1, 2, 3):
+            s[f'distinct_{n}'] = distinct_n(toks, n)
+        s['perplexity'] = p
+        rows.append(s)
+    return rows
+
+
+def summarize(metric, rows):
+    """Per-setting summary: median, IQR (75th - 25th percentile, numpy's linear
+    interpolation) and mean of each score; fraction positive (VADER) or successes (recall)."""
+    out = dict(seeds=len(rows))
+    cols = (VADER_SCORES if metric == 'vader' else []) + QUALITY_SCORES
+    for c in cols:
+        vals = np.array([r['scores'][c] for r in rows], dtype=float)
+        vals = vals[~np.isnan(vals)]
+        if len(vals):
+            q25, med, q75 = np.percentile(vals, [25, 50, 75])
+            out.update({f'{c}_median': float(med), f'{c}_iqr': float(q75 - q25), f'{c}_mean': float(vals.mean())})
+        else:
+            out.update({f'{c}_median': float('nan'), f'{c}_iqr': float('nan'), f'{c}_mean': float('nan')})
+    if metric == 'vader':
+        out['frac_positive'] = sum(r['scores']['positive'] for r in rows) / len(rows) if rows else float('nan')
+    else:
+        out['successes'] = sum(r['scores']['success'] for r in rows)
+    return out
