@@ -27,8 +27,18 @@ def _closest(name, known):
     return f"; did you mean {match[0]}?" if match else f"; known keys: {', '.join(sorted(known))}"
 
 
+# keys whose default is not None but which take None: top_k=None keeps every token (nanoGPT)
+NULLABLE = {'top_k'}
+
+
 def check_type(key, value, default, where):
-    if default is None or value is None:
+    """value, checked to have the type of the default (an int is taken for a float); None only
+    where the default is None or the key is in NULLABLE."""
+    if value is None:
+        if default is None or key in NULLABLE:
+            return value
+        raise UserError(f"{where}: {key}=None is not allowed; give a {type(default).__name__} like the default {default!r}")
+    if default is None:
         return value
     if isinstance(default, bool):
         ok = isinstance(value, bool)
@@ -91,6 +101,10 @@ def run_cli(main):
         main(sys.argv[1:])
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # the environment: a missing, read-only or full place to read or write
+        where = f"{e.filename}: " if e.filename else ''
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -15,12 +15,11 @@ The persistent attention memory of METHOD.md.
                      each layer's search index once however many settings use it.
 """
 
-import hashlib
 import json
 import math
 import os
-import shutil
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -28,12 +27,15 @@ import torch
 from torch.nn import functional as F
 
 from configurator import UserError
-from model import encode
+from files import cannot_write, make_dirs, sha256_file, umask_mode, write_whole
+from model import FINGERPRINT_SCHEME, encode
 
 FORMAT = 'gpt2-persistent-memory'
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2        # 2: tensors in memory-<checksum>.safetensors, fingerprints of every weight
+READABLE_VERSIONS = (1, 2)
 MANIFEST = 'memory.json'
-TENSORS = 'memory.safetensors'
+LOCK = 'memory.lock'
+TMP_PREFIX = '.tmp-'
 SEARCHES = ('faiss', 'torch')
 
 
@@ -337,10 +339,8 @@ class Memory:
         if missing:
             raise UserError(f"knn_num asks for layers {missing} but the memory holds layers {self.stored_layers}; "
                             f"rebuild it with --layers={sorted(set(missing) | set(self.stored_layers))} or set those k to 0")
+        check_search(search)
         search = default_search(device) if search is None else search
-        if search not in SEARCHES:
-            raise UserError(f"search={search!r} must be one of {', '.join(map(repr, SEARCHES))} "
-                            f"(or None: faiss on the CPU, torch on CUDA)")
         layers = {}
         for i in settings.layers:
             key = (i, str(device), search)
@@ -359,10 +359,20 @@ class Memory:
             if mine[key] != theirs[key]:
                 raise UserError(f"memory was made with {key}={mine[key]} ({mine['name']}), this model has "
                                 f"{key}={theirs[key]} ({theirs['name']}); rebuild it with build_memory.py --init_from={theirs['name']}")
-        if mine.get('fingerprint') and mine['fingerprint'] != theirs['fingerprint']:
-            raise UserError(f"memory was made by model {mine['name']} (weights {mine['fingerprint']}), not by "
-                            f"{theirs['name']} (weights {theirs['fingerprint']}); rebuild it with "
-                            f"build_memory.py --init_from={theirs['name']}")
+        if mine.get('fingerprint'):
+            scheme = mine.get('fingerprint_scheme', 'sampled-v1')
+            if scheme == FINGERPRINT_SCHEME:
+                theirs_fp = theirs['fingerprint']
+            elif scheme == 'sampled-v1':
+                theirs_fp = model.fingerprint_sampled()
+                warnings.warn(f"this memory was saved before fingerprints covered every weight: it is checked against "
+                              f"one weight in ~4096 only; save it again (or rebuild it) for the full check")
+            else:
+                raise UserError(f"memory's fingerprint scheme {scheme!r} is unknown to this code; rebuild the memory")
+            if mine['fingerprint'] != theirs_fp:
+                raise UserError(f"memory was made by model {mine['name']} (weights {mine['fingerprint']}), not by "
+                                f"{theirs['name']} (weights {theirs_fp}); rebuild it with "
+                                f"build_memory.py --init_from={theirs['name']}")
         for l in self.keys:
             if self.keys[l].shape != (theirs['n_head'], self.keys[l].size(1), theirs['head_size']) \
                     or self.values[l].shape != self.keys[l].shape:
@@ -372,40 +382,49 @@ class Memory:
     # --- saving and loading --------------------------------------------------------
 
     def save(self, path):
-        """Write the memory as a directory: memory.json (manifest) and memory.safetensors.
-        Written to a temporary directory and renamed into place, so an interrupted save
-        never leaves a broken memory; an existing memory at `path` is replaced."""
+        """Write the memory as a directory: memory.json (the manifest) and the tensors in
+        memory-<checksum>.safetensors, which the manifest names.
+
+        The path always holds a complete memory, the old one or the new one: the new tensors
+        are written under their own name first, then the manifest is replaced in one rename
+        (the switch), then the old tensors are removed. A save killed at any point leaves the
+        old memory loadable (and perhaps a temporary or unreferenced file, which the next save
+        removes). Saves to one path are serialised by a lock file, memory.lock. Only this
+        memory's own files are ever removed."""
         from safetensors.torch import save_file
         path = os.path.abspath(path)
-        if os.path.exists(path) and not (os.path.isdir(path) and
-                                         (os.path.isfile(os.path.join(path, MANIFEST)) or not os.listdir(path))):
+        if os.path.exists(path) and not (os.path.isdir(path) and (
+                os.path.isfile(os.path.join(path, MANIFEST)) or all(is_own_file(f) for f in os.listdir(path)))):
             raise UserError(f"{path} exists and is not a memory directory; choose another mem_store")
-        parent = os.path.dirname(path)
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+        make_dirs(path)
+        from filelock import FileLock
         try:
-            tensors = {}
-            for l in self.stored_layers:
-                tensors[f'layer{l}.keys'] = self.keys[l].contiguous()
-                tensors[f'layer{l}.values'] = self.values[l].contiguous()
-            save_file(tensors, os.path.join(tmp, TENSORS))
-            manifest = dict(format=FORMAT, format_version=FORMAT_VERSION, **self.meta,
-                            layers=self.stored_layers, n_head=self.meta['model']['n_head'],
-                            head_size=self.meta['model']['head_size'], num_entries=self.num_entries(),
-                            index='IndexFlatL2 (exact squared L2), rebuilt from the keys on load',
-                            tensors={TENSORS: sha256_file(os.path.join(tmp, TENSORS))})
-            with open(os.path.join(tmp, MANIFEST), 'w', encoding='utf-8') as f:
-                json.dump(manifest, f, indent=1, ensure_ascii=False)
-            if os.path.exists(path):
-                old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
-                os.rename(path, os.path.join(old, 'memory'))
-                os.rename(tmp, path)
-                shutil.rmtree(old)
-            else:
-                os.rename(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            with FileLock(os.path.join(path, LOCK)):
+                for f in os.listdir(path):  # left by a save that was killed
+                    if is_temporary(f):
+                        os.remove(os.path.join(path, f))
+                tensors = {}
+                for l in self.stored_layers:
+                    tensors[f'layer{l}.keys'] = self.keys[l].contiguous()
+                    tensors[f'layer{l}.values'] = self.values[l].contiguous()
+                fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix='.safetensors', dir=path)
+                os.close(fd)
+                save_file(tensors, tmp)
+                checksum = sha256_file(tmp)
+                name = f"memory-{checksum[:16]}.safetensors"
+                os.chmod(tmp, umask_mode())
+                os.replace(tmp, os.path.join(path, name))
+                manifest = dict(format=FORMAT, format_version=FORMAT_VERSION, **self.meta,
+                                layers=self.stored_layers, n_head=self.meta['model']['n_head'],
+                                head_size=self.meta['model']['head_size'], num_entries=self.num_entries(),
+                                index='IndexFlatL2 (exact squared L2), rebuilt from the keys on load',
+                                tensors={name: checksum})
+                write_whole(os.path.join(path, MANIFEST), json.dumps(manifest, indent=1, ensure_ascii=False))
+                for f in os.listdir(path):  # the tensors of the memory this one replaced
+                    if is_tensor_file(f) and f != name:
+                        os.remove(os.path.join(path, f))
+        except OSError as e:
+            raise cannot_write(path, e) from None
         return path
 
     @classmethod
@@ -428,39 +447,82 @@ class Memory:
         return memory
 
     @classmethod
-    def _load_ours(cls, path):
+    def _load_ours(cls, path, tries=3):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
-        try:
-            with open(os.path.join(path, MANIFEST), encoding='utf-8') as f:
-                manifest = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"{path}/{MANIFEST} is corrupted ({e}); rebuild the memory with build_memory.py") from None
-        if manifest.get('format') != FORMAT or manifest.get('format_version') != FORMAT_VERSION:
-            raise UserError(f"{path}/{MANIFEST} is format {manifest.get('format')} v{manifest.get('format_version')}, "
-                            f"this code reads {FORMAT} v{FORMAT_VERSION}; rebuild the memory with build_memory.py")
-        tensor_path = os.path.join(path, TENSORS)
-        try:
-            expected = manifest['tensors'][TENSORS]
-            layers, model_id = manifest['layers'], manifest['model']
-        except (KeyError, TypeError) as e:
-            raise UserError(f"{path}/{MANIFEST} lacks {e}; the memory is corrupted, rebuild it with build_memory.py") from None
+        rebuild = "rebuild the memory with build_memory.py"
+        manifest = read_manifest(path)
+        tensor_file, expected = next(iter(manifest['tensors'].items()))
+        tensor_path = os.path.join(path, tensor_file)
         if not os.path.isfile(tensor_path):
-            raise UserError(f"{path} lacks {TENSORS}; the memory is incomplete, rebuild it with build_memory.py")
+            if tries > 1 and read_manifest(path) != manifest:  # a save replaced the memory meanwhile
+                return cls._load_ours(path, tries - 1)
+            raise UserError(f"{path} lacks {tensor_file}; the memory is incomplete, {rebuild}")
         if sha256_file(tensor_path) != expected:
-            raise UserError(f"{tensor_path} does not match the checksum in {MANIFEST} (truncated or altered); "
-                            f"rebuild the memory with build_memory.py")
+            raise UserError(f"{tensor_path} does not match the checksum in {MANIFEST} (truncated or altered); {rebuild}")
         try:
             tensors = load_file(tensor_path)
-            keys = {int(l): tensors[f'layer{l}.keys'] for l in layers}
-            values = {int(l): tensors[f'layer{l}.values'] for l in layers}
+            keys = {int(l): tensors[f'layer{l}.keys'] for l in manifest['layers']}
+            values = {int(l): tensors[f'layer{l}.values'] for l in manifest['layers']}
         except (SafetensorError, KeyError) as e:
-            raise UserError(f"{tensor_path} is unreadable or incomplete ({e}); rebuild the memory") from None
+            raise UserError(f"{tensor_path} is unreadable or incomplete ({e}); {rebuild}") from None
+        for l in keys:
+            check_stored(keys[l], values[l], f"{tensor_path} layer {l}", rebuild)
         meta = {k: manifest[k] for k in ('model', 'text', 'token_windows', 'bookkeeping_token',
                                          'remove_bookkeeping_token_mem_size', 'retrieval_during_build', 'source')
                 if k in manifest}
-        meta['model'] = model_id
         return cls(keys, values, meta)
+
+
+def read_manifest(path):
+    """memory.json, its structure checked: anything else is a one-line error."""
+    f = os.path.join(path, MANIFEST)
+    bad = f"{f} is corrupted ({{}}); rebuild the memory with build_memory.py"
+    try:
+        with open(f, encoding='utf-8') as fh:
+            manifest = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(bad.format(e)) from None
+    if not isinstance(manifest, dict):
+        raise UserError(bad.format(f"it holds a {type(manifest).__name__}, not an object"))
+    version = manifest.get('format_version')
+    if manifest.get('format') != FORMAT or version not in READABLE_VERSIONS:
+        raise UserError(f"{f} is format {manifest.get('format')} v{version}, this code reads {FORMAT} "
+                        f"v{', v'.join(map(str, READABLE_VERSIONS))}; rebuild the memory with build_memory.py")
+    model, layers, tensors = manifest.get('model'), manifest.get('layers'), manifest.get('tensors')
+    if not isinstance(model, dict) or not all(isinstance(model.get(k), int) for k in ('n_layer', 'n_head', 'head_size')):
+        raise UserError(bad.format("its 'model' lacks n_layer, n_head or head_size"))
+    if not isinstance(layers, list) or not layers or not all(isinstance(l, int) and not isinstance(l, bool)
+                                                              for l in layers):
+        raise UserError(bad.format("its 'layers' is not a list of layer indices"))
+    if not isinstance(tensors, dict) or len(tensors) != 1 or not all(
+            isinstance(k, str) and is_tensor_file(k) and isinstance(v, str) for k, v in tensors.items()):
+        raise UserError(bad.format("its 'tensors' does not name one tensor file with its checksum"))
+    return manifest
+
+
+def check_stored(keys, values, where, fix):
+    """Stored keys and values must be (H, N, d) alike and finite."""
+    if keys.dim() != 3 or keys.shape != values.shape:
+        raise UserError(f"{where} holds keys {tuple(keys.shape)} and values {tuple(values.shape)}; "
+                        f"they must be (heads, N, head_size) alike; {fix}")
+    if not (torch.isfinite(keys).all() and torch.isfinite(values).all()):
+        raise UserError(f"{where} holds NaN or infinite values; {fix}")
+
+
+def is_tensor_file(name):
+    """A memory's tensor file: memory-<checksum>.safetensors (memory.safetensors before format 2)."""
+    return name == 'memory.safetensors' or (len(name) == 35 and name.startswith('memory-') and
+                                            name.endswith('.safetensors') and all(c in '0123456789abcdef' for c in name[7:23]))
+
+
+def is_temporary(name):
+    """A save's temporary file: the tensors' (.tmp-*) or the manifest's (.memory.json.tmp-*, files.write_whole)."""
+    return name.startswith(TMP_PREFIX) or name.startswith(f'.{MANIFEST}.tmp-')
+
+
+def is_own_file(name):
+    return name in (MANIFEST, LOCK) or is_temporary(name) or is_tensor_file(name)
 
 
 def import_reference(path, model, enc):
@@ -478,13 +540,17 @@ def import_reference(path, model, enc):
         if l >= cfg.n_layer:
             raise UserError(f"{path} has a memory for layer {l}, this model has {cfg.n_layer} layers; "
                             f"it was made by another model")
+        for store in ('keyStore', 'valueStore'):
+            folder = os.path.join(path, store, str(l))
+            heads = sorted(f for f in os.listdir(folder) if f.endswith('.pt')) if os.path.isdir(folder) else []
+            if heads != sorted(f'{h}.pt' for h in range(cfg.n_head)):
+                raise UserError(f"{folder} holds {len(heads)} head files, this model has {cfg.n_head} heads "
+                                f"(0.pt .. {cfg.n_head - 1}.pt); the memory was made by another model")
         ks, vs = [], []
         for h in range(cfg.n_head):
             pair = []
             for store in ('keyStore', 'valueStore'):
                 f = os.path.join(path, store, str(l), f'{h}.pt')
-                if not os.path.isfile(f):
-                    raise UserError(f"{f} is missing: the reference memory has fewer heads than this model's {cfg.n_head}")
                 try:
                     t = torch.load(f, map_location='cpu', weights_only=True)
                 except Exception as e:
@@ -494,9 +560,19 @@ def import_reference(path, model, enc):
                     raise UserError(f"{f} holds {getattr(t, 'shape', type(t).__name__)}, expected (N+1, {head_size}); "
                                     f"it was made by another model")
                 pair.append(t[1:].float())  # drop the sentinel row
+            if pair[0].shape != pair[1].shape:
+                raise UserError(f"{path} layer {l} head {h}: {pair[0].size(0)} stored keys but {pair[1].size(0)} "
+                                f"values; the memory is corrupted")
             ks.append(pair[0])
             vs.append(pair[1])
+        if len({k.size(0) for k in ks}) > 1:
+            raise UserError(f"{path} layer {l}: its heads store different numbers of tokens "
+                            f"({sorted({k.size(0) for k in ks})}); the memory is corrupted")
         keys[l], values[l] = torch.stack(ks), torch.stack(vs)
+        if keys[l].size(1) != keys[min(keys)].size(1):
+            raise UserError(f"{path}: layer {l} stores {keys[l].size(1)} tokens, layer {min(keys)} "
+                            f"{keys[min(keys)].size(1)}; the memory is corrupted")
+        check_stored(keys[l], values[l], f"{path} layer {l}", "the memory is corrupted")
     name = os.path.basename(os.path.normpath(path))
     text_file = os.path.join(path, f'{name}.txt')
     text = open(text_file, encoding='utf-8').read() if os.path.isfile(text_file) else None
@@ -513,6 +589,12 @@ def import_reference(path, model, enc):
 # -----------------------------------------------------------------------------
 # helpers
 
+def check_search(search):
+    if search is not None and search not in SEARCHES:
+        raise UserError(f"search={search!r} must be one of {', '.join(map(repr, SEARCHES))} "
+                        f"(or None: faiss on the CPU, torch on CUDA)")
+
+
 def default_search(device):
     """FAISS on the CPU; on CUDA the exact torch search keeps everything on the GPU."""
     if str(device).startswith('cuda'):
@@ -526,14 +608,7 @@ def default_search(device):
 
 def model_identity(model):
     cfg = model.config
-    return dict(name=model.name, fingerprint=model.fingerprint(), n_layer=cfg.n_layer, n_head=cfg.n_head,
+    return dict(name=model.name, fingerprint=model.fingerprint(), fingerprint_scheme=FINGERPRINT_SCHEME,
+                n_layer=cfg.n_layer, n_head=cfg.n_head,
                 n_embd=cfg.n_embd, head_size=cfg.n_embd // cfg.n_head, vocab_size=cfg.vocab_size,
                 block_size=cfg.block_size)
-
-
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''):
-            h.update(chunk)
-    return h.hexdigest()

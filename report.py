@@ -12,7 +12,7 @@ import os
 import numpy as np
 
 from configurator import UserError
-from run import write_whole
+from files import write_whole
 from scores import QUALITY_SCORES, VADER_SCORES, summarize
 
 # columns of results.csv besides the grid keys

@@ -7,19 +7,20 @@ from here and never from each other.
   the model    load_model (checkpoint, device, dtype)
   a run        seeds_of (which seeds), Sampling (how tokens are drawn), MemorySource
                (where a memory comes from), prepare_memory, continuations
-  files        write_whole (temporary file, then rename) and append_jsonl
+  output       append_jsonl (records that land whole)
 """
 
 import json
+import math
 import os
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 
 import torch
 
 from configurator import UserError
-from memory import Memory, RetrievalSettings
+from files import append_whole
+from memory import Memory
 from model import GPT, encode
 
 # a run's config keys, shared by sample.py and sweep.py: the reference code's sample.py keys
@@ -55,6 +56,7 @@ RUN_DEFAULTS = dict(
     method_text='No Memory',  # label of the method's samples (sample.py) or of a sweep's one memory setting
 )
 
+MAX_SEEDS = 1_000_000  # one run's seeds; each is a row of a batch
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 DECODINGS = ('exact', 'cached')
 
@@ -114,11 +116,21 @@ def prompt_ids(start, enc, block_size=None):
 # -----------------------------------------------------------------------------
 # the model
 
+def check_device(device):
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        kind = None
+    if kind not in ('cpu', 'cuda'):
+        raise UserError(f"device={device!r} is not a device this code runs on; use 'cpu', 'cuda' or 'cuda:N'")
+    if kind == 'cuda' and not torch.cuda.is_available():
+        raise UserError(f"device={device} but CUDA is not available here; use --device=cpu")
+
+
 def load_model(config):
     """(model, tokenizer) for config's init_from, on its device, in its dtype."""
     device = config['device']
-    if device.startswith('cuda') and not torch.cuda.is_available():
-        raise UserError(f"device={device} but CUDA is not available here; use --device=cpu")
+    check_device(device)
     if config['dtype'] not in DTYPES:
         raise UserError(f"dtype={config['dtype']!r} must be one of {', '.join(DTYPES)}")
     model, enc = GPT.from_pretrained(config['init_from'])
@@ -131,18 +143,19 @@ def load_model(config):
 def seeds_of(config):
     """The run's seeds: `seeds` as a list, or a count n meaning seed, seed+1, ..., seed+n-1;
     with seeds None, num_samples seeds counted the same way."""
-    seeds = config['seeds']
+    seeds, count = config['seeds'], None
     if seeds is None:
-        if config['num_samples'] < 1:
-            raise UserError(f"num_samples={config['num_samples']} must be at least 1")
-        return [config['seed'] + i for i in range(config['num_samples'])]
-    if isinstance(seeds, int) and not isinstance(seeds, bool):
-        if seeds < 1:
-            raise UserError(f"seeds={seeds} must be a count >= 1 or a list of seeds")
-        return [config['seed'] + i for i in range(seeds)]
+        count, what = config['num_samples'], 'num_samples'
+    elif isinstance(seeds, int) and not isinstance(seeds, bool):
+        count, what = seeds, 'seeds'
+    if count is not None:
+        if not 1 <= count <= MAX_SEEDS:
+            raise UserError(f"{what}={count} must be a count from 1 to {MAX_SEEDS}")
+        seeds = [config['seed'] + i for i in range(count)]
     if not isinstance(seeds, (list, tuple)) or not seeds or \
-            not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
-        raise UserError(f"seeds={seeds!r} must be a count or a non-empty list of whole numbers >= 0")
+            not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2 ** 63 for s in seeds):
+        raise UserError(f"seeds={config['seeds']!r} (seed={config['seed']}) must be a count or a non-empty list of "
+                        f"whole numbers from 0 to 2**63 - 1")
     if len(set(seeds)) != len(seeds):
         raise UserError(f"seeds={seeds!r} repeats a seed")
     return list(seeds)
@@ -160,9 +173,11 @@ class Sampling:
     def from_config(cls, config, where=None):
         """The config's sampling settings, checked; `where` names the setting in the message."""
         at = f"{where}: " if where else ''
-        if config['max_new_tokens'] < 1 or config['temperature'] <= 0 or \
-                (config['top_k'] is not None and config['top_k'] < 1):
-            raise UserError(f"{at}max_new_tokens and top_k must be >= 1 and temperature > 0")
+        if config['max_new_tokens'] < 1 or not (math.isfinite(config['temperature']) and config['temperature'] > 0) \
+                or (config['top_k'] is not None and config['top_k'] < 1):
+            raise UserError(f"{at}max_new_tokens and top_k must be >= 1 and temperature a finite number > 0 "
+                            f"(max_new_tokens={config['max_new_tokens']}, top_k={config['top_k']}, "
+                            f"temperature={config['temperature']})")
         if config['decoding'] not in DECODINGS:
             raise UserError(f"{at}decoding={config['decoding']!r} must be 'exact' or 'cached'")
         return cls(config['max_new_tokens'], config['temperature'], config['top_k'], config['decoding'])
@@ -179,6 +194,10 @@ class MemorySource:
 
     @classmethod
     def from_config(cls, config, substitute='', substitute_target=''):
+        n_skip = config['remove_bookkeeping_token_mem_size']
+        if n_skip is not None and (not isinstance(n_skip, int) or isinstance(n_skip, bool) or n_skip < 0):
+            raise UserError(f"remove_bookkeeping_token_mem_size={n_skip!r} must be a whole number >= 0, or None "
+                            f"(the bookkeeping token's length)")
         if config['load_mem_store']:
             if not config['mem_store']:
                 raise UserError("load_mem_store=True needs mem_store=DIR (a memory made by build_memory.py)")
@@ -232,32 +251,8 @@ def continuations(model, ids, seeds, sampling, retrieval=None, progress=None):
 
 
 # -----------------------------------------------------------------------------
-# files
-
-def write_whole(path, data):
-    """Write bytes or text to path through a temporary file and os.replace: never half a file."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=d)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            f.write(data.encode('utf-8') if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
+# output
 
 def append_jsonl(path, records):
-    """Append records as JSON lines, in one write, so a line is never left half-written."""
-    if os.path.dirname(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-    data = ''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in records)
-    with open(path, 'a', encoding='utf-8') as f:
-        f.write(data)
+    """Append records as JSON lines; they land whole or not at all (files.append_whole)."""
+    append_whole(path, ''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in records))

@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from configurator import configure, run_cli
-from memory import RetrievalSettings
+from memory import RetrievalSettings, check_search
 from run import RUN_DEFAULTS, Sampling, append_jsonl, continuations, load_model, prepare_memory, prompt_ids, seeds_of
 
 DEFAULTS = dict(
@@ -29,6 +29,7 @@ def main(argv):
     config = configure(DEFAULTS, argv)
     seeds = seeds_of(config)
     sampling = Sampling.from_config(config)
+    check_search(config['search'])
     model, enc = load_model(config)
     settings = RetrievalSettings.from_config(config, model.config.n_layer)
     memory = prepare_memory(config, model, enc, settings)

@@ -30,11 +30,12 @@ from tqdm import tqdm
 
 import report
 from configurator import UserError, check_type, configure, run_cli
-from memory import RetrievalSettings
+from memory import RetrievalSettings, check_search
 from model import encode
 from report import jsonable
-from run import (RUN_DEFAULTS, MemorySource, Sampling, continuations, load_model, memory_text, prompt_ids, prompt_text,
-                 seeds_of, write_whole)
+from files import write_whole
+from run import (RUN_DEFAULTS, MemorySource, Sampling, check_device, continuations, load_model, memory_text, prompt_ids, prompt_text,
+                 seeds_of)
 from scores import perplexities, score_rows
 
 SWEEP_DEFAULTS = dict(
@@ -178,6 +179,8 @@ def make_setting(config, method, values, seeds):
     if method != 'memory':  # the baselines use no memory
         c.update({k: RUN_DEFAULTS[k] for k in RETRIEVAL_KEYS & set(RUN_DEFAULTS)})
     sampling = Sampling.from_config(c, where)
+    check_search(c['search'])
+    check_device(c['device'])
     answers = answers_of(c) if c['metric'] == 'recall' else None
     source = retrieval = context = None
     if method == 'memory':
@@ -241,8 +244,10 @@ def parse_shard(shard):
     return i, n
 
 
-def load_finished(dirs, ids):
-    """{setting id: record} of the settings files in dirs that belong to this sweep."""
+def load_finished(dirs, ids, seeds):
+    """{setting id: record} of the settings files in dirs that belong to this sweep. A file that
+    is unreadable, or whose rows are not one complete row per seed, is not trusted: its
+    setting is run again."""
     found = {}
     for d in dirs:
         for f in sorted(glob.glob(os.path.join(d, 'settings', '*.json'))):
@@ -252,8 +257,15 @@ def load_finished(dirs, ids):
             except (json.JSONDecodeError, UnicodeDecodeError, OSError):
                 warnings.warn(f"{f} is unreadable; its setting will be run again")
                 continue
-            if rec.get('format') == SETTING_FORMAT and rec.get('id') in ids and rec['id'] not in found:
-                found[rec['id']] = rec
+            if not isinstance(rec, dict) or rec.get('format') != SETTING_FORMAT or rec.get('id') not in ids \
+                    or rec['id'] in found:
+                continue
+            rows = rec.get('rows')
+            if not isinstance(rows, list) or [r.get('seed') if isinstance(r, dict) else None for r in rows] != seeds \
+                    or not all({'text', 'tokens', 'scores'} <= set(r) for r in rows):
+                warnings.warn(f"{f} does not hold one complete row per seed; its setting will be run again")
+                continue
+            found[rec['id']] = rec
     return found
 
 
@@ -344,8 +356,15 @@ def sweep_name(config, argv):
 
 
 def run_settings(todo, config, name, run_dir, mine, seeds, finished, wb):
-    """Run the unfinished settings one by one, each saved whole before the next starts."""
+    """Run the unfinished settings one by one, each saved whole before the next starts. Every
+    memory setting is first checked against its model and memory (knn_num's length, the
+    layers the memory holds), so a bad one stops the sweep before anything is generated."""
     runner = Runner(todo)
+    for s in todo:
+        if s['method'] == 'memory' and s['retrieval'].layers:
+            runner.model_for(s['config'])
+            s['retrieval'].check_layers(runner.model.config.n_layer)
+            runner.retrieval_for(s)
     fingerprint = None
     with tqdm(total=len(todo), desc='settings', unit='setting', file=sys.stderr, position=0) as sbar:
         for s in todo:
@@ -391,7 +410,7 @@ def main(argv):
                 json.dumps(dict(name=name, shard=config['shard'] or None, seeds=seeds, config=jsonable(config),
                                 settings=[dict(index=s['index'], id=s['id'], label=s['label'], setting=s['setting'])
                                           for s in settings]), indent=1, ensure_ascii=False))
-    finished = load_finished([run_dir], {s['id'] for s in settings})
+    finished = load_finished([run_dir], {s['id'] for s in settings}, seeds)
     todo = [s for s in mine if s['id'] not in finished]
     print(f"sweep {name}: {len(settings)} settings x {len(seeds)} seeds"
           + (f", shard {shard[0]}/{shard[1]}: {len(mine)} settings" if shard else '')
@@ -415,7 +434,7 @@ def merge(config, name, out_dir, settings, seeds):
     if not shard_dirs and not os.path.isdir(os.path.join(out_dir, 'settings')):
         raise UserError(f"nothing to merge: {out_dir}/shards/ holds no shard folders (run with --shard=i/n first, "
                         f"or copy the machines' {out_dir}/shards/* here)")
-    finished = load_finished([out_dir] + shard_dirs, {s['id'] for s in settings})
+    finished = load_finished([out_dir] + shard_dirs, {s['id'] for s in settings}, seeds)
     fps = {(r['model']['name'], r['model']['fingerprint']) for r in finished.values()}
     if len({n for n, _ in fps}) < len(fps):
         raise UserError(f"the shards were run with different weights of the same model ({sorted(fps)}); rerun them alike")
@@ -428,8 +447,13 @@ def merge(config, name, out_dir, settings, seeds):
     print(text, end='')
     print(f"merged {len(finished)} of {len(settings)} settings from {len(shard_dirs)} shard folder(s) into {out_dir}")
     if missing:
-        print(f"missing {len(missing)} setting(s): " + '; '.join(f"{s['index']} ({s['label']})" for s in missing[:10])
-              + (' ...' if len(missing) > 10 else '') + " - run their shards, then merge again", file=sys.stderr)
+        n = len(settings)
+        shards = sorted({d.rsplit('-of-', 1)[-1] for d in map(os.path.basename, shard_dirs) if '-of-' in d})
+        where = f" (shards i/{shards[0]}: " + ', '.join(sorted({f"{s['index'] % int(shards[0])}/{shards[0]}" for s in missing}))\
+            + ")" if len(shards) == 1 else ''
+        raise UserError(f"missing {len(missing)} of {n} settings{where}: "
+                        + '; '.join(f"{s['index']} ({s['label']})" for s in missing[:10])
+                        + (' ...' if len(missing) > 10 else '') + "; run them, then merge again")
     if config['wandb_log']:
         report.WandbLog(config, config['wandb_run_name'] or name).finish(summary, table, plots)
 

@@ -1,0 +1,95 @@
+"""
+Writing files so that an interrupted run never leaves half of one: whole-file writes
+(temporary file, then rename), appends that land whole or not at all, checksums. Files get
+the usual permissions (the umask's), not a temporary file's 0600. A failure of the
+environment (no such folder, a read-only folder, a full disk, a path under a regular file)
+becomes a one-line UserError naming the path.
+"""
+
+import hashlib
+import os
+import tempfile
+
+from configurator import UserError
+
+
+def umask_mode(mode=0o666):
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
+def cannot_write(path, e):
+    """The one-line error for an OSError met writing `path`."""
+    return UserError(f"cannot write {path}: {e.strerror or e}"
+                     + (" (the disk is full)" if getattr(e, 'errno', None) == 28 else ''))
+
+
+def make_dirs(path):
+    try:
+        os.makedirs(path, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"cannot create folder {path}: a file is in the way (a regular file where a folder "
+                        f"should be)") from None
+    except OSError as e:
+        raise cannot_write(path, e) from None
+
+
+def write_whole(path, data):
+    """Write bytes or text to path through a temporary file in the same folder and os.replace:
+    the path holds the old file or the new one, never half of one."""
+    if os.path.isdir(path):
+        raise UserError(f"cannot write {path}: it is a folder; give a file name")
+    d = os.path.dirname(os.path.abspath(path))
+    make_dirs(d)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=d)
+        with os.fdopen(fd, 'wb') as f:
+            f.write(data.encode('utf-8') if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, umask_mode())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise cannot_write(path, e) from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def append_whole(path, text):
+    """Append text to path in one write; if the write fails partway (a full disk), the file is
+    cut back to where it was, so a record is never left half-written."""
+    if os.path.isdir(path):
+        raise UserError(f"cannot append to {path}: it is a folder; give a file name")
+    if os.path.dirname(path):
+        make_dirs(os.path.dirname(path))
+    data = text.encode('utf-8')
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, umask_mode())
+    except OSError as e:
+        raise cannot_write(path, e) from None
+    start = None
+    try:
+        regular = os.path.isfile(path)  # /dev/stdout and pipes cannot be cut back, nor need to be
+        start = os.lseek(fd, 0, os.SEEK_END) if regular else None
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        if regular:
+            os.fsync(fd)
+    except OSError as e:
+        if start is not None:
+            os.ftruncate(fd, start)
+        raise cannot_write(path, e) from None
+    finally:
+        os.close(fd)
+
+
+def sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            h.update(chunk)
+    return h.hexdigest()
