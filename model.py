@@ -33,12 +33,32 @@ HUB_MODELS = ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl')
 CHECKPOINT_FILES = ('config.json', 'model.safetensors', 'vocab.json', 'merges.txt')
 
 
+def hub_file(repo_id, filename, revision=None, optional=False):
+    """A file of a Hugging Face hub repository, from the cache when it is there (no network),
+    else downloaded once by huggingface_hub (HF_HUB_OFFLINE=1 is honoured). An optional file
+    that cannot be had gives None."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    try:
+        return hf_hub_download(repo_id, filename, revision=revision, local_files_only=True)
+    except LocalEntryNotFoundError:
+        pass
+    try:
+        return hf_hub_download(repo_id, filename, revision=revision)
+    except Exception as e:  # offline, no network, hub down, no such file: all end the same way for the user
+        if optional:
+            return None
+        raise UserError(f"{repo_id} is not in the Hugging Face cache and could not be downloaded "
+                        f"({type(e).__name__}: {filename}); connect once to cache it, or pass --init_from=DIR "
+                        f"with a local checkpoint") from None
+
+
 def resolve_checkpoint(init_from):
     """Return a local directory holding CHECKPOINT_FILES for `init_from`.
 
-    `init_from` is a local directory in the hub layout, or one of HUB_MODELS, which is
-    downloaded once by huggingface_hub and then read from its cache. The cache is tried
-    first, so a cached model never touches the network; HF_HUB_OFFLINE=1 is honoured.
+    `init_from` is a local directory in the hub layout, one of HUB_MODELS or another hub
+    repository id ("owner/name"), which is downloaded once by huggingface_hub and then read
+    from its cache. The cache is tried first, so a cached model never touches the network.
     """
     if os.path.isdir(init_from):
         missing = [f for f in CHECKPOINT_FILES if not os.path.isfile(os.path.join(init_from, f))]
@@ -46,24 +66,11 @@ def resolve_checkpoint(init_from):
             raise UserError(f"checkpoint directory {init_from} lacks {', '.join(missing)}; "
                             f"it needs {', '.join(CHECKPOINT_FILES)} (the Hugging Face layout)")
         return init_from
-    if init_from not in HUB_MODELS:
+    if init_from not in HUB_MODELS and '/' not in init_from:
         raise UserError(f"init_from={init_from!r} is neither a directory nor one of {', '.join(HUB_MODELS)}; "
-                        f"pass a GPT-2 name or --init_from=DIR with {', '.join(CHECKPOINT_FILES)}")
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-    paths = []
-    for fname in CHECKPOINT_FILES:
-        try:
-            paths.append(hf_hub_download(init_from, fname, local_files_only=True))
-            continue
-        except LocalEntryNotFoundError:
-            pass
-        try:
-            paths.append(hf_hub_download(init_from, fname))
-        except Exception as e:  # offline, no network, hub down: all end the same way for the user
-            raise UserError(f"{init_from} is not in the Hugging Face cache and could not be downloaded "
-                            f"({type(e).__name__}); connect once to cache it, or pass --init_from=DIR "
-                            f"with a local checkpoint ({', '.join(CHECKPOINT_FILES)})") from None
+                        f"pass a GPT-2 name, a hub id (owner/name) or --init_from=DIR with "
+                        f"{', '.join(CHECKPOINT_FILES)}")
+    paths = [hub_file(init_from, fname) for fname in CHECKPOINT_FILES]
     return os.path.dirname(paths[0])
 
 
@@ -114,7 +121,11 @@ def load_tokenizer(ckpt_dir):
 
 
 def encode(enc, text):
-    return enc.encode(text, allowed_special={EOT} & enc.special_tokens_set)
+    """Token ids of text: GPT-2's tiktoken Encoding ('<|endoftext|>' allowed), or a tokenizer
+    with its own encode (llama.HFTokenizer, which adds BOS where its configuration says so)."""
+    if hasattr(enc, 'special_tokens_set'):
+        return enc.encode(text, allowed_special={EOT} & enc.special_tokens_set)
+    return enc.encode(text)
 
 
 # -----------------------------------------------------------------------------
@@ -128,6 +139,15 @@ class GPTConfig:
     n_head: int = 12
     n_embd: int = 768
     layer_norm_epsilon: float = 1e-5
+    arch = 'gpt2'  # the model family; llama.LlamaConfig has the same names (arch, n_kv_head, head_dim)
+
+    @property
+    def n_kv_head(self):
+        return self.n_head  # no grouped-query attention in GPT-2
+
+    @property
+    def head_dim(self):
+        return self.n_embd // self.n_head
 
 
 def new_gelu(x):
@@ -177,6 +197,66 @@ def causal_mask(T_new, T_all, device):
     return torch.ones(T_new, T_all, dtype=torch.bool, device=device).tril(diagonal=T_all - T_new)
 
 
+def expand_kv(x, group):
+    """(B, H_kv, T, d) -> (B, H_kv * group, T, d): key/value head g serves query heads g*group .. g*group+group-1."""
+    return x if group == 1 else x.repeat_interleave(group, dim=1)
+
+
+def attend(memory, q, k, v, *, rope=None, cache=None, use_memory=True, need_att=False, cached_memory=False,
+           rerun=False, last_only=False):
+    """Causal attention with a KV cache and the memory hook, for every model family.
+
+    q (B, H, T, d) and k, v (B, H_kv, T, d) are the T newest positions, q and k before RoPE;
+    query head h reads key/value head h // (H / H_kv) (grouped-query attention; GPT-2 has
+    H_kv = H and no RoPE). The cache keeps k before RoPE, so the memory can read keys in
+    either form (METHOD.md section 8); rope(x, start) rotates x as positions start, start+1, ...
+    memory: the layer's memory.LayerMemory or None. Flags as in CausalSelfAttention.forward.
+    Returns y (B, T_out, H * d), (k, v) of all positions (k before RoPE), and att
+    (B, H, T_q, T_all) when it was computed.
+    """
+    retrieve = use_memory and memory is not None
+    if retrieve and cache is not None and not (cached_memory or rerun):
+        raise ValueError("exact memory attention reruns the whole sequence; "
+                         "a KV cache in a memory layer needs cached_memory=True")
+    q_all = q
+    if cache is not None:
+        full = cache.extend(k=k, v=v, **(dict(q=q) if retrieve or rerun else {}))
+        k, v, q_all = full['k'], full['v'], full.get('q', q)
+        if rerun:
+            q = q_all
+    present = (k, v)
+    B, H, T_q, d = q.shape
+    T_all, group = k.size(2), H // k.size(1)
+    q_rot, k_rot = (rope(q, T_all - T_q), rope(k, 0)) if rope is not None else (q, k)
+    att = None
+    if retrieve or need_att or last_only:
+        # explicit attention: the memory needs the attention weights. For the top layer, when
+        # only the next token's logits are wanted, the last query row is enough (it sees
+        # every position); step 4 of the method still uses every selected token's own query.
+        att = ((q_rot[:, :, -1:] if last_only else q_rot) @ expand_kv(k_rot, group).transpose(-2, -1)) \
+            * (1.0 / math.sqrt(d))
+        if not last_only:
+            att = att.masked_fill(~causal_mask(T_q, T_all, q.device), float('-inf'))
+        att = F.softmax(att, dim=-1)
+        if retrieve:
+            # the memory's q and k of every position, in the form its keys were stored in
+            rotated = rope is not None and memory.memory_keys == 'rotated'
+            mem_q, mem_k = (rope(q_all, 0), k_rot) if rotated else (q_all, k)
+            if cached_memory and cache is not None:
+                v = memory.cached_values(mem_q, mem_k, v, att, *cache.memory_state(q_all, T_all))
+            else:
+                v = memory.update_values(mem_q, mem_k, v, att)  # v' per query head
+        else:
+            v = expand_kv(v, group)
+        y = att @ v
+    elif T_q == 1 or T_q == T_all:
+        y = F.scaled_dot_product_attention(q_rot, k_rot, v, is_causal=T_q > 1, enable_gqa=group > 1)
+    else:  # several new positions after a cache
+        y = F.scaled_dot_product_attention(q_rot, k_rot, v, attn_mask=causal_mask(T_q, T_all, q.device),
+                                           enable_gqa=group > 1)
+    return y.transpose(1, 2).reshape(B, y.size(2), H * d), present, att
+
+
 class CausalSelfAttention(nn.Module):
 
     def __init__(self, config):
@@ -188,53 +268,20 @@ class CausalSelfAttention(nn.Module):
         self.n_embd = config.n_embd
         self.memory = None  # a memory.LayerMemory, attached by GPT.attach_memory
 
-    def forward(self, x, *, cache=None, use_memory=True, need_att=False, cached_memory=False, rerun=False,
-                last_only=False):
-        """x: (B, T, C), the T newest positions. cache: this layer's LayerCache, which holds the
-        earlier positions and receives these. Returns y, (k, v) of all positions, and att
-        (B, H, T_q, T_all) when it was computed.
-
+    def forward(self, x, *, rope=None, **flags):
+        """x: (B, T, C), the T newest positions. Flags (all keyword-only):
+        cache: this layer's LayerCache, which holds the earlier positions and receives these.
         rerun: y for every position, the cached ones too, with their q, k, v taken from the
         cache (exact decoding's first rerun layer, whose input for past positions never
         changes). last_only: y of the last position only (the top layer, when only the next
-        token's logits are wanted). cached_memory: a memory layer with a KV cache (cached mode).
-        """
+        token's logits are wanted). cached_memory: a memory layer with a KV cache (cached
+        mode). use_memory, need_att. Returns y, (k, v) of all positions, att (see attend)."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, d)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        retrieve = use_memory and self.memory is not None
-        if retrieve and cache is not None and not (cached_memory or rerun):
-            raise ValueError("exact memory attention reruns the whole sequence; "
-                             "a KV cache in a memory layer needs cached_memory=True")
-        q_all = q
-        if cache is not None:
-            full = cache.extend(k=k, v=v, **(dict(q=q) if retrieve or rerun else {}))
-            k, v, q_all = full['k'], full['v'], full.get('q', q)
-            if rerun:
-                q, T = q_all, q_all.size(2)
-        present = (k, v)
-        T_all = k.size(2)
-        att = None
-        if retrieve or need_att or last_only:
-            # explicit attention: the memory needs the attention weights. For the top layer, when
-            # only the next token's logits are wanted, the last query row is enough (it sees
-            # every position); step 4 of the method still uses every selected token's own query.
-            att = ((q[:, :, -1:] if last_only else q) @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
-            if not last_only:
-                att = att.masked_fill(~causal_mask(T, T_all, x.device), float('-inf'))
-            att = F.softmax(att, dim=-1)
-            if retrieve and cached_memory and cache is not None:
-                v = self.memory.cached_values(q_all, k, v, att, *cache.memory_state(v, T_all))
-            elif retrieve:
-                v = self.memory.update_values(q, k, v, att)
-            y = att @ v
-        elif T == 1 or T == T_all:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
-        else:  # several new positions after a cache
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(T, T_all, x.device))
-        y = y.transpose(1, 2).contiguous().view(B, y.size(2), C)
+        y, present, att = attend(self.memory, q, k, v, rope=rope, **flags)  # rope: None in GPT-2
         return self.c_proj(y), present, att
 
 
@@ -268,7 +315,123 @@ class Block(nn.Module):
         return x, present, att
 
 
-class GPT(nn.Module):
+class Transformer(nn.Module):
+    """What every model family shares: the memory hook, the KV cache, the forward pass over a
+    stack of blocks, decoding, fingerprints. A family (GPT below, llama.Llama) defines its
+    modules, `blocks` (the nn.ModuleList), `rope` (or None), embed(idx, pos_start) and head(x)."""
+
+    def fingerprint(self):
+        """SHA-256 over every weight: each tensor's name and shape and all its values as float32
+        bytes (a tied tensor once). Memories and sweep results record it, so a memory is never
+        used with a model it was not built by, whichever weight differs. About 1.5 GB/s here
+        (0.3 s for GPT-2 small); cached until a weight changes in place."""
+        params = self.state_dict()
+        key = tuple((name, p.data_ptr(), p._version) for name, p in params.items())
+        if getattr(self, '_fingerprint', (None,))[0] != key:
+            h, seen = hashlib.sha256(), {}
+            for name, p in params.items():
+                h.update(f"{name}{tuple(p.shape)}".encode())
+                if p.data_ptr() in seen:
+                    h.update(f"tied to {seen[p.data_ptr()]}".encode())
+                    continue
+                seen[p.data_ptr()] = name
+                h.update(p.detach().to('cpu', torch.float32).contiguous().numpy().tobytes())
+            self._fingerprint = (key, h.hexdigest()[:16])
+        return self._fingerprint[1]
+
+    def fingerprint_sampled(self):
+        """The fingerprint of format-1 memories (scheme 'sampled-v1'): every tensor's name and
+        shape and one value in ~4096. Only for checking memories saved with it."""
+        h = hashlib.sha256()
+        for name, p in self.state_dict().items():
+            flat = p.detach().reshape(-1)
+            step = max(1, flat.numel() // 4096)
+            h.update(f"{name}{tuple(p.shape)}".encode())
+            h.update(flat[::step].to('cpu', torch.float32).numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    # --- memory ----------------------------------------------------------------
+
+    def attach_memory(self, layers):
+        """Give the memory layers their retrieval: `layers` is {layer index: memory.LayerMemory}
+        (what Memory.retrieving_layers hands out); None or {} detaches every layer."""
+        layers = layers or {}
+        for i, block in enumerate(self.blocks):
+            block.attn.memory = layers.get(i)
+
+    def memory_layers(self):
+        return [i for i, b in enumerate(self.blocks) if b.attn.memory is not None]
+
+    # --- forward ---------------------------------------------------------------
+
+    def new_cache(self, capacity=None):
+        """An empty KV cache: one LayerCache per layer, for `capacity` positions (default block_size)."""
+        return [LayerCache(capacity or self.config.block_size) for _ in range(self.config.n_layer)]
+
+    def run_blocks(self, x, start, stop, *, caches=None, rerun_cache=None, last_only=False, **attn_flags):
+        """Blocks start .. stop-1 over x, the hidden states entering block `start`.
+
+        caches: per layer index, a LayerCache (a list from new_cache() or a dict). rerun_cache:
+        block `start` reruns every position, reusing the q, k, v of the positions in this cache
+        (exact decoding). last_only: the top block returns the last position only.
+        Returns (x, kv, atts): per block, (k, v) of all positions and the attention weights."""
+        kv, atts = [], []
+        for i in range(start, stop):
+            rerun = i == start and rerun_cache is not None
+            cache = rerun_cache if rerun else caches[i] if caches is not None else None
+            x, present, att = self.blocks[i](x, cache=cache, rerun=rerun,
+                                             last_only=last_only and i == self.config.n_layer - 1,
+                                             rope=self.rope, **attn_flags)
+            kv.append(present)
+            atts.append(att)
+        return x, kv, atts
+
+    def forward(self, idx, *, cache=None, use_memory=True, return_att=False, all_logits=False, cached_memory=False):
+        """idx: (B, T) token ids of the newest T positions.
+
+        cache: from new_cache(); it holds the keys and values of the earlier positions and
+        receives these. Returns (logits, kv, atts): logits of the last position (B, 1, V), or
+        of every position with all_logits; kv: per layer (k, v) of all positions; atts: per
+        layer attention weights (B, H, T, T_all) with return_att. cached_memory: memory layers
+        keep a KV cache too (the approximate cached mode, see generate).
+        """
+        x = self.embed(idx, cache[0].length if cache else 0)
+        # the top layer's other positions feed nothing when only the last logits are wanted
+        x, kv, atts = self.run_blocks(x, 0, self.config.n_layer, caches=cache,
+                                      last_only=not (all_logits or return_att), use_memory=use_memory,
+                                      need_att=return_att, cached_memory=cached_memory)
+        logits = self.head(x if all_logits else x[:, [-1], :])
+        return logits, kv, atts
+
+    # --- generation ------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, *, generators=None, progress=None,
+                 mode='exact'):
+        """Continue each row of idx (B, T) by max_new_tokens sampled tokens (nanoGPT semantics).
+
+        generators: one torch.Generator per row (CPU), so row i draws exactly what a run of
+        its own would; None uses torch's global generator (as nanoGPT). Sampling happens on
+        the CPU, so a CUDA run draws the same tokens as a CPU run from the same probabilities.
+        mode: 'exact' (the method) or 'cached' (an approximation); see Decoder.
+        """
+        if idx.size(1) > self.config.block_size:
+            warnings.warn(f"prompt of {idx.size(1)} tokens is longer than block_size {self.config.block_size}; "
+                          f"only its last {self.config.block_size} tokens are used")
+        decoder = Decoder(self, mode, capacity=idx.size(1) + max_new_tokens)
+        logits = decoder.prefill(idx)
+        for step in range(max_new_tokens):
+            idx_next = sample_next(logits, temperature, top_k, generators).to(idx.device)
+            idx = torch.cat((idx, idx_next), dim=1)
+            if progress is not None:
+                progress.update(1)
+            if step < max_new_tokens - 1:
+                logits = decoder.step(idx_next)
+        return idx
+
+
+class GPT(Transformer):
+    """GPT-2."""
 
     def __init__(self, config):
         super().__init__()
@@ -282,6 +445,23 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying, as in GPT-2
         self.name = 'random'  # where the weights came from, for memory manifests
+        self.rope = None  # learned position embeddings instead
+
+    @property
+    def blocks(self):
+        return self.transformer.h
+
+    def embed(self, idx, pos_start=0):
+        """Token plus position embeddings of idx (B, T), whose first token stands at pos_start."""
+        T = idx.size(1)
+        if pos_start + T > self.config.block_size:
+            raise ValueError(f"cannot forward {pos_start + T} positions, block size is {self.config.block_size}")
+        pos = torch.arange(pos_start, pos_start + T, dtype=torch.long, device=idx.device)
+        return self.transformer.wte(idx) + self.transformer.wpe(pos)
+
+    def head(self, x):
+        """Logits from the last block's hidden states: final layer norm, then the LM head."""
+        return self.lm_head(self.transformer.ln_f(x))
 
     # --- loading -------------------------------------------------------------
 
@@ -337,131 +517,9 @@ class GPT(nn.Module):
                 if w.shape != sd[k].shape:
                     raise UserError(f"{ckpt_dir}: {k} has shape {tuple(w.shape)}, config.json implies {tuple(sd[k].shape)}")
                 sd[k].copy_(w)
-        model.name = init_from if init_from in HUB_MODELS else os.path.basename(os.path.normpath(init_from))
+        model.name = init_from if not os.path.isdir(init_from) else os.path.basename(os.path.normpath(init_from))
         model.eval()
         return model, load_tokenizer(ckpt_dir)
-
-    def fingerprint(self):
-        """SHA-256 over every weight: each tensor's name and shape and all its values as float32
-        bytes (a tied tensor once). Memories and sweep results record it, so a memory is never
-        used with a model it was not built by, whichever weight differs. About 1.5 GB/s here
-        (0.3 s for GPT-2 small); cached until a weight changes in place."""
-        params = self.state_dict()
-        key = tuple((name, p.data_ptr(), p._version) for name, p in params.items())
-        if getattr(self, '_fingerprint', (None,))[0] != key:
-            h, seen = hashlib.sha256(), {}
-            for name, p in params.items():
-                h.update(f"{name}{tuple(p.shape)}".encode())
-                if p.data_ptr() in seen:
-                    h.update(f"tied to {seen[p.data_ptr()]}".encode())
-                    continue
-                seen[p.data_ptr()] = name
-                h.update(p.detach().to('cpu', torch.float32).contiguous().numpy().tobytes())
-            self._fingerprint = (key, h.hexdigest()[:16])
-        return self._fingerprint[1]
-
-    def fingerprint_sampled(self):
-        """The fingerprint of format-1 memories (scheme 'sampled-v1'): every tensor's name and
-        shape and one value in ~4096. Only for checking memories saved with it."""
-        h = hashlib.sha256()
-        for name, p in self.state_dict().items():
-            flat = p.detach().reshape(-1)
-            step = max(1, flat.numel() // 4096)
-            h.update(f"{name}{tuple(p.shape)}".encode())
-            h.update(flat[::step].to('cpu', torch.float32).numpy().tobytes())
-        return h.hexdigest()[:16]
-
-    # --- memory ----------------------------------------------------------------
-
-    def attach_memory(self, layers):
-        """Give the memory layers their retrieval: `layers` is {layer index: memory.LayerMemory}
-        (what Memory.retrieving_layers hands out); None or {} detaches every layer."""
-        layers = layers or {}
-        for i, block in enumerate(self.transformer.h):
-            block.attn.memory = layers.get(i)
-
-    def memory_layers(self):
-        return [i for i, b in enumerate(self.transformer.h) if b.attn.memory is not None]
-
-    # --- forward ---------------------------------------------------------------
-
-    def new_cache(self, capacity=None):
-        """An empty KV cache: one LayerCache per layer, for `capacity` positions (default block_size)."""
-        return [LayerCache(capacity or self.config.block_size) for _ in range(self.config.n_layer)]
-
-    def embed(self, idx, pos_start=0):
-        """Token plus position embeddings of idx (B, T), whose first token stands at pos_start."""
-        T = idx.size(1)
-        if pos_start + T > self.config.block_size:
-            raise ValueError(f"cannot forward {pos_start + T} positions, block size is {self.config.block_size}")
-        pos = torch.arange(pos_start, pos_start + T, dtype=torch.long, device=idx.device)
-        return self.transformer.wte(idx) + self.transformer.wpe(pos)
-
-    def run_blocks(self, x, start, stop, *, caches=None, rerun_cache=None, last_only=False, **attn_flags):
-        """Blocks start .. stop-1 over x, the hidden states entering block `start`.
-
-        caches: per layer index, a LayerCache (a list from new_cache() or a dict). rerun_cache:
-        block `start` reruns every position, reusing the q, k, v of the positions in this cache
-        (exact decoding). last_only: the top block returns the last position only.
-        Returns (x, kv, atts): per block, (k, v) of all positions and the attention weights."""
-        kv, atts = [], []
-        for i in range(start, stop):
-            rerun = i == start and rerun_cache is not None
-            cache = rerun_cache if rerun else caches[i] if caches is not None else None
-            x, present, att = self.transformer.h[i](x, cache=cache, rerun=rerun,
-                                                    last_only=last_only and i == self.config.n_layer - 1,
-                                                    **attn_flags)
-            kv.append(present)
-            atts.append(att)
-        return x, kv, atts
-
-    def head(self, x):
-        """Logits from the last block's hidden states: final layer norm, then the LM head."""
-        return self.lm_head(self.transformer.ln_f(x))
-
-    def forward(self, idx, *, cache=None, use_memory=True, return_att=False, all_logits=False, cached_memory=False):
-        """idx: (B, T) token ids of the newest T positions.
-
-        cache: from new_cache(); it holds the keys and values of the earlier positions and
-        receives these. Returns (logits, kv, atts): logits of the last position (B, 1, V), or
-        of every position with all_logits; kv: per layer (k, v) of all positions; atts: per
-        layer attention weights (B, H, T, T_all) with return_att. cached_memory: memory layers
-        keep a KV cache too (the approximate cached mode, see generate).
-        """
-        x = self.embed(idx, cache[0].length if cache else 0)
-        # the top layer's other positions feed nothing when only the last logits are wanted
-        x, kv, atts = self.run_blocks(x, 0, self.config.n_layer, caches=cache,
-                                      last_only=not (all_logits or return_att), use_memory=use_memory,
-                                      need_att=return_att, cached_memory=cached_memory)
-        logits = self.head(x if all_logits else x[:, [-1], :])
-        return logits, kv, atts
-
-    # --- generation ------------------------------------------------------------
-
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, *, generators=None, progress=None,
-                 mode='exact'):
-        """Continue each row of idx (B, T) by max_new_tokens sampled tokens (nanoGPT semantics).
-
-        generators: one torch.Generator per row (CPU), so row i draws exactly what a run of
-        its own would; None uses torch's global generator (as nanoGPT). Sampling happens on
-        the CPU, so a CUDA run draws the same tokens as a CPU run from the same probabilities.
-        mode: 'exact' (the method) or 'cached' (an approximation); see Decoder.
-        """
-        if idx.size(1) > self.config.block_size:
-            warnings.warn(f"prompt of {idx.size(1)} tokens is longer than block_size {self.config.block_size}; "
-                          f"only its last {self.config.block_size} tokens are used")
-        decoder = Decoder(self, mode, capacity=idx.size(1) + max_new_tokens)
-        logits = decoder.prefill(idx)
-        for step in range(max_new_tokens):
-            idx_next = sample_next(logits, temperature, top_k, generators).to(idx.device)
-            idx = torch.cat((idx, idx_next), dim=1)
-            if progress is not None:
-                progress.update(1)
-            if step < max_new_tokens - 1:
-                logits = decoder.step(idx_next)
-        return idx
-
 
 class Decoder:
     """Decoding in two phases, as gpt-fast names them: prefill(prompt), then step(token) once per

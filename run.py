@@ -20,8 +20,9 @@ import torch
 
 from configurator import UserError
 from files import append_whole
-from memory import Memory
-from model import GPT, encode
+from llama import FAMILIES, GGUF_PACKAGES, Llama, gguf_path, hub_checkpoint, read_json
+from memory import MEMORY_KEYS, Memory
+from model import GPT, HUB_MODELS, encode, hub_file
 
 # a run's config keys, shared by sample.py and sweep.py: the reference code's sample.py keys
 # (same names, same meaning) plus a few of ours (seeds, search, decoding, bookkeeping_token)
@@ -43,6 +44,7 @@ RUN_DEFAULTS = dict(
     memory='',             # the memory text, tokenized as given (starts with its bookkeeping token), or "FILE:path"
     bookkeeping_token='\n',  # put in front of a memory read from a file
     remove_bookkeeping_token_mem_size=None,  # leading memory tokens not stored; None = the bookkeeping token's length
+    memory_keys='unrotated',  # RoPE models: store keys before RoPE ('unrotated') or as attention sees them ('rotated')
     mem_store='',          # a saved memory directory (ours, or the reference's layout)
     load_mem_store=False,  # load the memory from mem_store instead of building it from `memory`
     store_mem=False,       # save the memory built from `memory` to mem_store
@@ -127,13 +129,32 @@ def check_device(device):
         raise UserError(f"device={device} but CUDA is not available here; use --device=cpu")
 
 
+def load_pretrained(init_from):
+    """(model, tokenizer) for init_from: a GGUF file or a short name of one (llama.GGUF_PACKAGES,
+    e.g. 'smollm2-135m'), a directory in the Hugging Face layout, a GPT-2 name or a hub id.
+    config.json's model_type decides between GPT-2 and the Llama family."""
+    if init_from in GGUF_PACKAGES or init_from.endswith('.gguf'):
+        return Llama.from_gguf(gguf_path(init_from), name=init_from if init_from in GGUF_PACKAGES else None)
+    if os.path.isdir(init_from):
+        config = os.path.join(init_from, 'config.json')
+        family = read_json(config).get('model_type', 'gpt2') if os.path.isfile(config) else 'gpt2'
+    elif init_from in HUB_MODELS or '/' not in init_from:
+        family = 'gpt2'  # GPT.from_pretrained says what is wrong with a name that is neither
+    else:
+        family = read_json(hub_file(init_from, 'config.json')).get('model_type', 'gpt2')
+    if family in FAMILIES:
+        ckpt_dir = init_from if os.path.isdir(init_from) else hub_checkpoint(init_from)
+        return Llama.from_pretrained(ckpt_dir, name=None if os.path.isdir(init_from) else init_from)
+    return GPT.from_pretrained(init_from)
+
+
 def load_model(config):
     """(model, tokenizer) for config's init_from, on its device, in its dtype."""
     device = config['device']
     check_device(device)
     if config['dtype'] not in DTYPES:
         raise UserError(f"dtype={config['dtype']!r} must be one of {', '.join(DTYPES)}")
-    model, enc = GPT.from_pretrained(config['init_from'])
+    model, enc = load_pretrained(config['init_from'])
     return model.to(device=device, dtype=DTYPES[config['dtype']]), enc
 
 
@@ -191,6 +212,7 @@ class MemorySource:
     store: str | None
     bookkeeping_token: str
     remove_bookkeeping_token_mem_size: int | None
+    memory_keys: str = 'unrotated'
 
     @classmethod
     def from_config(cls, config, substitute='', substitute_target=''):
@@ -198,24 +220,32 @@ class MemorySource:
         if n_skip is not None and (not isinstance(n_skip, int) or isinstance(n_skip, bool) or n_skip < 0):
             raise UserError(f"remove_bookkeeping_token_mem_size={n_skip!r} must be a whole number >= 0, or None "
                             f"(the bookkeeping token's length)")
+        if config['memory_keys'] not in MEMORY_KEYS:
+            raise UserError(f"memory_keys={config['memory_keys']!r} must be one of {', '.join(map(repr, MEMORY_KEYS))}")
         if config['load_mem_store']:
             if not config['mem_store']:
                 raise UserError("load_mem_store=True needs mem_store=DIR (a memory made by build_memory.py)")
             return cls(None, config['mem_store'], config['bookkeeping_token'],
-                       config['remove_bookkeeping_token_mem_size'])
+                       config['remove_bookkeeping_token_mem_size'], config['memory_keys'])
         text = memory_text(config['memory'], config['bookkeeping_token'], substitute, substitute_target)
         if not text.strip():
             raise UserError("knn_num turns the memory on but the memory text is empty; set memory=... "
                             "(or memory=FILE:path), or load_mem_store=True with mem_store=DIR")
-        return cls(text, None, config['bookkeeping_token'], config['remove_bookkeeping_token_mem_size'])
+        return cls(text, None, config['bookkeeping_token'], config['remove_bookkeeping_token_mem_size'],
+                   config['memory_keys'])
 
     def load(self, model, enc, layers, progress=False):
-        """The memory: loaded from `store`, or built from `text` for `layers`."""
+        """The memory: loaded from `store` (refused if its keys are not in the memory_keys form
+        asked for), or built from `text` for `layers`."""
         if self.store is not None:
-            return Memory.load(self.store, model, enc)
+            memory = Memory.load(self.store, model, enc)
+            if model.rope is not None and memory.memory_keys != self.memory_keys:
+                raise UserError(f"{self.store} stores {memory.memory_keys} keys, the run asks for "
+                                f"memory_keys={self.memory_keys!r}; set memory_keys={memory.memory_keys!r} or rebuild it")
+            return memory
         return Memory.build(model, enc, self.text, layers=layers, bookkeeping_token=self.bookkeeping_token,
                             remove_bookkeeping_token_mem_size=self.remove_bookkeeping_token_mem_size,
-                            progress=progress)
+                            progress=progress, memory_keys=self.memory_keys if model.rope is not None else 'unrotated')
 
     def as_dict(self):
         return asdict(self)

@@ -48,7 +48,8 @@ def main(argv):
         for kind in outputs:
             tokens = outputs[kind][i]
             text = enc.decode(tokens)
-            label = 'Unadulterated GPT-2 Generated Text' if kind == 'unadulterated' and memory is not None \
+            plain = 'GPT-2' if model.config.arch == 'gpt2' else model.name
+            label = f'Unadulterated {plain} Generated Text' if kind == 'unadulterated' and memory is not None \
                 else config['method_text']
             print(f"{label}\n-----")
             print(start + text)
