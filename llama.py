@@ -26,7 +26,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from configurator import UserError
-from model import Transformer, attend, hub_file
+from model import Transformer, attend, hub_file, pre_norm_block
 
 FAMILIES = ('llama', 'mistral', 'qwen2')
 # short names for GGUF files that ship inside a Python package: (package, file, how to install)
@@ -190,13 +190,8 @@ class LlamaBlock(nn.Module):
     def attn(self):  # the name Transformer uses for every family's attention
         return self.self_attn
 
-    def forward(self, x, *, cache=None, rerun=False, last_only=False, **attn_flags):
-        """As model.Block.forward."""
-        h = self.input_layernorm(x[:, cache.length:] if rerun else x)
-        a, present, att = self.self_attn(h, cache=cache, rerun=rerun, last_only=last_only, **attn_flags)
-        x = (x[:, -1:] if last_only else x) + a
-        x = x + self.mlp(self.post_attention_layernorm(x))
-        return x, present, att
+    def forward(self, x, **flags):
+        return pre_norm_block(x, self.input_layernorm, self.self_attn, self.post_attention_layernorm, self.mlp, **flags)
 
 
 class Llama(Transformer):

@@ -305,14 +305,19 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x, *, cache=None, rerun=False, last_only=False, **attn_flags):
-        """x: (B, T, C). With rerun, x holds every position and those already in the cache are
-        not projected again; with last_only, only the last position comes out."""
-        h = self.ln_1(x[:, cache.length:] if rerun else x)
-        a, present, att = self.attn(h, cache=cache, rerun=rerun, last_only=last_only, **attn_flags)
-        x = (x[:, -1:] if last_only else x) + a
-        x = x + self.mlp(self.ln_2(x))
-        return x, present, att
+    def forward(self, x, **flags):
+        return pre_norm_block(x, self.ln_1, self.attn, self.ln_2, self.mlp, **flags)
+
+
+def pre_norm_block(x, norm_1, attn, norm_2, mlp, *, cache=None, rerun=False, last_only=False, **attn_flags):
+    """x + attn(norm_1(x)), then + mlp(norm_2(.)): every family's block. x: (B, T, C). With rerun,
+    x holds every position and those already in the cache are not projected again; with
+    last_only, only the last position comes out. Returns x, (k, v), att."""
+    h = norm_1(x[:, cache.length:] if rerun else x)
+    a, present, att = attn(h, cache=cache, rerun=rerun, last_only=last_only, **attn_flags)
+    x = (x[:, -1:] if last_only else x) + a
+    x = x + mlp(norm_2(x))
+    return x, present, att
 
 
 class Transformer(nn.Module):
