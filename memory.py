@@ -395,8 +395,8 @@ class Memory:
                 theirs_fp = theirs['fingerprint']
             elif scheme == 'sampled-v1':
                 theirs_fp = model.fingerprint_sampled()
-                warnings.warn(f"this memory was saved before fingerprints covered every weight: it is checked against "
-                              f"one weight in ~4096 only; save it again (or rebuild it) for the full check")
+                warnings.warn("this memory was saved before fingerprints covered every weight: it is checked against "
+                              "one weight in ~4096 only; save it again (or rebuild it) for the full check")
             else:
                 raise UserError(f"memory's fingerprint scheme {scheme!r} is unknown to this code; rebuild the memory")
             if mine['fingerprint'] != theirs_fp:

@@ -363,8 +363,7 @@ def run_settings(todo, config, name, run_dir, mine, seeds, finished, wb):
     for s in todo:
         if s['method'] == 'memory' and s['retrieval'].layers:
             runner.model_for(s['config'])
-            s['retrieval'].check_layers(runner.model.config.n_layer)
-            runner.retrieval_for(s)
+            runner.retrieval_for(s)  # Memory.retrieving_layers checks knn_num against the model's layers
     fingerprint = None
     with tqdm(total=len(todo), desc='settings', unit='setting', file=sys.stderr, position=0) as sbar:
         for s in todo:
