@@ -47,6 +47,8 @@ def check_type(key, value, default, where):
         value = float(value) if ok else value
     elif isinstance(default, int):
         ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, (list, tuple)):
+        ok = isinstance(value, (list, tuple))  # a config may write ("Love", "Hate") for a list
     else:
         ok = isinstance(value, type(default))
     if not ok:

@@ -367,14 +367,20 @@ class Transformer(nn.Module):
     def memory_layers(self):
         return [i for i, b in enumerate(self.blocks) if b.attn.memory is not None]
 
+    # activation addition (METHOD.md section 9, actadd.py): an object with `layer` and
+    # add(x, pos_start), which changes the residual stream entering that block; None = off
+    steering = None
+
     # --- forward ---------------------------------------------------------------
 
     def new_cache(self, capacity=None):
         """An empty KV cache: one LayerCache per layer, for `capacity` positions (default block_size)."""
         return [LayerCache(capacity or self.config.block_size) for _ in range(self.config.n_layer)]
 
-    def run_blocks(self, x, start, stop, *, caches=None, rerun_cache=None, last_only=False, **attn_flags):
-        """Blocks start .. stop-1 over x, the hidden states entering block `start`.
+    def run_blocks(self, x, start, stop, *, caches=None, rerun_cache=None, last_only=False, pos_start=0,
+                   **attn_flags):
+        """Blocks start .. stop-1 over x, the hidden states entering block `start`, whose first
+        position stands at pos_start of the sequence.
 
         caches: per layer index, a LayerCache (a list from new_cache() or a dict). rerun_cache:
         block `start` reruns every position, reusing the q, k, v of the positions in this cache
@@ -382,6 +388,8 @@ class Transformer(nn.Module):
         Returns (x, kv, atts): per block, (k, v) of all positions and the attention weights."""
         kv, atts = [], []
         for i in range(start, stop):
+            if self.steering is not None and i == self.steering.layer:
+                x = self.steering.add(x, pos_start)
             rerun = i == start and rerun_cache is not None
             cache = rerun_cache if rerun else caches[i] if caches is not None else None
             x, present, att = self.blocks[i](x, cache=cache, rerun=rerun,
@@ -400,9 +408,10 @@ class Transformer(nn.Module):
         layer attention weights (B, H, T, T_all) with return_att. cached_memory: memory layers
         keep a KV cache too (the approximate cached mode, see generate).
         """
-        x = self.embed(idx, cache[0].length if cache else 0)
+        pos_start = cache[0].length if cache else 0
+        x = self.embed(idx, pos_start)
         # the top layer's other positions feed nothing when only the last logits are wanted
-        x, kv, atts = self.run_blocks(x, 0, self.config.n_layer, caches=cache,
+        x, kv, atts = self.run_blocks(x, 0, self.config.n_layer, caches=cache, pos_start=pos_start,
                                       last_only=not (all_logits or return_att), use_memory=use_memory,
                                       need_att=return_att, cached_memory=cached_memory)
         logits = self.head(x if all_logits else x[:, [-1], :])
@@ -575,7 +584,7 @@ class Decoder:
         if T > self.model.config.block_size:
             return self.prefill(self.tokens)
         new, _, _ = self.model.run_blocks(self.model.embed(idx_next, T - 1), 0, self.first_rerun_layer,
-                                          caches=self.caches, cached_memory=self.cached)
+                                          caches=self.caches, cached_memory=self.cached, pos_start=T - 1)
         rerun = self.first_rerun_layer < self.model.config.n_layer
         self.hidden_at_rerun = torch.cat((self.hidden_at_rerun, new), dim=1) if rerun else new
         return self._next_logits()

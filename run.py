@@ -264,11 +264,15 @@ def prepare_memory(config, model, enc, settings, progress=True):
     return memory
 
 
-def continuations(model, ids, seeds, sampling, retrieval=None, progress=None):
+def continuations(model, ids, seeds, sampling, retrieval=None, progress=None, steering=None):
     """Continuations (token id lists) of prompt `ids`, one per seed, all seeds as one batch:
     row i draws with its own generator seeded with seeds[i], so it is exactly what a run with
-    that seed alone gives. retrieval: the memory's retrieving layers (None: the plain model)."""
+    that seed alone gives. retrieval: the memory's retrieving layers (None: the plain model).
+    steering: an actadd.Steering (activation addition), or None."""
+    if steering is not None:
+        steering.check_prompt(len(ids))
     model.attach_memory(retrieval)
+    model.steering = steering
     try:
         device = next(model.parameters()).device
         x = torch.tensor([ids] * len(seeds), dtype=torch.long, device=device)
@@ -277,6 +281,7 @@ def continuations(model, ids, seeds, sampling, retrieval=None, progress=None):
                            generators=gens, progress=progress, mode=sampling.decoding)
     finally:
         model.attach_memory(None)
+        model.steering = None
     return [row[len(ids):].tolist() for row in y]
 
 

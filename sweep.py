@@ -29,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 import report
+from actadd import ActAdd
 from configurator import UserError, check_type, configure, run_cli
 from memory import RetrievalSettings, check_search
 from model import encode
@@ -44,7 +45,10 @@ SWEEP_DEFAULTS = dict(
     seeds=None,            # a count n (seeds seed, seed+1, ..., seed+n-1) or an explicit list; None = 100
     metric='vader',        # 'vader' (sentiment of the continuation) or 'recall' (does it start with an answer?)
     answers=None,          # recall: the answer strings; None = [substitute] when substitute is set
-    baselines=[],          # any of 'plain' (no memory) and 'context' (memory text before the prompt)
+    baselines=[],          # any of 'plain' (no memory), 'context' (memory text before the prompt), 'actadd'
+    actadd_prompts=['Love', 'Hate'],  # ActAdd (METHOD.md section 9): the prompt pair (p+, p-)
+    actadd_layer=6,        # ActAdd: the block (0-based) whose incoming residual stream is steered
+    actadd_coeff=5.0,      # ActAdd: c, the coefficient of h+ - h-
     out_dir='',            # '' = out/<name>
     substitute='',         # replace every substitute_target in the memory text by this word (Figure 13)
     substitute_target='Vancouver',
@@ -70,7 +74,9 @@ RETRIEVAL_KEYS = {f.name for f in fields(RetrievalSettings)} | {
     'search', 'decoding', 'mem_store', 'load_mem_store', 'store_mem', 'remove_bookkeeping_token_mem_size'}
 # keys that make the memory text (MemorySource): the plain baseline does not vary with them
 MEMORY_TEXT_KEYS = {'memory', 'bookkeeping_token', 'substitute', 'substitute_target'}
-METHODS = ('plain', 'context', 'memory')
+# keys only activation addition reads
+ACTADD_KEYS = {'actadd_prompts', 'actadd_layer', 'actadd_coeff'}
+BASELINES = ('plain', 'context', 'actadd')
 SHORT = dict(mem_frac='MF', bookkeeping_frac='BF', knn_softmax_influence='TS', resid_frac='r', top_k='top_k',
              temperature='T')
 SETTING_FORMAT = 'sweep-setting'
@@ -149,15 +155,19 @@ def fmt_value(key, v):
     return f"{key}={v}"
 
 
-def setting_label(method, values, method_text=None):
+def setting_label(method, values, method_text=None, actadd=None):
     parts = []
     vals = dict(values)
+    if method == 'actadd':  # its prompts, layer and coefficient, whether varied or not
+        for k in ACTADD_KEYS:
+            vals.pop(k, None)
+        parts.append(f"actadd {'-'.join(actadd.prompts)} L{actadd.layer} c {fmt_value('', actadd.coeff).split('=')[-1]}")
     if method == 'memory' and 'resid_only' in vals and 'resid_frac' in vals:
         ro, r = vals.pop('resid_only'), vals.pop('resid_frac')
         t = 1 if not ro and not r else 2 if ro else 3
         parts.append(f"Type {t}" + (f" (r {fmt_value('', r).split('=')[-1]})" if r else ''))
     parts += [fmt_value(k, v) for k, v in vals.items()]
-    if method != 'memory':
+    if method not in ('memory', 'actadd'):
         parts.insert(0, method)
     if not parts and method_text and method_text != RUN_DEFAULTS.get('method_text'):
         return method_text
@@ -178,11 +188,15 @@ def make_setting(config, method, values, seeds):
     c = dict(config, **values)
     if method != 'memory':  # the baselines use no memory
         c.update({k: RUN_DEFAULTS[k] for k in RETRIEVAL_KEYS & set(RUN_DEFAULTS)})
+    if method != 'actadd':
+        c.update({k: SWEEP_DEFAULTS[k] for k in ACTADD_KEYS})
     sampling = Sampling.from_config(c, where)
     check_search(c['search'])
     check_device(c['device'])
     answers = answers_of(c) if c['metric'] == 'recall' else None
-    source = retrieval = context = None
+    source = retrieval = context = actadd = None
+    if method == 'actadd':
+        actadd = ActAdd.from_config(c, where)
     if method == 'memory':
         if c['knn_num'] is None:
             raise UserError(f"{where}: the memory method needs knn_num (one k per layer)")
@@ -197,11 +211,15 @@ def make_setting(config, method, values, seeds):
                       prompt=prompt_text(c['start']), seeds=seeds, sampling=asdict(sampling), context=context,
                       memory=source.as_dict() if source else None,
                       retrieval=retrieval.as_dict() if retrieval else None, search=c['search'] if retrieval else None)
-    columns = {k: None if method != 'memory' and k in RETRIEVAL_KEYS else jsonable(v) for k, v in c.items() if k != 'grid'}
+    if actadd:  # only here, so the other methods' ids stay what they were before ActAdd existed
+        generation['actadd'] = actadd.as_dict()
+    columns = {k: None if (method != 'memory' and k in RETRIEVAL_KEYS) or (method != 'actadd' and k in ACTADD_KEYS)
+               else jsonable(v) for k, v in c.items() if k != 'grid'}
+    label = setting_label(method, values, c['method_text'], actadd)
     return dict(id=digest(dict(generation, metric=c['metric'], answers=answers)), generation_id=digest(generation),
-                method=method, values=values, label=setting_label(method, values, c['method_text']),
+                method=method, values=values, label=label,
                 setting=dict(method=method, **jsonable(values)), config=c, sampling=sampling, memory=source,
-                retrieval=retrieval, context=context, answers=answers, columns=columns)
+                retrieval=retrieval, context=context, actadd=actadd, answers=answers, columns=columns)
 
 
 def expand(config):
@@ -211,20 +229,21 @@ def expand(config):
     baselines = config['baselines']
     if isinstance(baselines, str):
         baselines = [baselines]
-    if not isinstance(baselines, (list, tuple)) or any(b not in ('plain', 'context') for b in baselines):
-        raise UserError(f"baselines={baselines!r} must be a list of 'plain' and/or 'context'")
+    if not isinstance(baselines, (list, tuple)) or any(b not in BASELINES for b in baselines):
+        raise UserError(f"baselines={baselines!r} must be a list of {', '.join(map(repr, BASELINES))}")
     keep_substitute = config['metric'] == 'recall' and config['answers'] is None
     settings = []
     for b in dict.fromkeys(baselines):
-        ignore = set(RETRIEVAL_KEYS)
-        if b == 'plain':
+        ignore = set(RETRIEVAL_KEYS) | (ACTADD_KEYS if b != 'actadd' else set())
+        if b in ('plain', 'actadd'):
             ignore |= MEMORY_TEXT_KEYS - ({'substitute'} if keep_substitute else set())
         b_axes = [(keys, vals) for keys, vals in axes if not set(keys) <= ignore]
         for combo in itertools.product(*[list(dict.fromkeys(vals)) for _, vals in b_axes]):
             values = {k: v for (keys, _), vs in zip(b_axes, combo) for k, v in zip(keys, vs)}
             settings.append(make_setting(config, b, values, seeds))
-    for combo in itertools.product(*[vals for _, vals in axes]):
-        values = {k: v for (keys, _), vs in zip(axes, combo) for k, v in zip(keys, vs)}
+    m_axes = [(keys, vals) for keys, vals in axes if not set(keys) <= ACTADD_KEYS]
+    for combo in itertools.product(*[vals for _, vals in m_axes]):
+        values = {k: v for (keys, _), vs in zip(m_axes, combo) for k, v in zip(keys, vs)}
         settings.append(make_setting(config, 'memory', values, seeds))
     unique = list({s['id']: s for s in reversed(settings)}.values())[::-1]  # first of each id, in order
     for i, s in enumerate(unique):
@@ -280,7 +299,7 @@ class Runner:
 
     def __init__(self, settings):
         self.model_key, self.model, self.enc = None, None, None
-        self.memories, self.generations = {}, {}
+        self.memories, self.generations, self.steerings = {}, {}, {}
         self.layers = {}
         for s in settings:
             if s['memory'] is not None:
@@ -291,6 +310,7 @@ class Runner:
         if key != self.model_key:
             self.model, self.enc = None, None
             self.memories.clear()
+            self.steerings.clear()
             self.model, self.enc = load_model(c)
             self.model_key = key
         return self.model, self.enc
@@ -301,6 +321,12 @@ class Runner:
             layers = sorted(self.layers.get(s['memory'], set()) | set(s['retrieval'].layers))
             self.memories[s['memory']] = s['memory'].load(self.model, self.enc, layers)
         return self.memories[s['memory']].retrieving_layers(s['retrieval'], s['config']['device'], s['config']['search'])
+
+    def steering_for(self, s):
+        """The activation addition of actadd setting s (actadd.Steering), made once per ActAdd."""
+        if s['actadd'] not in self.steerings:
+            self.steerings[s['actadd']] = s['actadd'].steering(self.model, self.enc)
+        return self.steerings[s['actadd']]
 
     def run(self, s, bar=None):
         """Generate and score setting s: its record, as saved in settings/<id>.json."""
@@ -321,11 +347,13 @@ class Runner:
         else:
             # a memory setting whose knn_num is all 0 ('no memory layers') runs the plain model
             retrieval = self.retrieval_for(s) if s['method'] == 'memory' and s['retrieval'].layers else None
+            steering = self.steering_for(s) if s['method'] == 'actadd' else None
             bs = c['batch_size'] or len(seeds)
             conts = []
             with torch.no_grad():
                 for i in range(0, len(seeds), bs):
-                    conts += continuations(model, gen_ids, seeds[i:i + bs], sampling, retrieval, progress=bar)
+                    conts += continuations(model, gen_ids, seeds[i:i + bs], sampling, retrieval, progress=bar,
+                                           steering=steering)
             self.generations[s['generation_id']] = conts
         t_gen = time.time() - t0
         texts = [enc.decode(t) for t in conts]
@@ -364,6 +392,10 @@ def run_settings(todo, config, name, run_dir, mine, seeds, finished, wb):
         if s['method'] == 'memory' and s['retrieval'].layers:
             runner.model_for(s['config'])
             runner.retrieval_for(s)  # Memory.retrieving_layers checks knn_num against the model's layers
+        if s['method'] == 'actadd':
+            runner.model_for(s['config'])
+            steering = runner.steering_for(s)  # checks the layer against the model's blocks
+            steering.check_prompt(len(prompt_ids(s['config']['start'], runner.enc)[1]))
     fingerprint = None
     with tqdm(total=len(todo), desc='settings', unit='setting', file=sys.stderr, position=0) as sbar:
         for s in todo:
