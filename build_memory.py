@@ -1,15 +1,16 @@
 """
 Build a persistent memory from a text file and save it as a directory.
 
-    python build_memory.py wiki.txt --init_from=gpt2 --mem_store=out/wiki --layers=[9]
+    python build_memory.py data/vancouver.txt --init_from=gpt2 --mem_store=out/vancouver --layers=[9]
 
 The bookkeeping token is put in front of the text, the plain model runs over it (retrieval
 off; texts longer than block_size go in windows, each with its own bookkeeping token), and
 the keys and values of every head of the chosen layers are stored (METHOD.md section 1).
-Use it with: python sample.py ... --load_mem_store=True --mem_store=out/wiki
+Use it with: python sample.py ... --load_mem_store=True --mem_store=out/vancouver
 """
 
 import os
+import sys
 
 from configurator import UserError, configure, run_cli
 from memory import Memory
@@ -22,12 +23,14 @@ DEFAULTS = dict(
     bookkeeping_token='\n',  # put in front of the text (and of every window)
     remove_bookkeeping_token_mem_size=None,  # leading tokens of each window not stored; None = the bookkeeping token's length
     memory_keys='unrotated',  # RoPE models: keys before RoPE ('unrotated') or as attention sees them ('rotated')
-    device='cpu',
-    dtype='float32',
+    device='cpu',          # 'cpu', 'cuda', 'cuda:1', ...
+    dtype='float32',       # 'float32', 'bfloat16' or 'float16'
 )
 
 
 def main(argv):
+    if '--help' in argv or '-h' in argv:
+        configure(DEFAULTS, argv, __doc__, [sys.modules[__name__]])
     texts = [a for a in argv if not a.startswith('--') and not a.endswith('.py')]
     if len(texts) != 1:
         raise UserError("give one text file: python build_memory.py FILE.txt [--key=value ...]")

@@ -13,6 +13,7 @@ unquoted) and must have the type of the default (an int is accepted for a float)
 import ast
 import difflib
 import os
+import re
 import sys
 import types
 import warnings
@@ -56,8 +57,67 @@ def check_type(key, value, default, where):
     return value
 
 
-def configure(defaults, argv):
-    """Return a copy of `defaults` updated by the config files and --key=value overrides in argv."""
+def key_meanings(*modules):
+    """{key: meaning} from the comments beside the keys of the modules' default dicts, written
+    `    key=value,  # meaning` and continued on comment-only lines whose '#' is in the same
+    column. The first module that describes a key wins."""
+    meanings = {}
+    for module in modules:
+        with open(module.__file__, encoding='utf-8') as f:
+            lines = f.read().splitlines()
+        key = col = None
+        for line in lines:
+            m = re.match(r"\s+(\w+)=[^#]*(#)\s?(.*)$", line)
+            if m:
+                key, col = (m.group(1), m.start(2)) if m.group(1) not in meanings else (None, None)
+                if key:
+                    meanings[key] = m.group(3).strip()
+            elif key is not None and line.find('#') == col and not line[:col].strip():
+                meanings[key] += ' ' + line[col + 1:].strip()
+            else:
+                key = None
+    return meanings
+
+
+def print_help(defaults, usage, modules):
+    """A script's --help: its usage text, then every key with its default and meaning."""
+    meanings = key_meanings(*modules)
+    print((usage or '').strip() + '\n\nkeys (set in a config file or as --key=value; defaults shown):')
+    for key, value in defaults.items():
+        shown = f"--{key}={value!r}"
+        print(f"  {shown:<34} {meanings.get(key, '')}" if len(shown) <= 34 else f"  {shown}\n  {'':<34} {meanings.get(key, '')}")
+
+
+REPOSITORY = os.path.dirname(os.path.abspath(__file__))
+
+
+def resolve_files(value, config_file, key):
+    """value with every relative "FILE:path" of a config file made absolute, so a run works from
+    any directory: the path is taken relative to the config file's folder if it exists there,
+    else relative to the repository (configs/ name data/cats.txt that way). Lists, tuples and
+    dicts (a sweep's grid) are walked."""
+    if isinstance(value, str) and value.startswith('FILE:') and not os.path.isabs(value[5:]):
+        tried = [os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(config_file)), value[5:])),
+                 os.path.normpath(os.path.join(REPOSITORY, value[5:]))]
+        found = next((p for p in tried if os.path.isfile(p)), None)
+        if found is None:
+            raise UserError(f"{config_file}: {key}={value!r} names a file that is neither at {tried[0]} (beside the "
+                            f"config) nor at {tried[1]} (in the repository)")
+        return 'FILE:' + found
+    if isinstance(value, (list, tuple)):
+        return type(value)(resolve_files(v, config_file, key) for v in value)
+    if isinstance(value, dict):
+        return {k: resolve_files(v, config_file, key) for k, v in value.items()}
+    return value
+
+
+def configure(defaults, argv, usage=None, described_in=()):
+    """Return a copy of `defaults` updated by the config files and --key=value overrides in argv.
+    --help (or -h) prints `usage` and the keys, with meanings from the comments in the
+    `described_in` modules' sources, and exits."""
+    if '--help' in argv or '-h' in argv:
+        print_help(defaults, usage, described_in)
+        raise SystemExit(0)
     config = dict(defaults)
     known = list(defaults)
     for arg in argv:
@@ -76,7 +136,7 @@ def configure(defaults, argv):
                 if name.startswith('_') or isinstance(value, (types.ModuleType, types.FunctionType, type)):
                     continue
                 if name in config:
-                    config[name] = check_type(name, value, defaults[name], arg)
+                    config[name] = check_type(name, resolve_files(value, arg, name), defaults[name], arg)
                 elif difflib.get_close_matches(name, known, n=1, cutoff=0.85):
                     raise UserError(f"{arg}: unknown config key {name}{_closest(name, known)}")
         else:

@@ -26,7 +26,8 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from configurator import UserError
-from model import Transformer, attend, hub_file, pre_norm_block
+from hub import hub_files
+from model import Transformer, attend, pre_norm_block
 
 FAMILIES = ('llama', 'mistral', 'qwen2')
 # short names for GGUF files that ship inside a Python package: (package, file, how to install)
@@ -320,19 +321,15 @@ def safetensors_files(ckpt_dir):
     raise UserError(f"{ckpt_dir} holds neither model.safetensors nor model.safetensors.index.json")
 
 
-def hub_checkpoint(repo_id, revision=None):
-    """A Llama-family hub checkpoint's files, from the cache or downloaded once. Returns its directory."""
-    config = hub_file(repo_id, 'config.json', revision)
-    ckpt_dir = os.path.dirname(config)
-    for f in ('tokenizer.json', 'tokenizer_config.json'):
-        hub_file(repo_id, f, revision, optional=f != 'tokenizer.json')
-    index = hub_file(repo_id, 'model.safetensors.index.json', revision, optional=True)
-    if index:
-        for shard in sorted(set(read_json(index).get('weight_map', {}).values())):
-            hub_file(repo_id, shard, revision)
-    else:
-        hub_file(repo_id, 'model.safetensors', revision)
-    return ckpt_dir
+def hub_checkpoint(init_from):
+    """A Llama-family hub checkpoint's files (hub.py: from the cache, or downloaded once).
+    Returns its directory."""
+    files = hub_files(init_from, ['config.json', 'tokenizer.json'],
+                      ['tokenizer_config.json', 'model.safetensors.index.json'])
+    index = files['model.safetensors.index.json']
+    weights = sorted(set(read_json(index).get('weight_map', {}).values())) if index else ['model.safetensors']
+    hub_files(init_from, weights)
+    return os.path.dirname(files['config.json'])
 
 
 class HFTokenizer:

@@ -15,6 +15,9 @@ The persistent attention memory of METHOD.md.
                      each layer's search index once however many settings use it.
 """
 
+from __future__ import annotations
+
+import hashlib
 import json
 import math
 import os
@@ -78,7 +81,7 @@ class RetrievalSettings:
             raise UserError(f"resid_only={self.resid_only!r} must be True or False")
 
     @classmethod
-    def from_config(cls, config, n_layer):
+    def from_config(cls, config: dict, n_layer: int) -> RetrievalSettings:
         """The settings a run config asks for (knn_num None = no memory), for a model of n_layer layers."""
         knn_num = config['knn_num'] if config['knn_num'] is not None else [0] * n_layer
         settings = cls(knn_num, config['mem_frac'], config['bookkeeping_frac'], config['knn_softmax_influence'],
@@ -86,17 +89,17 @@ class RetrievalSettings:
         settings.check_layers(n_layer)
         return settings
 
-    def check_layers(self, n_layer):
+    def check_layers(self, n_layer: int) -> None:
         if len(self.knn_num) != n_layer:
             raise UserError(f"knn_num has {len(self.knn_num)} entries, the model has {n_layer} layers; "
                             f"give one k per layer, e.g. --knn_num={[0] * n_layer}")
 
     @property
-    def layers(self):
+    def layers(self) -> list[int]:
         """The layers that retrieve (k > 0)."""
         return [i for i, k in enumerate(self.knn_num) if k > 0]
 
-    def as_dict(self):
+    def as_dict(self) -> dict:
         return dict(asdict(self), knn_num=list(self.knn_num))
 
 
@@ -122,7 +125,7 @@ class KNNIndex:
             self.keys = keys.float()
             self.key_sqnorms = self.keys.pow(2).sum(-1)  # (H, N)
 
-    def search(self, queries, heads, k):
+    def search(self, queries: torch.Tensor, heads: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The k nearest stored keys of each query (n, d) in its head's index: one search per head
         for all of that head's queries. Returns indices (n, k), -1 where there are fewer than k."""
         n = queries.size(0)
@@ -162,7 +165,7 @@ class LayerMemory:
         self.last_selection = None
         self.last_retrieval = None
 
-    def select(self, att):
+    def select(self, att: torch.Tensor) -> torch.Tensor:
         """Step 1: which tokens-heads (b, h, j) look up the memory, from the last query row."""
         s = att[:, :, -1, :].clone()  # (B, H, T)
         T = s.size(-1)
@@ -175,12 +178,13 @@ class LayerMemory:
             s[:, :, 1:] = 0
         return s != 0
 
-    def search(self, queries, heads):
+    def search(self, queries: torch.Tensor, heads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Step 2: the k nearest stored keys (squared L2) of each query (n, d) in its head's
         memory. Returns indices (n, k), -1 where the memory holds fewer than k entries."""
         return self.index.search(queries, heads, self.k)
 
-    def memory_values(self, query_j, key_j, value_j, heads):
+    def memory_values(self, query_j: torch.Tensor, key_j: torch.Tensor, value_j: torch.Tensor,
+                      heads: torch.Tensor) -> torch.Tensor:
         """Steps 2-6 for n selected token-heads: each one's own query (n, d), the key and value
         (n, d) of its key/value head, and that key/value head (n,), whose memory is searched.
         Returns the new values v' (n, d). A token-head's v' depends on nothing but these."""
@@ -208,7 +212,7 @@ class LayerMemory:
         return (1 - r) * m + r * value_j if r != 0 else m
 
     @torch.no_grad()
-    def update_values(self, q, k, v, att):
+    def update_values(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, att: torch.Tensor) -> torch.Tensor:
         """Exact mode. q: (B, H, T, d); k, v: (B, H_kv, T, d); att: (B, H, T_q, T) softmaxed
         causal attention, of which the selection reads the last row. Returns v' (B, H, T, d),
         per query head: v of its key/value head with its selected token-heads' values replaced."""
@@ -249,7 +253,7 @@ class LayerMemory:
 # -----------------------------------------------------------------------------
 # what was stored
 
-def memory_token_windows(ids, n_bookkeeping, block_size):
+def memory_token_windows(ids: list[int], n_bookkeeping: int, block_size: int) -> list[list[int]]:
     """Split a tokenized memory (its first n_bookkeeping ids are the bookkeeping token) into
     windows of at most block_size tokens, each starting with its own bookkeeping token."""
     prefix, body = ids[:n_bookkeeping], ids[n_bookkeeping:]
@@ -268,29 +272,53 @@ class Memory:
         self._in_use = {}  # (layer, device, search) -> (keys, values, KNNIndex) there: built once
 
     @property
-    def memory_keys(self):
+    def memory_keys(self) -> str:
         return self.meta.get('memory_keys', 'unrotated')  # memories before format 2: GPT-2, no RoPE
 
     @property
-    def stored_layers(self):
+    def stored_layers(self) -> list[int]:
         return sorted(self.keys)
 
-    def stored_token_ids(self):
+    def stored_token_ids(self) -> list[int] | None:
         """The token id of each stored row, in order (None for an imported memory without its text)."""
         windows, n_skip = self.meta.get('token_windows'), self.meta.get('remove_bookkeeping_token_mem_size')
         if windows is None or n_skip is None:
             return None
         return [t for w in windows for t in w[n_skip:]]
 
-    def num_entries(self):
+    def num_entries(self) -> int:
         return next(iter(self.keys.values())).size(1) if self.keys else 0
+
+    def identity(self) -> str:
+        """A digest of what the memory holds: every stored layer's keys and values and the form
+        of its keys. Records name it, so a result can be traced to the memory that made it;
+        two memories with one identity retrieve the same rows. Cached (stored tensors are
+        never changed in place)."""
+        if getattr(self, '_identity', None) is None:
+            h = hashlib.sha256(self.memory_keys.encode())
+            for layer in self.stored_layers:
+                h.update(f"layer {layer} {tuple(self.keys[layer].shape)}".encode())
+                h.update(self.keys[layer].numpy().tobytes())
+                h.update(self.values[layer].numpy().tobytes())
+            self._identity = h.hexdigest()[:16]
+        return self._identity
+
+    def describe(self, store: str | None = None) -> dict:
+        """What a record says of this memory: its identity, where it came from, its shape."""
+        return dict(identity=self.identity(), store=store, source=self.meta.get('source'),
+                    layers=self.stored_layers, num_entries=self.num_entries(), memory_keys=self.memory_keys,
+                    bookkeeping_token=self.meta.get('bookkeeping_token'),
+                    remove_bookkeeping_token_mem_size=self.meta.get('remove_bookkeeping_token_mem_size'),
+                    text_sha256=hashlib.sha256(self.meta['text'].encode()).hexdigest()[:16]
+                    if self.meta.get('text') else None)
 
     # --- building ----------------------------------------------------------------
 
     @classmethod
     @torch.no_grad()
-    def build(cls, model, enc, text, layers=None, bookkeeping_token='\n', remove_bookkeeping_token_mem_size=None,
-              progress=False, batch_size=8, memory_keys='unrotated'):
+    def build(cls, model, enc, text: str, layers: list[int] | None = None, bookkeeping_token: str = '\n',
+              remove_bookkeeping_token_mem_size: int | None = None, progress: bool = False, batch_size: int = 8,
+              memory_keys: str = 'unrotated') -> Memory:
         """METHOD.md section 1. `text` is tokenized as given: it starts with its bookkeeping token
         (run.memory_text puts it in front of a text read from a file). The first
         remove_bookkeeping_token_mem_size tokens (default: the leading tokens of the bookkeeping
@@ -305,8 +333,9 @@ class Memory:
 
     @classmethod
     @torch.no_grad()
-    def build_from_ids(cls, model, ids, layers=None, n_skip=1, progress=False, batch_size=8, text=None,
-                       bookkeeping_token=None, memory_keys='unrotated'):
+    def build_from_ids(cls, model, ids: list[int], layers: list[int] | None = None, n_skip: int = 1,
+                       progress: bool = False, batch_size: int = 8, text: str | None = None,
+                       bookkeeping_token: str | None = None, memory_keys: str = 'unrotated') -> Memory:
         """Build from token ids whose first n_skip ids are the bookkeeping token (not stored)."""
         cfg = model.config
         if memory_keys not in MEMORY_KEYS:
@@ -356,7 +385,8 @@ class Memory:
 
     # --- using -------------------------------------------------------------------
 
-    def retrieving_layers(self, settings, device='cpu', search=None):
+    def retrieving_layers(self, settings: RetrievalSettings, device='cpu',
+                          search: str | None = None) -> dict[int, LayerMemory]:
         """{layer: LayerMemory} for the layers that retrieve under `settings` (a RetrievalSettings),
         to give to model.attach_memory. The memory itself is not changed: each layer's keys,
         values and search index on a device are made once and shared by every settings value.
@@ -380,7 +410,7 @@ class Memory:
                                     self.memory_keys)
         return layers
 
-    def check_model(self, model):
+    def check_model(self, model) -> None:
         """Refuse a memory made by another model or with other shapes."""
         mine, theirs = dict(self.meta['model']), model_identity(model)
         mine.setdefault('arch', 'gpt2')  # manifests before format 2: GPT-2
@@ -396,7 +426,7 @@ class Memory:
             elif scheme == 'sampled-v1':
                 theirs_fp = model.fingerprint_sampled()
                 warnings.warn("this memory was saved before fingerprints covered every weight: it is checked against "
-                              "one weight in ~4096 only; save it again (or rebuild it) for the full check")
+                              "one weight in ~4096 only; save it again (or rebuild it) for the full check", stacklevel=2)
             else:
                 raise UserError(f"memory's fingerprint scheme {scheme!r} is unknown to this code; rebuild the memory")
             if mine['fingerprint'] != theirs_fp:
@@ -412,7 +442,7 @@ class Memory:
 
     # --- saving and loading --------------------------------------------------------
 
-    def save(self, path):
+    def save(self, path: str) -> str:
         """Write the memory as a directory: memory.json (the manifest) and the tensors in
         memory-<checksum>.safetensors, which the manifest names.
 
@@ -460,7 +490,7 @@ class Memory:
         return path
 
     @classmethod
-    def load(cls, path, model=None, enc=None):
+    def load(cls, path: str, model=None, enc=None) -> Memory:
         """Load a memory directory: ours (memory.json) or the reference code's layout.
         With a model, refuse a memory that model did not make."""
         if not os.path.isdir(path):
@@ -507,7 +537,7 @@ class Memory:
         return cls(keys, values, meta)
 
 
-def read_manifest(path):
+def read_manifest(path: str) -> dict:
     """memory.json, its structure checked: anything else is a one-line error."""
     f = os.path.join(path, MANIFEST)
     bad = f"{f} is corrupted ({{}}); rebuild the memory with build_memory.py"
@@ -558,7 +588,7 @@ def is_own_file(name):
     return name in (MANIFEST, LOCK) or is_temporary(name) or is_tensor_file(name)
 
 
-def import_reference(path, model, enc):
+def import_reference(path: str, model, enc) -> Memory:
     """Read the reference code's saved layout (METHOD.md section 5): keyStore/<layer>/<head>.pt
     and valueStore/<layer>/<head>.pt, row 0 a sentinel. Only tensors are read
     (torch.load with weights_only=True); the .faiss files are not needed, since an exact
@@ -625,13 +655,13 @@ def import_reference(path, model, enc):
 # -----------------------------------------------------------------------------
 # helpers
 
-def check_search(search):
+def check_search(search: str | None) -> None:
     if search is not None and search not in SEARCHES:
         raise UserError(f"search={search!r} must be one of {', '.join(map(repr, SEARCHES))} "
                         f"(or None: faiss on the CPU, torch on CUDA)")
 
 
-def default_search(device):
+def default_search(device) -> str:
     """FAISS on the CPU; on CUDA the exact torch search keeps everything on the GPU."""
     if str(device).startswith('cuda'):
         return 'torch'
@@ -642,7 +672,7 @@ def default_search(device):
         return 'torch'
 
 
-def model_identity(model):
+def model_identity(model) -> dict:
     cfg = model.config
     return dict(name=model.name, arch=cfg.arch, fingerprint=model.fingerprint(), fingerprint_scheme=FINGERPRINT_SCHEME,
                 n_layer=cfg.n_layer, n_head=cfg.n_head, n_kv_head=cfg.n_kv_head, n_embd=cfg.n_embd,

@@ -12,6 +12,8 @@ attached to it (see memory.py, where the method's equations live). The model kno
 nothing about FAISS.
 """
 
+from __future__ import annotations
+
 import hashlib
 import json
 import math
@@ -19,59 +21,35 @@ import os
 import warnings
 from dataclasses import dataclass
 
+import tiktoken
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
 from configurator import UserError
-
+from hub import GPT2_NAMES, hub_files, is_hub_id
 
 # -----------------------------------------------------------------------------
 # 1. checkpoints and tokenizer
 
-HUB_MODELS = ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl')
 CHECKPOINT_FILES = ('config.json', 'model.safetensors', 'vocab.json', 'merges.txt')
 
 
-def hub_file(repo_id, filename, revision=None, optional=False):
-    """A file of a Hugging Face hub repository, from the cache when it is there (no network),
-    else downloaded once by huggingface_hub (HF_HUB_OFFLINE=1 is honoured). An optional file
-    that cannot be had gives None."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-    try:
-        return hf_hub_download(repo_id, filename, revision=revision, local_files_only=True)
-    except LocalEntryNotFoundError:
-        pass
-    try:
-        return hf_hub_download(repo_id, filename, revision=revision)
-    except Exception as e:  # offline, no network, hub down, no such file: all end the same way for the user
-        if optional:
-            return None
-        raise UserError(f"{repo_id} is not in the Hugging Face cache and could not be downloaded "
-                        f"({type(e).__name__}: {filename}); connect once to cache it, or pass --init_from=DIR "
-                        f"with a local checkpoint") from None
-
-
-def resolve_checkpoint(init_from):
-    """Return a local directory holding CHECKPOINT_FILES for `init_from`.
-
-    `init_from` is a local directory in the hub layout, one of HUB_MODELS or another hub
-    repository id ("owner/name"), which is downloaded once by huggingface_hub and then read
-    from its cache. The cache is tried first, so a cached model never touches the network.
-    """
+def resolve_checkpoint(init_from: str) -> str:
+    """A local directory holding CHECKPOINT_FILES for `init_from`: a local directory in the
+    Hugging Face layout, or a hub id (hub.py: a GPT-2 short name, "owner/name[@revision]"),
+    read from huggingface_hub's cache or downloaded into it once."""
     if os.path.isdir(init_from):
         missing = [f for f in CHECKPOINT_FILES if not os.path.isfile(os.path.join(init_from, f))]
         if missing:
             raise UserError(f"checkpoint directory {init_from} lacks {', '.join(missing)}; "
                             f"it needs {', '.join(CHECKPOINT_FILES)} (the Hugging Face layout)")
         return init_from
-    if init_from not in HUB_MODELS and '/' not in init_from:
-        raise UserError(f"init_from={init_from!r} is neither a directory nor one of {', '.join(HUB_MODELS)}; "
-                        f"pass a GPT-2 name, a hub id (owner/name) or --init_from=DIR with "
-                        f"{', '.join(CHECKPOINT_FILES)}")
-    paths = [hub_file(init_from, fname) for fname in CHECKPOINT_FILES]
-    return os.path.dirname(paths[0])
+    if not is_hub_id(init_from):
+        raise UserError(f"init_from={init_from!r} is neither a directory nor a hub id; pass one of "
+                        f"{', '.join(GPT2_NAMES)}, a hub id (owner/name, optionally @revision) or --init_from=DIR "
+                        f"with {', '.join(CHECKPOINT_FILES)}")
+    return os.path.dirname(hub_files(init_from, CHECKPOINT_FILES)['config.json'])
 
 
 # GPT-2's pre-tokenisation pattern (the same one tiktoken's "gpt2" encoding uses)
@@ -93,13 +71,12 @@ def _byte_decoder():
     return {chr(c): b for b, c in zip(bs, cs)}
 
 
-def load_tokenizer(ckpt_dir):
+def load_tokenizer(ckpt_dir: str) -> tiktoken.Encoding:
     """A tiktoken Encoding built from the checkpoint's vocab.json and merges.txt.
 
     In GPT-2's byte-level BPE a token's id is also its merge rank, which is exactly what
     tiktoken's mergeable_ranks are, so the vocabulary can be used as it is.
     """
-    import tiktoken
     with open(os.path.join(ckpt_dir, 'vocab.json'), encoding='utf-8') as f:
         vocab = json.load(f)
     decoder = _byte_decoder()
@@ -120,7 +97,7 @@ def load_tokenizer(ckpt_dir):
     return tiktoken.Encoding(name, pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens=special)
 
 
-def encode(enc, text):
+def encode(enc, text: str) -> list[int]:
     """Token ids of text: GPT-2's tiktoken Encoding ('<|endoftext|>' allowed), or a tokenizer
     with its own encode (llama.HFTokenizer, which adds BOS where its configuration says so)."""
     if hasattr(enc, 'special_tokens_set'):
@@ -192,18 +169,19 @@ class LayerCache:
         return self.buffers['v_mem'][:, :, :T], self.buffers['done'][:, :, :T]
 
 
-def causal_mask(T_new, T_all, device):
+def causal_mask(T_new: int, T_all: int, device) -> torch.Tensor:
     """(T_new, T_all) boolean mask for the T_new newest of T_all positions: each sees itself and the past."""
     return torch.ones(T_new, T_all, dtype=torch.bool, device=device).tril(diagonal=T_all - T_new)
 
 
-def expand_kv(x, group):
+def expand_kv(x: torch.Tensor, group: int) -> torch.Tensor:
     """(B, H_kv, T, d) -> (B, H_kv * group, T, d): key/value head g serves query heads g*group .. g*group+group-1."""
     return x if group == 1 else x.repeat_interleave(group, dim=1)
 
 
-def attend(memory, q, k, v, *, rope=None, cache=None, use_memory=True, need_att=False, cached_memory=False,
-           rerun=False, last_only=False):
+def attend(memory, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, rope=None, cache: LayerCache | None = None,
+           use_memory: bool = True, need_att: bool = False, cached_memory: bool = False, rerun: bool = False,
+           last_only: bool = False) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
     """Causal attention with a KV cache and the memory hook, for every model family.
 
     q (B, H, T, d) and k, v (B, H_kv, T, d) are the T newest positions, q and k before RoPE;
@@ -309,7 +287,8 @@ class Block(nn.Module):
         return pre_norm_block(x, self.ln_1, self.attn, self.ln_2, self.mlp, **flags)
 
 
-def pre_norm_block(x, norm_1, attn, norm_2, mlp, *, cache=None, rerun=False, last_only=False, **attn_flags):
+def pre_norm_block(x: torch.Tensor, norm_1, attn, norm_2, mlp, *, cache: LayerCache | None = None, rerun: bool = False,
+                   last_only: bool = False, **attn_flags):
     """x + attn(norm_1(x)), then + mlp(norm_2(.)): every family's block. x: (B, T, C). With rerun,
     x holds every position and those already in the cache are not projected again; with
     last_only, only the last position comes out. Returns x, (k, v), att."""
@@ -325,7 +304,7 @@ class Transformer(nn.Module):
     stack of blocks, decoding, fingerprints. A family (GPT below, llama.Llama) defines its
     modules, `blocks` (the nn.ModuleList), `rope` (or None), embed(idx, pos_start) and head(x)."""
 
-    def fingerprint(self):
+    def fingerprint(self) -> str:
         """SHA-256 over every weight: each tensor's name and shape and all its values as float32
         bytes (a tied tensor once). Memories and sweep results record it, so a memory is never
         used with a model it was not built by, whichever weight differs. About 1.5 GB/s here
@@ -344,7 +323,7 @@ class Transformer(nn.Module):
             self._fingerprint = (key, h.hexdigest()[:16])
         return self._fingerprint[1]
 
-    def fingerprint_sampled(self):
+    def fingerprint_sampled(self) -> str:
         """The fingerprint of format-1 memories (scheme 'sampled-v1'): every tensor's name and
         shape and one value in ~4096. Only for checking memories saved with it."""
         h = hashlib.sha256()
@@ -357,14 +336,14 @@ class Transformer(nn.Module):
 
     # --- memory ----------------------------------------------------------------
 
-    def attach_memory(self, layers):
+    def attach_memory(self, layers: dict | None) -> None:
         """Give the memory layers their retrieval: `layers` is {layer index: memory.LayerMemory}
         (what Memory.retrieving_layers hands out); None or {} detaches every layer."""
         layers = layers or {}
         for i, block in enumerate(self.blocks):
             block.attn.memory = layers.get(i)
 
-    def memory_layers(self):
+    def memory_layers(self) -> list[int]:
         return [i for i, b in enumerate(self.blocks) if b.attn.memory is not None]
 
     # activation addition (METHOD.md section 9, actadd.py): an object with `layer` and
@@ -373,12 +352,12 @@ class Transformer(nn.Module):
 
     # --- forward ---------------------------------------------------------------
 
-    def new_cache(self, capacity=None):
+    def new_cache(self, capacity: int | None = None) -> list[LayerCache]:
         """An empty KV cache: one LayerCache per layer, for `capacity` positions (default block_size)."""
         return [LayerCache(capacity or self.config.block_size) for _ in range(self.config.n_layer)]
 
-    def run_blocks(self, x, start, stop, *, caches=None, rerun_cache=None, last_only=False, pos_start=0,
-                   **attn_flags):
+    def run_blocks(self, x: torch.Tensor, start: int, stop: int, *, caches=None, rerun_cache: LayerCache | None = None,
+                   last_only: bool = False, pos_start: int = 0, **attn_flags) -> tuple[torch.Tensor, list, list]:
         """Blocks start .. stop-1 over x, the hidden states entering block `start`, whose first
         position stands at pos_start of the sequence.
 
@@ -399,7 +378,8 @@ class Transformer(nn.Module):
             atts.append(att)
         return x, kv, atts
 
-    def forward(self, idx, *, cache=None, use_memory=True, return_att=False, all_logits=False, cached_memory=False):
+    def forward(self, idx: torch.Tensor, *, cache: list[LayerCache] | None = None, use_memory: bool = True,
+                return_att: bool = False, all_logits: bool = False, cached_memory: bool = False):
         """idx: (B, T) token ids of the newest T positions.
 
         cache: from new_cache(); it holds the keys and values of the earlier positions and
@@ -420,8 +400,8 @@ class Transformer(nn.Module):
     # --- generation ------------------------------------------------------------
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, *, generators=None, progress=None,
-                 mode='exact'):
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None, *,
+                 generators: list[torch.Generator] | None = None, progress=None, mode: str = 'exact') -> torch.Tensor:
         """Continue each row of idx (B, T) by max_new_tokens sampled tokens (nanoGPT semantics).
 
         generators: one torch.Generator per row (CPU), so row i draws exactly what a run of
@@ -431,7 +411,7 @@ class Transformer(nn.Module):
         """
         if idx.size(1) > self.config.block_size:
             warnings.warn(f"prompt of {idx.size(1)} tokens is longer than block_size {self.config.block_size}; "
-                          f"only its last {self.config.block_size} tokens are used")
+                          f"only its last {self.config.block_size} tokens are used", stacklevel=2)
         decoder = Decoder(self, mode, capacity=idx.size(1) + max_new_tokens)
         logits = decoder.prefill(idx)
         for step in range(max_new_tokens):
@@ -465,7 +445,7 @@ class GPT(Transformer):
     def blocks(self):
         return self.transformer.h
 
-    def embed(self, idx, pos_start=0):
+    def embed(self, idx: torch.Tensor, pos_start: int = 0) -> torch.Tensor:
         """Token plus position embeddings of idx (B, T), whose first token stands at pos_start."""
         T = idx.size(1)
         if pos_start + T > self.config.block_size:
@@ -473,14 +453,14 @@ class GPT(Transformer):
         pos = torch.arange(pos_start, pos_start + T, dtype=torch.long, device=idx.device)
         return self.transformer.wte(idx) + self.transformer.wpe(pos)
 
-    def head(self, x):
+    def head(self, x: torch.Tensor) -> torch.Tensor:
         """Logits from the last block's hidden states: final layer norm, then the LM head."""
         return self.lm_head(self.transformer.ln_f(x))
 
     # --- loading -------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, init_from):
+    def from_pretrained(cls, init_from: str) -> tuple[GPT, tiktoken.Encoding]:
         """Load a GPT-2 checkpoint (hub name or directory). Returns (model, tokenizer)."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -567,7 +547,7 @@ class Decoder:
         self.rerun_cache = None      # q, k, v of first_rerun_layer for the positions already seen
         self.hidden_at_rerun = None  # (B, T, C): hidden states entering first_rerun_layer
 
-    def prefill(self, idx):
+    def prefill(self, idx: torch.Tensor) -> torch.Tensor:
         """Run the prompt idx (B, T) (its last block_size tokens) through the model."""
         self.tokens = idx
         window = idx[:, -self.model.config.block_size:]
@@ -577,7 +557,7 @@ class Decoder:
                                                            caches=self.caches, cached_memory=self.cached)
         return self._next_logits()
 
-    def step(self, idx_next):
+    def step(self, idx_next: torch.Tensor) -> torch.Tensor:
         """Add one token per row, idx_next (B, 1)."""
         self.tokens = torch.cat((self.tokens, idx_next), dim=1)
         T = self.tokens.size(1)
@@ -597,7 +577,8 @@ class Decoder:
         return self.model.head(h[:, -1, :])
 
 
-def sample_next(logits, temperature, top_k, generators=None):
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None,
+                generators: list[torch.Generator] | None = None) -> torch.Tensor:
     """One nanoGPT sampling step for logits (B, V): temperature, top-k, softmax, multinomial."""
     logits = logits.float() / temperature
     if top_k is not None:

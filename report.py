@@ -108,7 +108,7 @@ def summary_text(metric, summary, n_settings):
 
 def save_png(fig, path):
     buf = io.BytesIO()
-    fig.savefig(buf, format='png', dpi=110, bbox_inches='tight')
+    fig.savefig(buf, format='png', dpi=150, bbox_inches='tight')
     write_whole(path, buf.getvalue())
 
 
@@ -119,87 +119,124 @@ def plot_setup():
     return plt
 
 
-def setting_axis(done):
-    """x positions, labels and tick style for the finished settings, and a figure width that fits them."""
-    labels = [s['label'] for s, _ in done]
-    rot = dict(rotation=30 if len(done) > 3 else 0, ha='right' if len(done) > 3 else 'center')
-    return np.arange(len(done)), labels, rot, max(6.0, 0.9 * len(done) + 2)
+# how each method's settings are drawn, and what the legends call them
+METHOD_COLOURS = dict(plain='tab:gray', context='tab:olive', actadd='tab:purple', memory='tab:blue')
+METHOD_NAMES = dict(plain='plain model (prompt alone)', context='memory text in the context', actadd='activation addition',
+                    memory='the memory method')
+LAYERS_NOTE = 'layers 0-based (the write-up counts from 1: its layer 10 is layer 9 here)'
+
+
+def setting_axis(ax, done, n_seeds=True):
+    """x positions of the finished settings, their labels (with n = seeds) set as ticks; a
+    figure width that fits them."""
+    x = np.arange(len(done))
+    labels = [s['label'] + (f"\n(n={len(rec['rows'])})" if n_seeds else '') for s, rec in done]
+    many = len(done) > 4
+    ax.set_xticks(x, labels, rotation=40 if many else 0, ha='right' if many else 'center', fontsize=8)
+    ax.set_xlim(-0.6, len(done) - 0.4)
+    if any('layer' in s['label'] for s, _ in done):
+        ax.set_xlabel(LAYERS_NOTE, fontsize=8)
+    return x
+
+
+def figure_width(done):
+    return min(max(5.0, 0.55 * len(done) + 1.5), 30.0)
+
+
+def wrapped(title, width):
+    import textwrap
+    return '\n'.join(textwrap.wrap(title, int(width * 13)))
 
 
 def plot_vader(path, done, title):
-    """Box plots of the four VADER scores per setting, every seed a dot."""
+    """Box plots of the four VADER scores per setting, every seed a dot (boxes without fliers:
+    the dots show every seed once)."""
     plt = plot_setup()
-    x, labels, rot, width = setting_axis(done)
-    fig, ax = plt.subplots(figsize=(width, 4.8))
+    width = figure_width(done) * 1.6
+    fig, ax = plt.subplots(figsize=(width, 4.2))
+    x = setting_axis(ax, done)
     order = ['compound', 'pos', 'neg', 'neu']
     w = 0.8 / len(order)
+    rng = np.random.default_rng(0)  # fixed jitter: the plot is the same every time
     for j, c in enumerate(order):
         data = [[r['scores'][c] for r in rec['rows']] for _, rec in done]
-        bp = ax.boxplot(data, positions=x - 0.4 + w * (j + 0.5), widths=w * 0.85, patch_artist=True,
-                        manage_ticks=False, flierprops=dict(markersize=2))
+        pos = x - 0.4 + w * (j + 0.5)
+        bp = ax.boxplot(data, positions=pos, widths=w * 0.85, patch_artist=True, manage_ticks=False, showfliers=False)
         for box in bp['boxes']:
             box.set_facecolor(COLOURS[c])
-            box.set_alpha(0.75)
+            box.set_alpha(0.45)
         for med in bp['medians']:
             med.set_color('black')
-        rng = np.random.default_rng(0)  # every seed as a dot, jittered sideways (fixed jitter)
-        for xi, d in zip(x - 0.4 + w * (j + 0.5), data):
-            ax.scatter(xi + rng.uniform(-w * 0.3, w * 0.3, len(d)), d, s=4, color=COLOURS[c], alpha=0.5,
+        for xi, d in zip(pos, data):
+            ax.scatter(xi + rng.uniform(-w * 0.3, w * 0.3, len(d)), d, s=7, color=COLOURS[c], alpha=0.7,
                        linewidths=0, zorder=3)
-    ax.set_xticks(x, labels, **rot)
     ax.set_ylim(-1.05, 1.05)
     ax.axhline(0, color='grey', lw=0.5)
     ax.set_ylabel('VADER score of the continuation')
     from matplotlib.patches import Patch
-    ax.legend([Patch(color=COLOURS[c], alpha=0.75) for c in order], ['compound', 'positive', 'negative', 'neutral'],
+    ax.legend([Patch(color=COLOURS[c], alpha=0.6) for c in order], ['compound', 'positive', 'negative', 'neutral'],
               loc='upper left', bbox_to_anchor=(1.0, 1.0), fontsize=8)
-    ax.set_title(title, fontsize=10)
+    ax.set_title(wrapped(title, width), fontsize=9)
     save_png(fig, path)
     plt.close(fig)
 
 
+def method_legend(ax, done):
+    from matplotlib.patches import Patch
+    methods = list(dict.fromkeys(s['method'] for s, _ in done))
+    ax.legend([Patch(color=METHOD_COLOURS[m]) for m in methods], [METHOD_NAMES[m] for m in methods], fontsize=8,
+              loc='upper left', bbox_to_anchor=(1.0, 1.0))
+
+
 def plot_recall(path, done, title):
-    """Bars: seeds whose continuation gives the answer, per setting."""
+    """Bars: seeds whose continuation gives the answer, per setting, coloured by method."""
     plt = plot_setup()
-    x, labels, rot, width = setting_axis(done)
-    fig, ax = plt.subplots(figsize=(width, 4.5))
+    from matplotlib.ticker import MaxNLocator
+    width = figure_width(done)
+    fig, ax = plt.subplots(figsize=(width, 3.8))
+    x = setting_axis(ax, done, n_seeds=False)
     succ = [sum(r['scores']['success'] for r in rec['rows']) for _, rec in done]
     n = [len(rec['rows']) for _, rec in done]
-    colours = ['tab:gray' if s['method'] == 'plain' else 'tab:olive' if s['method'] == 'context' else 'tab:blue'
-               for s, _ in done]
-    bars = ax.bar(x, succ, color=colours)
+    bars = ax.bar(x, succ, color=[METHOD_COLOURS[s['method']] for s, _ in done])
     for b, k, m in zip(bars, succ, n):
-        ax.annotate(f"{k}/{m}", (b.get_x() + b.get_width() / 2, b.get_height()), ha='center', va='bottom', fontsize=8)
-    ax.set_xticks(x, labels, **rot)
-    ax.set_ylim(0, max(n) * 1.1)
+        ax.annotate(f"{k}/{m}", (b.get_x() + b.get_width() / 2, b.get_height()), ha='center', va='bottom', fontsize=7)
+    ax.set_ylim(0, max(n) * 1.12)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel('seeds that give the answer')
-    ax.set_title(title, fontsize=10)
+    method_legend(ax, done)
+    ax.set_title(wrapped(title, width), fontsize=9)
     save_png(fig, path)
     plt.close(fig)
 
 
 def plot_quality(path, done, title):
-    """Perplexity box plots and mean distinct-1/2/3 per setting."""
+    """Two stacked panels per setting: perplexity under the plain model (box per setting,
+    every seed a dot) and mean distinct-1/2/3."""
     plt = plot_setup()
-    x, labels, rot, width = setting_axis(done)
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(2 * width, 4.2))
+    width = figure_width(done) * 1.2
+    fig, (a1, a2) = plt.subplots(2, 1, figsize=(width, 6.4), sharex=True, gridspec_kw=dict(hspace=0.08))
+    x = np.arange(len(done))
     ppl = [[r['scores']['perplexity'] for r in rec['rows'] if not math.isnan(r['scores']['perplexity'])]
            for _, rec in done]
-    a1.boxplot(ppl, positions=x, widths=0.6, flierprops=dict(markersize=2))
+    a1.boxplot(ppl, positions=x, widths=0.6, showfliers=False, manage_ticks=False)
+    rng = np.random.default_rng(0)
+    for xi, p, (s, _) in zip(x, ppl, done):
+        a1.scatter(xi + rng.uniform(-0.18, 0.18, len(p)), p, s=7, alpha=0.6, linewidths=0,
+                   color=METHOD_COLOURS[s['method']], zorder=3)
     flat = [v for p in ppl for v in p]
     if flat and min(flat) > 0 and max(flat) / min(flat) > 20:
         a1.set_yscale('log')
-    a1.set_xticks(x, labels, **rot)
-    a1.set_ylabel('perplexity under the plain model')
+    a1.set_ylabel('perplexity\n(under the plain model)', fontsize=9)
+    method_legend(a1, done)
     w = 0.8 / 3
     for j, (nn, col) in enumerate(zip((1, 2, 3), ('tab:cyan', 'tab:purple', 'tab:brown'))):
         means = [np.nanmean([r['scores'][f'distinct_{nn}'] for r in rec['rows']]) for _, rec in done]
         a2.bar(x - 0.4 + w * (j + 0.5), means, width=w * 0.9, color=col, label=f'distinct-{nn}')
-    a2.set_xticks(x, labels, **rot)
-    a2.set_ylim(0, 1.05)
-    a2.set_ylabel('mean distinct-n (tokens)')
-    a2.legend(fontsize=8, loc='lower right')
-    fig.suptitle(title + ' - text quality', fontsize=10)
+    a2.set_ylim(0, 1.0)
+    a2.set_ylabel('mean distinct-n\n(of tokens)', fontsize=9)
+    a2.legend(fontsize=8, loc='upper left', bbox_to_anchor=(1.0, 1.0))
+    setting_axis(a2, done)
+    a1.set_title(wrapped(title + ' - text quality', width), fontsize=9)
     save_png(fig, path)
     plt.close(fig)
 
@@ -216,12 +253,14 @@ def make_plots(out_dir, metric, settings, finished, title):
     return paths
 
 
-def default_title(config, name, seeds, finished):
+def default_title(config, name, seeds, finished, fixed=''):
+    """The plots' title: the sweep, the model, the counts and the settings every point shares."""
     model = next((r['model']['name'] for r in finished.values()), config['init_from'])
-    return config['plot_title'] or f"{name}: {model}, {len(seeds)} seeds x {config['max_new_tokens']} tokens"
+    return (config['plot_title'] or f"{name}: {model}, {len(seeds)} seeds x {config['max_new_tokens']} tokens") + \
+        (f"; {fixed}" if fixed else '')
 
 
-def write_outputs(out_dir, config, name, settings, seeds, finished):
+def write_outputs(out_dir, config, name, settings, seeds, finished, fixed=''):
     """Rewrite results.csv, samples.jsonl, summary.csv, summary.txt and the plots from the
     finished settings (each file whole). Returns the summary rows and the plot paths."""
     metric = config['metric']
@@ -229,16 +268,18 @@ def write_outputs(out_dir, config, name, settings, seeds, finished):
     write_whole(os.path.join(out_dir, 'results.csv'), csv_text(cols, rows))
     lines = []
     for s, r in finished_rows(settings, finished):
+        rec = finished[s['id']]
         lines.append(json.dumps(dict(setting=s['setting'], setting_index=s['index'], setting_id=s['id'],
-                                     label=s['label'], seed=r['seed'], text=r['text'], tokens=r['tokens'],
-                                     scores=r['scores']), ensure_ascii=False))
+                                     label=s['label'], method=s['method'], seed=r['seed'], prompt=rec.get('prompt'),
+                                     text=r['text'], tokens=r['tokens'], scores=r['scores'], model=rec['model'],
+                                     **rec.get('produced_by', {})), ensure_ascii=False))
     write_whole(os.path.join(out_dir, 'samples.jsonl'), ''.join(l + '\n' for l in lines))
     summary = summary_table(metric, settings, finished)
     scols = list(dict.fromkeys(k for r in summary for k in r))
     write_whole(os.path.join(out_dir, 'summary.csv'), csv_text(scols, summary))
     text = summary_text(metric, summary, len(settings))
     write_whole(os.path.join(out_dir, 'summary.txt'), text)
-    plots = make_plots(out_dir, metric, settings, finished, default_title(config, name, seeds, finished)) \
+    plots = make_plots(out_dir, metric, settings, finished, default_title(config, name, seeds, finished, fixed)) \
         if config['plots'] else []
     return summary, text, plots, (cols, rows)
 

@@ -10,6 +10,8 @@ from here and never from each other.
   output       append_jsonl (records that land whole)
 """
 
+from __future__ import annotations
+
 import json
 import math
 import os
@@ -20,14 +22,16 @@ import torch
 
 from configurator import UserError
 from files import append_whole
+from hub import GPT2_NAMES, hub_file, is_hub_id
 from llama import FAMILIES, GGUF_PACKAGES, Llama, gguf_path, hub_checkpoint, read_json
-from memory import MEMORY_KEYS, Memory
-from model import GPT, HUB_MODELS, encode, hub_file
+from memory import MEMORY_KEYS, LayerMemory, Memory, RetrievalSettings
+from model import GPT, Transformer, encode
 
 # a run's config keys, shared by sample.py and sweep.py: the reference code's sample.py keys
 # (same names, same meaning) plus a few of ours (seeds, search, decoding, bookkeeping_token)
 RUN_DEFAULTS = dict(
-    init_from='gpt2',      # 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' or a local checkpoint directory
+    init_from='gpt2',      # a checkpoint directory, a hub id (owner/name[@revision]; 'gpt2'...'gpt2-xl' are
+                           # openai-community's), a .gguf file or 'smollm2-135m'
     start='\n',            # the prompt, or "FILE:prompt.txt"
     num_samples=3,         # number of samples to draw (when seeds is not given)
     max_new_tokens=50,     # tokens generated per sample
@@ -66,11 +70,12 @@ DECODINGS = ('exact', 'cached')
 # -----------------------------------------------------------------------------
 # texts
 
-def read_text_file(path, what):
+def read_text_file(path: str, what: str) -> str:
     """A user's text file, read whole: clear errors for missing, non-UTF-8 or empty files.
     One final newline (the one editors add) is dropped."""
     if not os.path.isfile(path):
-        raise UserError(f"{what} file {path} does not exist")
+        raise UserError(f"{what} file {path} does not exist" +
+                        (f" (looked for {os.path.abspath(path)})" if not os.path.isabs(path) else ''))
     try:
         with open(path, encoding='utf-8') as f:
             text = f.read()
@@ -82,7 +87,7 @@ def read_text_file(path, what):
     return text
 
 
-def memory_text(memory, bookkeeping_token, substitute='', substitute_target=''):
+def memory_text(memory: str, bookkeeping_token: str, substitute: str = '', substitute_target: str = '') -> str:
     """The memory text as the memory stores it. The `memory` config key is tokenized as given
     (it starts with its bookkeeping token, as in the reference's configs); "FILE:path" reads
     the file and puts the bookkeeping token in front (METHOD.md section 1). Then, for the
@@ -96,12 +101,12 @@ def memory_text(memory, bookkeeping_token, substitute='', substitute_target=''):
     return text
 
 
-def prompt_text(start):
+def prompt_text(start: str) -> str:
     """The prompt: the `start` config key as given, or the file it names with "FILE:path"."""
     return read_text_file(start[5:], 'prompt') if start.startswith('FILE:') else start
 
 
-def prompt_ids(start, enc, block_size=None):
+def prompt_ids(start: str, enc, block_size: int | None = None) -> tuple[str, list[int]]:
     """(text, token ids) of the prompt; with block_size, only its last block_size tokens are kept
     (the model sees no more, as in the reference's generate), with a warning."""
     text = prompt_text(start)
@@ -110,7 +115,7 @@ def prompt_ids(start, enc, block_size=None):
         raise UserError("the prompt is empty; set start=... (the model needs at least one token)")
     if block_size is not None and len(ids) > block_size:
         warnings.warn(f"prompt of {len(ids)} tokens is longer than block_size {block_size}; "
-                      f"only its last {block_size} tokens are used")
+                      f"only its last {block_size} tokens are used", stacklevel=2)
         ids = ids[-block_size:]
     return text, ids
 
@@ -118,7 +123,7 @@ def prompt_ids(start, enc, block_size=None):
 # -----------------------------------------------------------------------------
 # the model
 
-def check_device(device):
+def check_device(device: str) -> None:
     try:
         kind = torch.device(device).type
     except (RuntimeError, TypeError):
@@ -129,7 +134,7 @@ def check_device(device):
         raise UserError(f"device={device} but CUDA is not available here; use --device=cpu")
 
 
-def load_pretrained(init_from):
+def load_pretrained(init_from: str) -> tuple[Transformer, object]:
     """(model, tokenizer) for init_from: a GGUF file or a short name of one (llama.GGUF_PACKAGES,
     e.g. 'smollm2-135m'), a directory in the Hugging Face layout, a GPT-2 name or a hub id.
     config.json's model_type decides between GPT-2 and the Llama family."""
@@ -138,7 +143,7 @@ def load_pretrained(init_from):
     if os.path.isdir(init_from):
         config = os.path.join(init_from, 'config.json')
         family = read_json(config).get('model_type', 'gpt2') if os.path.isfile(config) else 'gpt2'
-    elif init_from in HUB_MODELS or '/' not in init_from:
+    elif init_from.partition('@')[0] in GPT2_NAMES or not is_hub_id(init_from):
         family = 'gpt2'  # GPT.from_pretrained says what is wrong with a name that is neither
     else:
         family = read_json(hub_file(init_from, 'config.json')).get('model_type', 'gpt2')
@@ -148,7 +153,7 @@ def load_pretrained(init_from):
     return GPT.from_pretrained(init_from)
 
 
-def load_model(config):
+def load_model(config: dict) -> tuple[Transformer, object]:
     """(model, tokenizer) for config's init_from, on its device, in its dtype."""
     device = config['device']
     check_device(device)
@@ -161,7 +166,7 @@ def load_model(config):
 # -----------------------------------------------------------------------------
 # a run
 
-def seeds_of(config):
+def seeds_of(config: dict) -> list[int]:
     """The run's seeds: `seeds` as a list, or a count n meaning seed, seed+1, ..., seed+n-1;
     with seeds None, num_samples seeds counted the same way."""
     seeds, count = config['seeds'], None
@@ -191,7 +196,7 @@ class Sampling:
     decoding: str  # 'exact' (the method) or 'cached' (approximate)
 
     @classmethod
-    def from_config(cls, config, where=None):
+    def from_config(cls, config: dict, where: str | None = None) -> Sampling:
         """The config's sampling settings, checked; `where` names the setting in the message."""
         at = f"{where}: " if where else ''
         if config['max_new_tokens'] < 1 or not (math.isfinite(config['temperature']) and config['temperature'] > 0) \
@@ -215,7 +220,7 @@ class MemorySource:
     memory_keys: str = 'unrotated'
 
     @classmethod
-    def from_config(cls, config, substitute='', substitute_target=''):
+    def from_config(cls, config: dict, substitute: str = '', substitute_target: str = '') -> MemorySource:
         n_skip = config['remove_bookkeeping_token_mem_size']
         if n_skip is not None and (not isinstance(n_skip, int) or isinstance(n_skip, bool) or n_skip < 0):
             raise UserError(f"remove_bookkeeping_token_mem_size={n_skip!r} must be a whole number >= 0, or None "
@@ -234,7 +239,7 @@ class MemorySource:
         return cls(text, None, config['bookkeeping_token'], config['remove_bookkeeping_token_mem_size'],
                    config['memory_keys'])
 
-    def load(self, model, enc, layers, progress=False):
+    def load(self, model: Transformer, enc, layers: list[int], progress: bool = False) -> Memory:
         """The memory: loaded from `store` (refused if its keys are not in the memory_keys form
         asked for), or built from `text` for `layers`."""
         if self.store is not None:
@@ -247,11 +252,12 @@ class MemorySource:
                             remove_bookkeeping_token_mem_size=self.remove_bookkeeping_token_mem_size,
                             progress=progress, memory_keys=self.memory_keys if model.rope is not None else 'unrotated')
 
-    def as_dict(self):
+    def as_dict(self) -> dict:
         return asdict(self)
 
 
-def prepare_memory(config, model, enc, settings, progress=True):
+def prepare_memory(config: dict, model: Transformer, enc, settings: RetrievalSettings,
+                   progress: bool = True) -> Memory | None:
     """The memory a sample.py config asks for (None when no layer retrieves); built from the
     config's text and saved to mem_store with store_mem=True, or loaded from mem_store."""
     if not settings.layers:
@@ -264,7 +270,8 @@ def prepare_memory(config, model, enc, settings, progress=True):
     return memory
 
 
-def continuations(model, ids, seeds, sampling, retrieval=None, progress=None, steering=None):
+def continuations(model: Transformer, ids: list[int], seeds: list[int], sampling: Sampling,
+                  retrieval: dict[int, LayerMemory] | None = None, progress=None, steering=None) -> list[list[int]]:
     """Continuations (token id lists) of prompt `ids`, one per seed, all seeds as one batch:
     row i draws with its own generator seeded with seeds[i], so it is exactly what a run with
     that seed alone gives. retrieval: the memory's retrieving layers (None: the plain model).
@@ -288,6 +295,6 @@ def continuations(model, ids, seeds, sampling, retrieval=None, progress=None, st
 # -----------------------------------------------------------------------------
 # output
 
-def append_jsonl(path, records):
+def append_jsonl(path: str, records: list[dict]) -> None:
     """Append records as JSON lines; they land whole or not at all (files.append_whole)."""
     append_whole(path, ''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in records))

@@ -10,12 +10,14 @@ run with --seeds=[seeds[i]] gives.
 """
 
 import sys
+from dataclasses import asdict
 
 import torch
 from tqdm import tqdm
 
+import run
 from configurator import configure, run_cli
-from memory import RetrievalSettings, check_search
+from memory import RetrievalSettings, check_search, default_search
 from run import RUN_DEFAULTS, Sampling, append_jsonl, continuations, load_model, prepare_memory, prompt_ids, seeds_of
 
 DEFAULTS = dict(
@@ -26,7 +28,7 @@ DEFAULTS = dict(
 
 
 def main(argv):
-    config = configure(DEFAULTS, argv)
+    config = configure(DEFAULTS, argv, __doc__, [sys.modules[__name__], run])
     seeds = seeds_of(config)
     sampling = Sampling.from_config(config)
     check_search(config['search'])
@@ -35,28 +37,34 @@ def main(argv):
     memory = prepare_memory(config, model, enc, settings)
     retrieval = memory.retrieving_layers(settings, config['device'], config['search']) if memory else None
     start, ids = prompt_ids(config['start'], enc, model.config.block_size)
-    runs = ([('unadulterated', None)] if config['unadulterated_gpt'] or memory is None else []) + \
+    runs = ([('plain', None)] if config['unadulterated_gpt'] or memory is None else []) + \
            ([('memory', retrieval)] if memory is not None else [])
     outputs = {}
     with torch.no_grad(), tqdm(total=sampling.max_new_tokens * len(runs), desc='generating', unit='tok',
                                file=sys.stderr, leave=False) as bar:
         for kind, layers in runs:
             outputs[kind] = continuations(model, ids, seeds, sampling, layers, progress=bar)
+    plain_name = 'GPT-2' if model.config.arch == 'gpt2' else model.name
+    # what produced every record: the model's weights, the sampling and, for the method, the memory
+    produced_by = dict(model=dict(init_from=config['init_from'], name=model.name, arch=model.config.arch,
+                                  fingerprint=model.fingerprint(), dtype=config['dtype']),
+                       device=config['device'], sampling=asdict(sampling))
+    method = dict(memory=memory.describe(config['mem_store'] if config['load_mem_store'] else None),
+                  retrieval=settings.as_dict(), search=config['search'] or default_search(config['device'])) \
+        if memory is not None else None
     records = []
     for i, seed in enumerate(seeds):
         print(f"\nseed: {seed}\n")
         for kind in outputs:
             tokens = outputs[kind][i]
             text = enc.decode(tokens)
-            plain = 'GPT-2' if model.config.arch == 'gpt2' else model.name
-            label = f'Unadulterated {plain} Generated Text' if kind == 'unadulterated' and memory is not None \
-                else config['method_text']
-            print(f"{label}\n-----")
+            label = config['method_text'] if kind == 'memory' else f'Unadulterated {plain_name} Generated Text'
+            # the reference's sample.py heads a run without memory with method_text ('No Memory')
+            print(f"{label if memory is not None else config['method_text']}\n-----")
             print(start + text)
-            print('\n------------------\n' if kind == 'unadulterated' and memory is not None else '_' * 60)
-            records.append(dict(seed=seed, kind=kind, prompt=start, text=text, tokens=tokens,
-                                method_text=config['method_text'], init_from=config['init_from'],
-                                settings=settings.as_dict()))
+            print('\n------------------\n' if kind == 'plain' and memory is not None else '_' * 60)
+            records.append(dict(seed=seed, kind=kind, label=label, prompt=start, text=text, tokens=tokens,
+                                **produced_by, method=method if kind == 'memory' else None))
     if config['out_jsonl']:
         append_jsonl(config['out_jsonl'], records)
 

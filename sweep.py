@@ -29,14 +29,25 @@ import torch
 from tqdm import tqdm
 
 import report
+import run
 from actadd import ActAdd
 from configurator import UserError, check_type, configure, run_cli
-from memory import RetrievalSettings, check_search
+from files import write_whole
+from memory import RetrievalSettings, check_search, default_search
 from model import encode
 from report import jsonable
-from files import write_whole
-from run import (RUN_DEFAULTS, MemorySource, Sampling, check_device, continuations, load_model, memory_text, prompt_ids, prompt_text,
-                 seeds_of)
+from run import (
+    RUN_DEFAULTS,
+    MemorySource,
+    Sampling,
+    check_device,
+    continuations,
+    load_model,
+    memory_text,
+    prompt_ids,
+    prompt_text,
+    seeds_of,
+)
 from scores import perplexities, score_rows
 
 SWEEP_DEFAULTS = dict(
@@ -51,14 +62,14 @@ SWEEP_DEFAULTS = dict(
     actadd_coeff=5.0,      # ActAdd: c, the coefficient of h+ - h-
     out_dir='',            # '' = out/<name>
     substitute='',         # replace every substitute_target in the memory text by this word (Figure 13)
-    substitute_target='Vancouver',
+    substitute_target='Vancouver',  # the word that substitute replaces
     batch_size=0,          # seeds per batch; 0 = all seeds of a setting in one batch
     shard='',              # 'i/n': run settings i, i+n, i+2n, ... (0 <= i < n) into out_dir/shards/i-of-n
     merge=False,           # join out_dir/shards/*/ into out_dir (no generation)
     plots=True,            # write PNG plots
-    plot_title='',         # title of the plots; '' = the sweep name, model and counts
+    plot_title='',         # title of the plots; '' = the sweep name, model and counts (the fixed settings follow)
     wandb_log=False,       # log summaries, plots and tables to Weights & Biases (WANDB_MODE=offline works)
-    wandb_project='gpt2-knn-memory',
+    wandb_project='gpt2-knn-memory',  # the Weights & Biases project
     wandb_run_name='',     # '' = the sweep name
 )
 DEFAULTS = dict(RUN_DEFAULTS, max_new_tokens=100, **SWEEP_DEFAULTS)  # 100 tokens, as in the write-up
@@ -174,6 +185,16 @@ def setting_label(method, values, method_text=None, actadd=None):
     return ', '.join(parts) if parts else 'memory'
 
 
+def fixed_settings(config):
+    """What every memory point of the sweep shares (the method's settings the grid does not vary,
+    and the sampling), for the plots' titles."""
+    varied = {k for key in config['grid'] for k in (key if isinstance(key, tuple) else (key,))}
+    keys = ('resid_only', 'resid_frac', 'knn_num', 'mem_frac', 'bookkeeping_frac', 'knn_softmax_influence')
+    method = setting_label('memory', {k: config[k] for k in keys if k not in varied and config[k] is not None})
+    sampling = ', '.join(fmt_value(k, config[k]) for k in ('temperature', 'top_k') if k not in varied)
+    return f"memory: {method}; {sampling}, {config['decoding']} decoding"
+
+
 def digest(obj):
     return hashlib.sha256(json.dumps(jsonable(obj), sort_keys=True).encode()).hexdigest()[:12]
 
@@ -274,7 +295,7 @@ def load_finished(dirs, ids, seeds):
                 with open(f, encoding='utf-8') as fh:
                     rec = json.load(fh)
             except (json.JSONDecodeError, UnicodeDecodeError, OSError):
-                warnings.warn(f"{f} is unreadable; its setting will be run again")
+                warnings.warn(f"{f} is unreadable; its setting will be run again", stacklevel=2)
                 continue
             if not isinstance(rec, dict) or rec.get('format') != SETTING_FORMAT or rec.get('id') not in ids \
                     or rec['id'] in found:
@@ -282,7 +303,7 @@ def load_finished(dirs, ids, seeds):
             rows = rec.get('rows')
             if not isinstance(rows, list) or [r.get('seed') if isinstance(r, dict) else None for r in rows] != seeds \
                     or not all({'text', 'tokens', 'scores'} <= set(r) for r in rows):
-                warnings.warn(f"{f} does not hold one complete row per seed; its setting will be run again")
+                warnings.warn(f"{f} does not hold one complete row per seed; its setting will be run again", stacklevel=2)
                 continue
             found[rec['id']] = rec
     return found
@@ -338,7 +359,7 @@ class Runner:
         if len(gen_ids) + sampling.max_new_tokens > model.config.block_size:
             warnings.warn(f"setting '{s['label']}': {len(gen_ids)} prompt tokens + {sampling.max_new_tokens} new "
                           f"tokens exceed block_size {model.config.block_size}; the context is cropped to its last "
-                          f"{model.config.block_size} tokens")
+                          f"{model.config.block_size} tokens", stacklevel=2)
         t0 = time.time()
         conts = self.generations.get(s['generation_id'])
         if conts is not None:
@@ -357,12 +378,19 @@ class Runner:
             self.generations[s['generation_id']] = conts
         t_gen = time.time() - t0
         texts = [enc.decode(t) for t in conts]
+        memory = self.memories[s['memory']].describe(s['memory'].store) if s['method'] == 'memory' and \
+            s['retrieval'].layers else None
         scores = score_rows(c['metric'], s['answers'], texts, conts, perplexities(model, ids, conts))
         return dict(format=SETTING_FORMAT, format_version=SETTING_FORMAT_VERSION, id=s['id'], index=s['index'],
                     method=s['method'], setting=s['setting'], label=s['label'], metric=c['metric'],
                     answers=s['answers'], prompt=start, prompt_tokens=len(gen_ids),
                     config=jsonable({k: v for k, v in c.items() if k != 'grid'}),
                     model=dict(name=model.name, fingerprint=model.fingerprint()), device=c['device'],
+                    produced_by=dict(sampling=asdict(sampling), memory=memory,
+                                     retrieval=s['retrieval'].as_dict() if memory else None,
+                                     search=(c['search'] or default_search(c['device'])) if memory else None,
+                                     actadd=s['actadd'].as_dict() if s['actadd'] else None,
+                                     context=s['context']),
                     generation_s=round(t_gen, 3), seeds=seeds,
                     rows=[dict(seed=sd, text=t, tokens=tk, scores=sc)
                           for sd, t, tk, sc in zip(seeds, texts, conts, scores)])
@@ -413,14 +441,14 @@ def run_settings(todo, config, name, run_dir, mine, seeds, finished, wb):
                                     f"({', '.join(sorted(others))}, now {fp}); use another out_dir or remove it")
             write_whole(os.path.join(run_dir, 'settings', f"{s['id']}.json"), json.dumps(rec, ensure_ascii=False))
             finished[s['id']] = rec
-            summary, _, _, _ = report.write_outputs(run_dir, config, name, mine, seeds, finished)
+            summary, _, _, _ = report.write_outputs(run_dir, config, name, mine, seeds, finished, fixed_settings(config))
             if wb:
                 wb.setting(next(r for r in summary if r['setting_id'] == s['id']))
             sbar.update(1)
 
 
 def main(argv):
-    config = configure(DEFAULTS, argv)
+    config = configure(DEFAULTS, argv, __doc__, [sys.modules[__name__], run])
     if config['metric'] not in ('vader', 'recall'):
         raise UserError(f"metric={config['metric']!r} must be 'vader' or 'recall'")
     if config['batch_size'] < 0:
@@ -449,7 +477,7 @@ def main(argv):
     wb = report.WandbLog(config, config['wandb_run_name'] or name + (f"-shard{shard[0]}of{shard[1]}" if shard else '')) \
         if config['wandb_log'] else None
     run_settings(todo, config, name, run_dir, mine, seeds, finished, wb)
-    summary, text, plots, table = report.write_outputs(run_dir, config, name, mine, seeds, finished)
+    summary, text, plots, table = report.write_outputs(run_dir, config, name, mine, seeds, finished, fixed_settings(config))
     print(text, end='')
     print(f"wrote {', '.join(os.path.join(run_dir, f) for f in ['results.csv', 'samples.jsonl', 'summary.csv', 'summary.txt'])}"
           + (', ' + ', '.join(plots) if plots else ''))
@@ -473,7 +501,7 @@ def merge(config, name, out_dir, settings, seeds):
         path = os.path.join(out_dir, 'settings', f"{sid}.json")
         if not os.path.isfile(path):
             write_whole(path, json.dumps(rec, ensure_ascii=False))
-    summary, text, plots, table = report.write_outputs(out_dir, config, name, settings, seeds, finished)
+    summary, text, plots, table = report.write_outputs(out_dir, config, name, settings, seeds, finished, fixed_settings(config))
     missing = [s for s in settings if s['id'] not in finished]
     print(text, end='')
     print(f"merged {len(finished)} of {len(settings)} settings from {len(shard_dirs)} shard folder(s) into {out_dir}")

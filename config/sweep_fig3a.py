@@ -11,7 +11,8 @@ For 3d-f use layers 6-11: --knn_num=[0,0,0,0,0,0,2,2,2,2,2,2].
 """
 init_from = 'gpt2'
 start = "\nCats are horrible"
-memory = open('data/cats.txt', encoding='utf-8').read().strip()  # no bookkeeping token in front
+memory = "FILE:data/cats.txt"  # read from a file, with bookkeeping_token in front: here none
+bookkeeping_token = ""
 remove_bookkeeping_token_mem_size = 0
 knn_num = [2] * 12
 mem_frac = 5.0

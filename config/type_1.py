@@ -3,7 +3,8 @@ layers 6-11 (0-based), BF 0, MF 5, TS 1, k 2, memory stored without a bookkeepin
 (section 2.2.1: the memory text has none, and nothing is removed)."""
 init_from = 'gpt2'
 knn_num = [0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2]
-memory = open('data/cats.txt', encoding='utf-8').read().strip()  # no bookkeeping token in front
+memory = "FILE:data/cats.txt"  # read from a file, with bookkeeping_token in front: here none
+bookkeeping_token = ""
 remove_bookkeeping_token_mem_size = 0
 mem_frac = 5
 bookkeeping_frac = 0.0

@@ -149,6 +149,19 @@ def test_sweep_actadd_baseline(tmp_path, tiny):
     steering = ActAdd(('Love', 'Hate'), 1, 8.0).steering(model, enc)
     expected = continuations(model, encode(enc, PROMPT), seeds, Sampling(6, 0.8, 200, 'exact'), steering=steering)
     assert [r['tokens'] for r in act] == expected
+    # every record says what produced it
+    fingerprint = model.fingerprint()
+    for r in rows:
+        assert r['model']['fingerprint'] == fingerprint and r['prompt'] == PROMPT
+        assert r['sampling'] == dict(max_new_tokens=6, temperature=0.8, top_k=200, decoding='exact')
+        assert (r['actadd'] is not None) == (r['method'] == 'actadd')
+        assert (r['memory'] is not None) == (r['method'] == 'memory') == (r['retrieval'] is not None)
+    assert act[0]['actadd'] == dict(prompts=['Love', 'Hate'], layer=1, coeff=8.0)
+    from run import MemorySource
+    mem = next(r for r in rows if r['method'] == 'memory')
+    built = MemorySource.from_config(dict(sweep.DEFAULTS, **cfg)).load(model, enc, [1, 2])
+    assert mem['memory']['identity'] == built.identity() and mem['search'] == 'faiss'
+    assert mem['retrieval']['knn_num'] == [0, 3, 3, 0] and mem['retrieval']['mem_frac'] in (1.0, 5.0)
     with pytest.raises(UserError, match="baselines="):
         sweep.expand(dict(cfg, baselines=['actad']))
     with pytest.raises(UserError, match='blocks 0..3'):

@@ -37,10 +37,26 @@ def test_build_memory_then_sample_from_it(tmp_path, reference):
     assert r.returncode == 0, r.stderr
     records = [json.loads(l) for l in out.read_text().splitlines()]
     assert len(records) == 6
+    from memory import Memory
+    from model import GPT
+    model = GPT.from_pretrained(TINY)[0]
+    stored = Memory.load(str(store), model)
     for rec in records:
-        expected = reference['unadulterated'] if rec['kind'] == 'unadulterated' else case['continuations']
+        expected = reference['unadulterated'] if rec['kind'] == 'plain' else case['continuations']
         assert rec['tokens'] == expected[str(rec['seed'])]
         assert rec['prompt'] == reference['prompt'] and isinstance(rec['text'], str)
+        # every record says what produced it: the weights, the sampling and, for the method, the memory
+        assert rec['model']['fingerprint'] == model.fingerprint() and rec['model']['arch'] == 'gpt2'
+        assert rec['sampling'] == dict(max_new_tokens=24, temperature=0.8, top_k=200, decoding='exact')
+        if rec['kind'] == 'plain':
+            assert rec['label'] == 'Unadulterated GPT-2 Generated Text' and rec['method'] is None
+        else:
+            assert rec['label'] == 'No Memory'  # the reference's default method_text
+            assert rec['method']['memory']['identity'] == stored.identity()
+            assert rec['method']['memory']['store'] == str(store) and rec['method']['memory']['layers'] == [1, 2]
+            assert rec['method']['retrieval']['knn_num'] == case['knn_num']
+            assert rec['method']['retrieval']['resid_frac'] == case['resid_frac']
+            assert rec['method']['search'] == 'faiss'
     assert r.stdout.index('Unadulterated GPT-2 Generated Text') < r.stdout.index('No Memory')
 
 

@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
-from conftest import make_llama_checkpoint, run_script
 from configurator import UserError
+from conftest import make_llama_checkpoint, run_script
 from llama import Llama, unpermute
 from memory import LayerMemory, Memory, RetrievalSettings
 from model import Decoder, sample_next
@@ -180,8 +180,8 @@ def test_memory_round_trip_and_refusals(tiny_llama, tmp_path):
     other, _ = load_pretrained(str(other_dir))
     with pytest.raises(UserError, match='memory was made by model llama'):
         Memory.load(saved, other, enc)
-    from model import GPT
     from conftest import TINY
+    from model import GPT
     gpt2, gpt2_enc = GPT.from_pretrained(TINY)
     with pytest.raises(UserError, match=r"memory was made with arch=llama"):
         Memory.load(saved, gpt2, gpt2_enc)

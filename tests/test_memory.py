@@ -5,8 +5,8 @@ import os
 import pytest
 import torch
 
-from conftest import REF, make_random_checkpoint
 from configurator import UserError
+from conftest import REF, make_random_checkpoint
 from memory import KNNIndex, LayerMemory, Memory, RetrievalSettings, memory_token_windows
 from model import GPT, encode
 

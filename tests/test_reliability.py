@@ -11,8 +11,8 @@ import textwrap
 import pytest
 import torch
 
-from conftest import REF, ROOT, TINY, make_random_checkpoint, run_script
 from configurator import UserError
+from conftest import REF, ROOT, TINY, make_random_checkpoint, run_script
 from memory import Memory
 from model import GPT
 
@@ -227,6 +227,7 @@ def test_damaged_checkpoints_are_one_line_errors(tmp_path):
 ])
 def test_damaged_memories_are_refused(tiny, tmp_path, damage, fragment):
     from safetensors.torch import save_file
+
     from files import sha256_file
     model, enc = tiny
     path = Memory.build(model, enc, TEXT, layers=[1]).save(tmp_path / 'mem')

@@ -221,6 +221,7 @@ def check_outputs(out, metric, n_settings, seeds):
     assert len(rows) == len(samples) == n_settings * len(seeds)
     assert [int(r['seed']) for r in rows] == seeds * n_settings
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
     from model import GPT
     enc = GPT.from_pretrained(TINY)[1]
     vader = SentimentIntensityAnalyzer()

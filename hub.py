@@ -1,0 +1,115 @@
+"""
+Where checkpoints come from when init_from is not a directory: the Hugging Face hub, through
+huggingface_hub's cache.
+
+  names        any hub repository id, "owner/name", optionally "owner/name@revision"; the
+               four GPT-2 short names are aliases of openai-community/<name> (the hub's id
+               since 2024), and a cache stored under the old id ("gpt2") is found as well
+  cache first  a checkpoint whose files are all cached never touches the network
+  failures     a partial cache names the files it lacks; with HF_HUB_OFFLINE=1 or no route
+               to the hub, a missing file is an error at once, not after minutes of retries
+"""
+
+import os
+import re
+import socket
+from urllib.parse import urlparse
+
+from configurator import UserError
+
+GPT2_NAMES = ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl')
+HUB_ALIASES = {name: f'openai-community/{name}' for name in GPT2_NAMES}
+HUB_ID = re.compile(r'^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$')
+PROBE_TIMEOUT_S = 3.0
+
+
+def is_hub_id(init_from):
+    """True for a GPT-2 short name or an "owner/name[@revision]" that is not a local path."""
+    return (init_from.partition('@')[0] in HUB_ALIASES or bool(HUB_ID.match(init_from))) and not os.path.exists(init_from)
+
+
+def parse_hub_id(init_from):
+    """(repo_id, revision, cache ids to look under): "gpt2" -> openai-community/gpt2, also cached as gpt2."""
+    repo_id, _, revision = init_from.partition('@')
+    if repo_id in HUB_ALIASES:
+        return HUB_ALIASES[repo_id], revision or None, [HUB_ALIASES[repo_id], repo_id]
+    return repo_id, revision or None, [repo_id]
+
+
+def offline_reason():
+    """Why nothing can be downloaded now ('HF_HUB_OFFLINE=1 is set', 'cannot reach ...'), or None.
+    The probe is one TCP connection with a short timeout; behind a proxy it is skipped."""
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE:
+        return 'HF_HUB_OFFLINE=1 is set'
+    if any(os.environ.get(v) for v in ('HTTPS_PROXY', 'https_proxy', 'ALL_PROXY', 'all_proxy')):
+        return None
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == 'https' else 80)),
+                                 timeout=PROBE_TIMEOUT_S).close()
+    except OSError:
+        return f"{url.hostname} cannot be reached (offline?)"
+    return None
+
+
+def cached(repo_ids, filename, revision):
+    """(repo id, path) of filename in the cache under the first of repo_ids that has it; the
+    path is None where the hub is known to lack the file; (None, None) where nothing is known."""
+    from huggingface_hub import try_to_load_from_cache
+    for rid in repo_ids:
+        path = try_to_load_from_cache(rid, filename, revision=revision)
+        if isinstance(path, str):
+            return rid, path
+        if path is not None:  # huggingface_hub's marker: the hub said this file does not exist
+            return rid, None
+    return None, None
+
+
+def hub_files(init_from, required, optional=()):
+    """{filename: local path} for a hub checkpoint's files, all from one snapshot; an optional
+    file the repository lacks (or that cannot be had) maps to None. Cached files are used as
+    they are; the others are downloaded, or a one-line error says which are missing and why."""
+    from huggingface_hub import constants, hf_hub_download
+    repo_id, revision, cache_ids = parse_hub_id(init_from)
+    # one snapshot for all files: the cache id that holds the first file asked for, else the hub's id
+    first = (list(required) + list(optional))[0]
+    home = next((rid for rid in cache_ids if cached([rid], first, revision)[1]), repo_id)
+    paths, missing = {}, []
+    for f in list(required) + list(optional):
+        rid, path = cached([home], f, revision)
+        if path is not None or (rid is not None and f in optional):
+            paths[f] = path
+        else:
+            missing.append(f)
+    if not missing:
+        return paths
+    need = [f for f in missing if f in required]
+    reason = offline_reason()
+    if reason:
+        if not need:
+            return dict(paths, **{f: None for f in missing})
+        where = os.path.join(constants.HF_HUB_CACHE, 'models--' + home.replace('/', '--'))
+        have = [f for f, p in paths.items() if p]
+        if have:
+            raise UserError(f"{init_from}: the Hugging Face cache ({where}) holds {', '.join(have)} but not "
+                            f"{', '.join(need)}, and {reason}; download {', '.join(need)} once (online), "
+                            f"or put the files in one directory and pass --init_from=DIR")
+        raise UserError(f"{init_from} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {reason}, "
+                        f"so it cannot be downloaded; connect once to cache it, point HF_HUB_CACHE at a cache "
+                        f"that holds it, or pass --init_from=DIR with a local checkpoint")
+    for f in missing:
+        try:
+            paths[f] = hf_hub_download(home, f, revision=revision)
+        except Exception as e:  # no such repository, revision or file; hub down
+            if f in optional:
+                paths[f] = None
+                continue
+            raise UserError(f"{init_from}: {f} could not be downloaded from the hub ({type(e).__name__}); "
+                            f"check the repository id and revision, or pass --init_from=DIR") from None
+    return paths
+
+
+def hub_file(init_from, filename, optional=False):
+    """One file of a hub checkpoint (see hub_files)."""
+    return hub_files(init_from, [] if optional else [filename], [filename] if optional else [])[filename]
