@@ -357,13 +357,15 @@ class Transformer(nn.Module):
         return [LayerCache(capacity or self.config.block_size) for _ in range(self.config.n_layer)]
 
     def run_blocks(self, x: torch.Tensor, start: int, stop: int, *, caches=None, rerun_cache: LayerCache | None = None,
-                   last_only: bool = False, pos_start: int = 0, **attn_flags) -> tuple[torch.Tensor, list, list]:
+                   last_only: bool = False, pos_start: int = 0, capture: dict | None = None,
+                   **attn_flags) -> tuple[torch.Tensor, list, list]:
         """Blocks start .. stop-1 over x, the hidden states entering block `start`, whose first
         position stands at pos_start of the sequence.
 
         caches: per layer index, a LayerCache (a list from new_cache() or a dict). rerun_cache:
         block `start` reruns every position, reusing the q, k, v of the positions in this cache
-        (exact decoding). last_only: the top block returns the last position only.
+        (exact decoding). last_only: the top block returns the last position only. capture:
+        {i: None} receives the residual stream of the last position after the first i blocks.
         Returns (x, kv, atts): per block, (k, v) of all positions and the attention weights."""
         kv, atts = [], []
         for i in range(start, stop):
@@ -376,6 +378,8 @@ class Transformer(nn.Module):
                                              rope=self.rope, **attn_flags)
             kv.append(present)
             atts.append(att)
+            if capture is not None and i + 1 in capture:
+                capture[i + 1] = x[:, -1]
         return x, kv, atts
 
     def forward(self, idx: torch.Tensor, *, cache: list[LayerCache] | None = None, use_memory: bool = True,
@@ -401,18 +405,20 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None, *,
-                 generators: list[torch.Generator] | None = None, progress=None, mode: str = 'exact') -> torch.Tensor:
+                 generators: list[torch.Generator] | None = None, progress=None, mode: str = 'exact',
+                 readout: Readout | None = None) -> torch.Tensor:
         """Continue each row of idx (B, T) by max_new_tokens sampled tokens (nanoGPT semantics).
 
         generators: one torch.Generator per row (CPU), so row i draws exactly what a run of
         its own would; None uses torch's global generator (as nanoGPT). Sampling happens on
         the CPU, so a CUDA run draws the same tokens as a CPU run from the same probabilities.
-        mode: 'exact' (the method) or 'cached' (an approximation); see Decoder.
+        mode: 'exact' (the method) or 'cached' (an approximation); see Decoder. readout: which
+        logits are sampled from (an exit layer or a contrast of two, METHOD.md section 6).
         """
         if idx.size(1) > self.config.block_size:
             warnings.warn(f"prompt of {idx.size(1)} tokens is longer than block_size {self.config.block_size}; "
                           f"only its last {self.config.block_size} tokens are used", stacklevel=2)
-        decoder = Decoder(self, mode, capacity=idx.size(1) + max_new_tokens)
+        decoder = Decoder(self, mode, capacity=idx.size(1) + max_new_tokens, readout=readout)
         logits = decoder.prefill(idx)
         for step in range(max_new_tokens):
             idx_next = sample_next(logits, temperature, top_k, generators).to(idx.device)
@@ -535,13 +541,17 @@ class Decoder:
     step is a fresh prefill of the last block_size tokens.
     """
 
-    def __init__(self, model, mode='exact', capacity=None):
+    def __init__(self, model, mode='exact', capacity=None, readout=None):
         if mode not in ('exact', 'cached'):
             raise ValueError(f"mode={mode!r}: use 'exact' or 'cached'")
         self.model, self.cached = model, mode == 'cached'
         n_layer, block_size = model.config.n_layer, model.config.block_size
         self.capacity = min(capacity or block_size, block_size)  # positions the caches are sized for
+        self.readout = readout if readout is not None and not readout.is_plain(n_layer) else None
+        # blocks above the highest exit read out feed nothing: they are not run
+        self.top = self.readout.top() if self.readout else n_layer
         self.first_rerun_layer = n_layer if self.cached else min(model.memory_layers(), default=n_layer)
+        self.first_rerun_layer = min(self.first_rerun_layer, self.top)
         self.tokens = None           # (B, T): every token so far
         self.caches = None           # KV caches of the layers below first_rerun_layer
         self.rerun_cache = None      # q, k, v of first_rerun_layer for the positions already seen
@@ -553,8 +563,10 @@ class Decoder:
         window = idx[:, -self.model.config.block_size:]
         self.caches = self.model.new_cache(self.capacity)[:self.first_rerun_layer]
         self.rerun_cache = LayerCache(self.capacity)
+        self.captured = dict.fromkeys(self.readout.layers()) if self.readout else None
         self.hidden_at_rerun, _, _ = self.model.run_blocks(self.model.embed(window), 0, self.first_rerun_layer,
-                                                           caches=self.caches, cached_memory=self.cached)
+                                                           caches=self.caches, cached_memory=self.cached,
+                                                           capture=self.captured)
         return self._next_logits()
 
     def step(self, idx_next: torch.Tensor) -> torch.Tensor:
@@ -564,17 +576,77 @@ class Decoder:
         if T > self.model.config.block_size:
             return self.prefill(self.tokens)
         new, _, _ = self.model.run_blocks(self.model.embed(idx_next, T - 1), 0, self.first_rerun_layer,
-                                          caches=self.caches, cached_memory=self.cached, pos_start=T - 1)
-        rerun = self.first_rerun_layer < self.model.config.n_layer
+                                          caches=self.caches, cached_memory=self.cached, pos_start=T - 1,
+                                          capture=self.captured)
+        rerun = self.first_rerun_layer < self.top
         self.hidden_at_rerun = torch.cat((self.hidden_at_rerun, new), dim=1) if rerun else new
         return self._next_logits()
 
     def _next_logits(self):
         h = self.hidden_at_rerun
-        if self.first_rerun_layer < self.model.config.n_layer:
-            h, _, _ = self.model.run_blocks(h, self.first_rerun_layer, self.model.config.n_layer,
-                                            rerun_cache=self.rerun_cache, last_only=True)
-        return self.model.head(h[:, -1, :])
+        if self.first_rerun_layer < self.top:
+            h, _, _ = self.model.run_blocks(h, self.first_rerun_layer, self.top, rerun_cache=self.rerun_cache,
+                                            last_only=True, capture=self.captured)
+        if self.readout is None:
+            return self.model.head(h[:, -1, :])
+        return self.readout.logits({i: self.model.head(x) for i, x in self.captured.items()})
+
+
+@dataclass(frozen=True)
+class Readout:
+    """Which logits decoding samples from (METHOD.md section 6, seed 004's shared-head mode).
+    Exit i's logits are head(h_i), h_i the residual stream after the first i blocks (1 <= i <=
+    n_layer; i = n_layer is the ordinary output). exit_layer reads one exit; contrast_layers
+    (U, L) reads log p of the auto-contrast of exit U against exit L with contrast_alpha.
+    Neither set: the ordinary output. The memory acts inside the blocks either way."""
+    exit_layer: int | None = None
+    contrast_layers: tuple | None = None
+    contrast_alpha: float = 0.1
+
+    def check(self, n_layer: int) -> None:
+        if self.exit_layer is not None and self.contrast_layers is not None:
+            raise UserError("exit_layer and contrast_layers are alternatives: set one of them")
+        if self.exit_layer is not None and not 1 <= self.exit_layer <= n_layer:
+            raise UserError(f"exit_layer={self.exit_layer} must count blocks from 1 to {n_layer} (n_layer: the "
+                            f"model's ordinary output)")
+        if self.contrast_layers is not None:
+            c = self.contrast_layers
+            if len(c) != 2 or not all(isinstance(i, int) and 1 <= i <= n_layer for i in c) or c[1] > c[0]:
+                raise UserError(f"contrast_layers={list(c)} must be [U, L], exits 1 <= L <= U <= {n_layer} "
+                                f"(U the upper, L the lower)")
+            if not 0 <= self.contrast_alpha <= 1:
+                raise UserError(f"contrast_alpha={self.contrast_alpha} must be in [0, 1]")
+
+    def is_plain(self, n_layer: int) -> bool:
+        """True when this reads the ordinary output (nothing set, or exit_layer = n_layer)."""
+        return self.contrast_layers is None and self.exit_layer in (None, n_layer)
+
+    def layers(self) -> list[int]:
+        return [self.exit_layer] if self.exit_layer is not None else list(dict.fromkeys(self.contrast_layers))
+
+    def top(self) -> int:
+        return max(self.layers())
+
+    def logits(self, exits: dict) -> torch.Tensor:
+        """What sampling treats as the logits, from the exits' logits {i: (B, V)}."""
+        if self.exit_layer is not None:
+            return exits[self.exit_layer]
+        upper, lower = self.contrast_layers
+        return contrast(exits[upper], exits[lower], self.contrast_alpha)
+
+
+def contrast(logits_upper: torch.Tensor, logits_lower: torch.Tensor, alpha: float = 0.1) -> torch.Tensor:
+    """Auto-contrastive log-probabilities (METHOD.md section 6): p_U, p_L = softmax; the tokens
+    with p_U >= alpha * max(p_U) (the top one at least) share their total p_U in proportion to
+    softmax(log p_U - log p_L) over them; the others keep p_U. Returns the log of that."""
+    log_pu = F.log_softmax(logits_upper.float(), dim=-1)
+    log_pl = F.log_softmax(logits_lower.float(), dim=-1)
+    p_u = log_pu.exp()
+    keep = p_u >= alpha * p_u.max(dim=-1, keepdim=True).values
+    keep |= F.one_hot(p_u.argmax(dim=-1), p_u.size(-1)).bool()
+    mass = (p_u * keep).sum(dim=-1, keepdim=True)
+    shared = F.softmax((log_pu - log_pl).masked_fill(~keep, float('-inf')), dim=-1) * mass
+    return torch.where(keep, shared, p_u).log()
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None,

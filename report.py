@@ -73,7 +73,7 @@ def summary_table(metric, settings, finished):
         rec = finished.get(s['id'])
         if rec is not None:
             rows.append(dict(setting_index=s['index'], setting_id=s['id'], label=s['label'], method=s['method'],
-                             **summarize(metric, rec['rows'])))
+                             setting=s['setting'], **summarize(metric, rec['rows'])))
     return rows
 
 

@@ -25,7 +25,7 @@ from files import append_whole
 from hub import GPT2_NAMES, hub_file, is_hub_id
 from llama import FAMILIES, GGUF_PACKAGES, Llama, gguf_path, hub_checkpoint, read_json
 from memory import MEMORY_KEYS, LayerMemory, Memory, RetrievalSettings
-from model import GPT, Transformer, encode
+from model import GPT, Readout, Transformer, encode
 
 # a run's config keys, shared by sample.py and sweep.py: the reference code's sample.py keys
 # (same names, same meaning) plus a few of ours (seeds, search, decoding, bookkeeping_token)
@@ -58,6 +58,9 @@ RUN_DEFAULTS = dict(
     resid_only=False,      # True: the token's own key/value is not a candidate
     resid_frac=0.0,        # r: v' = (1-r) m + r v; 0 = v' = m
     decoding='exact',      # 'exact' (the method) or 'cached' (approximate, cost per token independent of context)
+    exit_layer=None,       # sample from exit i = head(h_i), h_i after the first i blocks (1..n_layer); None = the output
+    contrast_layers=None,  # [U, L]: sample from exit U auto-contrasted with exit L (METHOD.md section 6); None = off
+    contrast_alpha=0.1,    # the contrast's threshold: tokens with p_U >= alpha * max p_U are re-weighted
     search=None,           # kNN search: 'faiss' or 'torch' (exact, on the model's device); None = faiss on CPU, torch on CUDA
     method_text='No Memory',  # label of the method's samples (sample.py) or of a sweep's one memory setting
 )
@@ -270,14 +273,31 @@ def prepare_memory(config: dict, model: Transformer, enc, settings: RetrievalSet
     return memory
 
 
+def readout_of(config: dict) -> Readout | None:
+    """The config's exit layer or contrast (METHOD.md section 6), or None for the ordinary output;
+    checked against the model in continuations."""
+    exit_layer, contrast, alpha = config['exit_layer'], config['contrast_layers'], config['contrast_alpha']
+    if exit_layer is None and contrast is None:
+        return None
+    if exit_layer is not None and (not isinstance(exit_layer, int) or isinstance(exit_layer, bool)):
+        raise UserError(f"exit_layer={exit_layer!r} must be a whole number of blocks, 1..n_layer")
+    if contrast is not None and not isinstance(contrast, (list, tuple)):
+        raise UserError(f"contrast_layers={contrast!r} must be [U, L], two exits counted from 1")
+    return Readout(exit_layer, tuple(contrast) if contrast is not None else None, float(alpha))
+
+
 def continuations(model: Transformer, ids: list[int], seeds: list[int], sampling: Sampling,
-                  retrieval: dict[int, LayerMemory] | None = None, progress=None, steering=None) -> list[list[int]]:
+                  retrieval: dict[int, LayerMemory] | None = None, progress=None, steering=None,
+                  readout: Readout | None = None) -> list[list[int]]:
     """Continuations (token id lists) of prompt `ids`, one per seed, all seeds as one batch:
     row i draws with its own generator seeded with seeds[i], so it is exactly what a run with
     that seed alone gives. retrieval: the memory's retrieving layers (None: the plain model).
-    steering: an actadd.Steering (activation addition), or None."""
+    steering: an actadd.Steering (activation addition), or None. readout: an exit layer or a
+    contrast to sample from (model.Readout), or None."""
     if steering is not None:
         steering.check_prompt(len(ids))
+    if readout is not None:
+        readout.check(model.config.n_layer)
     model.attach_memory(retrieval)
     model.steering = steering
     try:
@@ -285,7 +305,7 @@ def continuations(model: Transformer, ids: list[int], seeds: list[int], sampling
         x = torch.tensor([ids] * len(seeds), dtype=torch.long, device=device)
         gens = [torch.Generator().manual_seed(s) for s in seeds]
         y = model.generate(x, sampling.max_new_tokens, temperature=sampling.temperature, top_k=sampling.top_k,
-                           generators=gens, progress=progress, mode=sampling.decoding)
+                           generators=gens, progress=progress, mode=sampling.decoding, readout=readout)
     finally:
         model.attach_memory(None)
         model.steering = None

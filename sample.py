@@ -18,7 +18,17 @@ from tqdm import tqdm
 import run
 from configurator import configure, run_cli
 from memory import RetrievalSettings, check_search, default_search
-from run import RUN_DEFAULTS, Sampling, append_jsonl, continuations, load_model, prepare_memory, prompt_ids, seeds_of
+from run import (
+    RUN_DEFAULTS,
+    Sampling,
+    append_jsonl,
+    continuations,
+    load_model,
+    prepare_memory,
+    prompt_ids,
+    readout_of,
+    seeds_of,
+)
 
 DEFAULTS = dict(
     RUN_DEFAULTS,          # a run's keys: model, prompt, seeds, sampling, the memory (see run.py)
@@ -31,6 +41,7 @@ def main(argv):
     config = configure(DEFAULTS, argv, __doc__, [sys.modules[__name__], run])
     seeds = seeds_of(config)
     sampling = Sampling.from_config(config)
+    readout = readout_of(config)
     check_search(config['search'])
     model, enc = load_model(config)
     settings = RetrievalSettings.from_config(config, model.config.n_layer)
@@ -43,12 +54,13 @@ def main(argv):
     with torch.no_grad(), tqdm(total=sampling.max_new_tokens * len(runs), desc='generating', unit='tok',
                                file=sys.stderr, leave=False) as bar:
         for kind, layers in runs:
-            outputs[kind] = continuations(model, ids, seeds, sampling, layers, progress=bar)
+            outputs[kind] = continuations(model, ids, seeds, sampling, layers, progress=bar, readout=readout)
     plain_name = 'GPT-2' if model.config.arch == 'gpt2' else model.name
     # what produced every record: the model's weights, the sampling and, for the method, the memory
     produced_by = dict(model=dict(init_from=config['init_from'], name=model.name, arch=model.config.arch,
                                   fingerprint=model.fingerprint(), dtype=config['dtype']),
-                       device=config['device'], sampling=asdict(sampling))
+                       device=config['device'], sampling=asdict(sampling),
+                       readout=asdict(readout) if readout else None)
     method = dict(memory=memory.describe(config['mem_store'] if config['load_mem_store'] else None),
                   retrieval=settings.as_dict(), search=config['search'] or default_search(config['device'])) \
         if memory is not None else None

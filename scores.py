@@ -113,9 +113,10 @@ def summarize(metric, rows):
         vals = vals[~np.isnan(vals)]
         if len(vals):
             q25, med, q75 = np.percentile(vals, [25, 50, 75])
-            out.update({f'{c}_median': float(med), f'{c}_iqr': float(q75 - q25), f'{c}_mean': float(vals.mean())})
+            out.update({f'{c}_median': float(med), f'{c}_iqr': float(q75 - q25), f'{c}_mean': float(vals.mean()),
+                        f'{c}_q25': float(q25), f'{c}_q75': float(q75)})
         else:
-            out.update({f'{c}_median': float('nan'), f'{c}_iqr': float('nan'), f'{c}_mean': float('nan')})
+            out.update({f'{c}_{k}': float('nan') for k in ('median', 'iqr', 'mean', 'q25', 'q75')})
     if metric == 'vader':
         out['frac_positive'] = sum(r['scores']['positive'] for r in rows) / len(rows) if rows else float('nan')
     else:

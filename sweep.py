@@ -46,6 +46,7 @@ from run import (
     memory_text,
     prompt_ids,
     prompt_text,
+    readout_of,
     seeds_of,
 )
 from scores import perplexities, score_rows
@@ -156,6 +157,10 @@ def fmt_value(key, v):
         ks = {v[i] for i in layers}
         where = 'layer' + ('s ' if len(layers) > 1 else ' ') + ','.join(map(str, layers))
         return f"{where} k{ks.pop()}" if len(ks) == 1 else where + ' k ' + ','.join(str(v[i]) for i in layers)
+    if key == 'exit_layer':
+        return 'final output' if v is None else f"exit {v}"
+    if key == 'contrast_layers':
+        return 'final output' if v is None else f"exit {v[0]} contrasted with {v[1]}"
     if isinstance(v, float) and v == int(v):
         v = int(v)
     if key in SHORT:
@@ -212,6 +217,7 @@ def make_setting(config, method, values, seeds):
     if method != 'actadd':
         c.update({k: SWEEP_DEFAULTS[k] for k in ACTADD_KEYS})
     sampling = Sampling.from_config(c, where)
+    readout = readout_of(c)
     check_search(c['search'])
     check_device(c['device'])
     answers = answers_of(c) if c['metric'] == 'recall' else None
@@ -234,13 +240,15 @@ def make_setting(config, method, values, seeds):
                       retrieval=retrieval.as_dict() if retrieval else None, search=c['search'] if retrieval else None)
     if actadd:  # only here, so the other methods' ids stay what they were before ActAdd existed
         generation['actadd'] = actadd.as_dict()
+    if readout:  # likewise: settings that read the ordinary output keep their ids
+        generation['readout'] = asdict(readout)
     columns = {k: None if (method != 'memory' and k in RETRIEVAL_KEYS) or (method != 'actadd' and k in ACTADD_KEYS)
                else jsonable(v) for k, v in c.items() if k != 'grid'}
     label = setting_label(method, values, c['method_text'], actadd)
     return dict(id=digest(dict(generation, metric=c['metric'], answers=answers)), generation_id=digest(generation),
                 method=method, values=values, label=label,
                 setting=dict(method=method, **jsonable(values)), config=c, sampling=sampling, memory=source,
-                retrieval=retrieval, context=context, actadd=actadd, answers=answers, columns=columns)
+                retrieval=retrieval, context=context, actadd=actadd, readout=readout, answers=answers, columns=columns)
 
 
 def expand(config):
@@ -374,7 +382,7 @@ class Runner:
             with torch.no_grad():
                 for i in range(0, len(seeds), bs):
                     conts += continuations(model, gen_ids, seeds[i:i + bs], sampling, retrieval, progress=bar,
-                                           steering=steering)
+                                           steering=steering, readout=s['readout'])
             self.generations[s['generation_id']] = conts
         t_gen = time.time() - t0
         texts = [enc.decode(t) for t in conts]
@@ -390,6 +398,7 @@ class Runner:
                                      retrieval=s['retrieval'].as_dict() if memory else None,
                                      search=(c['search'] or default_search(c['device'])) if memory else None,
                                      actadd=s['actadd'].as_dict() if s['actadd'] else None,
+                                     readout=asdict(s['readout']) if s['readout'] else None,
                                      context=s['context']),
                     generation_s=round(t_gen, 3), seeds=seeds,
                     rows=[dict(seed=sd, text=t, tokens=tk, scores=sc)

@@ -1,0 +1,120 @@
+"""
+Which layers do what: a sentiment layer scan and a recall layer scan in one picture.
+
+    python layer_map.py --sentiment=docs/smollm2/sentiment_layers --recall=docs/smollm2/recall_layers \
+        --out=docs/smollm2/layer_map.png
+
+Reads the summary.csv of two finished sweeps whose memory settings each use one layer
+(config/sweep_smollm2_sentiment_layers.py, config/sweep_smollm2_recall_layers.py) and draws,
+per layer: the median VADER compound of the continuations (with the interquartile range as a
+band), the fraction of positive continuations, and the recall successes; the baselines of
+each sweep (plain, context, the best activation addition) are horizontal lines. Either scan
+may be left out.
+"""
+
+import csv
+import json
+import os
+import sys
+
+from configurator import UserError, configure, run_cli
+from report import METHOD_COLOURS, plot_setup, save_png
+
+DEFAULTS = dict(
+    sentiment='',          # output folder of a sentiment layer scan (summary.csv); '' = none
+    recall='',             # output folder of a recall layer scan (summary.csv); '' = none
+    out='',                # the PNG to write; '' = layer_map.png in the first folder given
+    title='',              # the figure's title; '' = the model and the scans' sizes
+)
+
+
+def read_summary(folder):
+    path = os.path.join(folder, 'summary.csv')
+    if not os.path.isfile(path):
+        raise UserError(f"{path} does not exist; run the sweep first (python sweep.py config/...)")
+    with open(path, encoding='utf-8', newline='') as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        r['setting'] = json.loads(r['setting']) if r.get('setting') else {}
+    return rows
+
+
+def by_layer(rows):
+    """{layer: row} for the memory settings that use exactly one layer."""
+    out = {}
+    for r in rows:
+        knn = r['setting'].get('knn_num')
+        if r['method'] == 'memory' and knn and sum(1 for k in knn if k) == 1:
+            out[next(i for i, k in enumerate(knn) if k)] = r
+    if not out:
+        raise UserError("the sweep has no single-layer memory settings (grid over knn_num, one layer each)")
+    return out
+
+
+def baselines(rows, key):
+    """(label, value, method) of the baselines: plain, context and the best actadd by `key`."""
+    lines = [(r['label'], float(r[key]), r['method']) for r in rows if r['method'] in ('plain', 'context')]
+    act = [r for r in rows if r['method'] == 'actadd']
+    if act:
+        best = max(act, key=lambda r: float(r[key]))
+        lines.append((f"best of {len(act)} ActAdd: {best['label'].removeprefix('actadd ')}", float(best[key]), 'actadd'))
+    return lines
+
+
+def draw_baselines(ax, lines, scale=1.0):
+    styles = dict(plain=':', context='--', actadd='-.')
+    for label, value, method in lines:
+        ax.axhline(value * scale, color=METHOD_COLOURS[method], ls=styles[method], lw=1.3, label=label)
+
+
+def main(argv):
+    config = configure(DEFAULTS, argv, __doc__, [sys.modules[__name__]])
+    if not config['sentiment'] and not config['recall']:
+        raise UserError("give --sentiment=FOLDER and/or --recall=FOLDER (finished layer scans)")
+    panels = []
+    if config['sentiment']:
+        rows = read_summary(config['sentiment'])
+        panels += [('compound', rows), ('positive', rows)]
+    if config['recall']:
+        panels.append(('recall', read_summary(config['recall'])))
+    plt = plot_setup()
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7.5, 2.3 * len(panels) + 0.8), sharex=True, squeeze=False)
+    n_layer = 0
+    for ax, (kind, rows) in zip(axes[:, 0], panels):
+        layers = by_layer(rows)
+        xs = sorted(layers)
+        n_layer = max(n_layer, max(xs) + 1)
+        n = int(next(iter(layers.values()))['seeds'])
+        if kind == 'compound':
+            med = [float(layers[i]['compound_median']) for i in xs]
+            ax.fill_between(xs, [float(layers[i]['compound_q25']) for i in xs],
+                            [float(layers[i]['compound_q75']) for i in xs], color=METHOD_COLOURS['memory'], alpha=0.2,
+                            label='memory at this layer: IQR')
+            ax.plot(xs, med, 'o-', color=METHOD_COLOURS['memory'], ms=4, label='memory at this layer: median')
+            draw_baselines(ax, baselines(rows, 'compound_median'))
+            ax.set_ylim(-1.05, 1.05)
+            ax.set_ylabel(f'VADER compound\n(median, n={n})', fontsize=9)
+        elif kind == 'positive':
+            ax.plot(xs, [100 * float(layers[i]['frac_positive']) for i in xs], 'o-', color=METHOD_COLOURS['memory'],
+                    ms=4, label='memory at this layer')
+            draw_baselines(ax, baselines(rows, 'frac_positive'), 100)
+            ax.set_ylim(-3, 103)
+            ax.set_ylabel(f'positive\ncontinuations (%, n={n})', fontsize=9)
+        else:
+            ax.plot(xs, [int(layers[i]['successes']) for i in xs], 'o-', color=METHOD_COLOURS['memory'], ms=4,
+                    label='memory at this layer')
+            draw_baselines(ax, baselines(rows, 'successes'))
+            ax.set_ylim(bottom=0)
+            ax.set_ylabel(f'recall: seeds that\ngive the answer (of {n})', fontsize=9)
+        ax.legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.0, 1.0))
+        ax.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel('the memory\'s layer (0-based; the write-up counts from 1)')
+    axes[-1, 0].set_xticks(range(0, n_layer, 2 if n_layer > 16 else 1))
+    axes[0, 0].set_title(config['title'] or 'Which layers do what: the memory at one layer at a time', fontsize=10)
+    out = config['out'] or os.path.join(config['sentiment'] or config['recall'], 'layer_map.png')
+    save_png(fig, out)
+    print(f"wrote {out}")
+
+
+if __name__ == '__main__':
+    run_cli(main)
