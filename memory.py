@@ -159,11 +159,14 @@ class LayerMemory:
         self.settings = settings    # RetrievalSettings
         self.memory_keys = memory_keys
         # for inspection, from the latest call (reset by every call): the selected tokens-heads
-        # (B, H, T), and for those looked up, their (b, h, j), the stored rows found (n, k; -1:
-        # none) and the candidates' weights (n, k, or n, k+1 with the token's own first unless
-        # resid_only); None when nothing was looked up
+        # (B, H, T), and for those looked up, their (b, h, j), the selecting attention weight
+        # (n,), the stored rows found (n, k; -1: none) and their squared L2 distances (n, k),
+        # the candidates' weights (n, k, or n, k+1 with the token's own first unless
+        # resid_only) and the size of the value change |v' - v| (n,); None when nothing was
+        # looked up (retrieval_trace.py prints them)
         self.last_selection = None
         self.last_retrieval = None
+        self.group = 1  # query heads per key/value head, as the latest call saw them
 
     def select(self, att: torch.Tensor) -> torch.Tensor:
         """Step 1: which tokens-heads (b, h, j) look up the memory, from the last query row."""
@@ -204,7 +207,8 @@ class LayerMemory:
         scores = (cand_k @ query_j[:, :, None]).squeeze(-1) * (1.0 / math.sqrt(d))
         scores = (scores * self.settings.knn_softmax_influence).masked_fill(~valid, float('-inf'))
         w = F.softmax(scores, dim=-1)
-        self.last_retrieval = dict(neighbours=found, weights=w)
+        distances = (self.keys[heads[:, None], nbr].float() - key_j.float()[:, None]).pow(2).sum(-1)
+        self.last_retrieval = dict(neighbours=found, distances=distances.masked_fill(found < 0, float('nan')), weights=w)
         # 5. memory vector
         m = (w[:, :, None] * cand_v).sum(dim=1)
         # 6. new value
@@ -216,7 +220,7 @@ class LayerMemory:
         """Exact mode. q: (B, H, T, d); k, v: (B, H_kv, T, d); att: (B, H, T_q, T) softmaxed
         causal attention, of which the selection reads the last row. Returns v' (B, H, T, d),
         per query head: v of its key/value head with its selected token-heads' values replaced."""
-        group = q.size(1) // k.size(1)
+        group = self.group = q.size(1) // k.size(1)
         selected = self.select(att)
         self.last_selection, self.last_retrieval = selected, None
         b, h, j = selected.nonzero(as_tuple=True)
@@ -225,8 +229,10 @@ class LayerMemory:
             return v
         v = v.clone()
         g = h // group
-        v[b, h, j] = self.memory_values(q[b, h, j], k[b, g, j], v[b, h, j], g)
-        self.last_retrieval.update(b=b, h=h, j=j)
+        new = self.memory_values(q[b, h, j], k[b, g, j], v[b, h, j], g)
+        self.last_retrieval.update(b=b, h=h, j=j, attention=att[b, h, -1, j],
+                                   value_change=(new.float() - v[b, h, j].float()).norm(dim=-1))
+        v[b, h, j] = new
         return v  # 7. the caller finishes attention: y = att @ v'
 
     @torch.no_grad()
@@ -238,14 +244,15 @@ class LayerMemory:
         kept in v_mem (B, H, T, d), with `done` (B, H, T) marking which; both are updated in
         place; q and v_mem are per query head, k and v per key/value head. Returns the values
         to attend with, per query head."""
-        group = q.size(1) // k.size(1)
+        group = self.group = q.size(1) // k.size(1)
         selected = self.select(att)
         self.last_selection, self.last_retrieval = selected, None
         b, h, j = (selected & ~done).nonzero(as_tuple=True)
         if b.numel():
             g = h // group
             v_mem[b, h, j] = self.memory_values(q[b, h, j], k[b, g, j], v[b, g, j], g)
-            self.last_retrieval.update(b=b, h=h, j=j)
+            self.last_retrieval.update(b=b, h=h, j=j, attention=att[b, h, -1, j],
+                                       value_change=(v_mem[b, h, j].float() - v[b, g, j].float()).norm(dim=-1))
             done[b, h, j] = True
         return torch.where(selected[..., None], v_mem, expand_kv(v, group))
 

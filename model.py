@@ -401,6 +401,15 @@ class Transformer(nn.Module):
         logits = self.head(x if all_logits else x[:, [-1], :])
         return logits, kv, atts
 
+    @torch.no_grad()
+    def exits(self, idx: torch.Tensor) -> dict[int, torch.Tensor]:
+        """The logits of every exit at the last position, {i: (B, V)} for i = 1..n_layer:
+        head(h_i), h_i the residual stream after the first i blocks (METHOD.md section 6; the
+        logit lens). One full pass; an attached memory acts as it does on a prompt."""
+        captured = dict.fromkeys(range(1, self.config.n_layer + 1))
+        self.run_blocks(self.embed(idx), 0, self.config.n_layer, capture=captured)
+        return {i: self.head(h) for i, h in captured.items()}
+
     # --- generation ------------------------------------------------------------
 
     @torch.no_grad()

@@ -24,7 +24,7 @@ from configurator import UserError
 from files import append_whole
 from hub import GPT2_NAMES, hub_file, is_hub_id
 from llama import FAMILIES, GGUF_PACKAGES, Llama, gguf_path, hub_checkpoint, read_json
-from memory import MEMORY_KEYS, LayerMemory, Memory, RetrievalSettings
+from memory import MEMORY_KEYS, LayerMemory, Memory, RetrievalSettings, check_search
 from model import GPT, Readout, Transformer, encode
 
 # a run's config keys, shared by sample.py and sweep.py: the reference code's sample.py keys
@@ -284,6 +284,29 @@ def readout_of(config: dict) -> Readout | None:
     if contrast is not None and not isinstance(contrast, (list, tuple)):
         raise UserError(f"contrast_layers={contrast!r} must be [U, L], two exits counted from 1")
     return Readout(exit_layer, tuple(contrast) if contrast is not None else None, float(alpha))
+
+
+@dataclass
+class Run:
+    """What a run of sample.py or an inspection script works with, made from a config."""
+    model: Transformer
+    enc: object
+    settings: RetrievalSettings
+    memory: Memory | None
+    retrieval: dict[int, LayerMemory] | None  # the memory's retrieving layers (None: no memory)
+    start: str                                 # the prompt text
+    ids: list[int]                             # its tokens (the last block_size)
+
+
+def prepare_run(config: dict, progress: bool = True) -> Run:
+    """The model, the memory and its retrieving layers, and the prompt of a sample.py config."""
+    check_search(config['search'])
+    model, enc = load_model(config)
+    settings = RetrievalSettings.from_config(config, model.config.n_layer)
+    memory = prepare_memory(config, model, enc, settings, progress=progress)
+    retrieval = memory.retrieving_layers(settings, config['device'], config['search']) if memory else None
+    start, ids = prompt_ids(config['start'], enc, model.config.block_size)
+    return Run(model, enc, settings, memory, retrieval, start, ids)
 
 
 def continuations(model: Transformer, ids: list[int], seeds: list[int], sampling: Sampling,

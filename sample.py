@@ -17,18 +17,8 @@ from tqdm import tqdm
 
 import run
 from configurator import configure, run_cli
-from memory import RetrievalSettings, check_search, default_search
-from run import (
-    RUN_DEFAULTS,
-    Sampling,
-    append_jsonl,
-    continuations,
-    load_model,
-    prepare_memory,
-    prompt_ids,
-    readout_of,
-    seeds_of,
-)
+from memory import default_search
+from run import RUN_DEFAULTS, Sampling, append_jsonl, continuations, prepare_run, readout_of, seeds_of
 
 DEFAULTS = dict(
     RUN_DEFAULTS,          # a run's keys: model, prompt, seeds, sampling, the memory (see run.py)
@@ -42,12 +32,8 @@ def main(argv):
     seeds = seeds_of(config)
     sampling = Sampling.from_config(config)
     readout = readout_of(config)
-    check_search(config['search'])
-    model, enc = load_model(config)
-    settings = RetrievalSettings.from_config(config, model.config.n_layer)
-    memory = prepare_memory(config, model, enc, settings)
-    retrieval = memory.retrieving_layers(settings, config['device'], config['search']) if memory else None
-    start, ids = prompt_ids(config['start'], enc, model.config.block_size)
+    r = prepare_run(config)
+    model, enc, settings, memory, retrieval, start, ids = r.model, r.enc, r.settings, r.memory, r.retrieval, r.start, r.ids
     runs = ([('plain', None)] if config['unadulterated_gpt'] or memory is None else []) + \
            ([('memory', retrieval)] if memory is not None else [])
     outputs = {}
