@@ -9,7 +9,9 @@ import pytest
 from configurator import UserError, configure
 from conftest import ROOT, TINY, run_script
 
-SCRIPTS = {'sample.py': 'sample', 'sweep.py': 'sweep', 'build_memory.py': 'build_memory', 'bench.py': 'bench'}
+SCRIPTS = {'sample.py': 'sample', 'sweep.py': 'sweep', 'build_memory.py': 'build_memory', 'bench.py': 'bench',
+           'retrieval_trace.py': 'retrieval_trace', 'attention_maps.py': 'attention_maps', 'logit_lens.py': 'logit_lens',
+           'layer_map.py': 'layer_map'}
 PLACEHOLDERS = ('/path/to/', 'out/')  # paths a reader fills in, or that a command writes
 
 
