@@ -7,13 +7,18 @@ The bookkeeping token is put in front of the text, the plain model runs over it 
 off; texts longer than block_size go in windows, each with its own bookkeeping token), and
 the keys and values of every head of the chosen layers are stored (METHOD.md section 1).
 Use it with: python sample.py ... --load_mem_store=True --mem_store=out/vancouver
+
+    python build_memory.py --reindex=out/vancouver --knn_index=hnsw   # another index, same keys
+
+The index (knn_index) is recorded in the manifest and built from the keys when the memory is
+used; sample.py and sweep.py can also search another one (--knn_index, --nprobe, --ef_search).
 """
 
 import os
 import sys
 
 from configurator import UserError, configure, run_cli
-from memory import Memory
+from memory import KNNIndex, Memory, check_knn_index, index_factory
 from run import load_model, memory_text
 
 DEFAULTS = dict(
@@ -23,6 +28,8 @@ DEFAULTS = dict(
     bookkeeping_token='\n',  # put in front of the text (and of every window)
     remove_bookkeeping_token_mem_size=None,  # leading tokens of each window not stored; None = the bookkeeping token's length
     memory_keys='unrotated',  # RoPE models: keys before RoPE ('unrotated') or as attention sees them ('rotated')
+    knn_index='flat',      # the memory's search index: 'flat' (exact), 'hnsw', 'ivf', 'ivfpq' or a FAISS factory string
+    reindex='',            # a memory directory to give another knn_index, without running the model (no text file)
     device='cpu',          # 'cpu', 'cuda', 'cuda:1', ...
     dtype='float32',       # 'float32', 'bfloat16' or 'float16'
 )
@@ -32,6 +39,8 @@ def main(argv):
     if '--help' in argv or '-h' in argv:
         configure(DEFAULTS, argv, __doc__, [sys.modules[__name__]])
     texts = [a for a in argv if not a.startswith('--') and not a.endswith('.py')]
+    if not texts and configure(DEFAULTS, argv)['reindex']:
+        return reindex(configure(DEFAULTS, argv))
     if len(texts) != 1:
         raise UserError("give one text file: python build_memory.py FILE.txt [--key=value ...]")
     config = configure(DEFAULTS, [a for a in argv if a not in texts])
@@ -41,9 +50,11 @@ def main(argv):
         raise UserError(f"layers={layers!r} must be a list of layer indices, e.g. --layers=[9]")
     mem_store = config['mem_store'] or os.path.join('out', os.path.splitext(os.path.basename(texts[0]))[0])
     model, enc = load_model(config)
+    check_knn_index(config['knn_index'], model.config.head_dim)  # a bad index choice fails before the model runs
     memory = Memory.build(model, enc, text, layers=layers, bookkeeping_token=config['bookkeeping_token'],
                           remove_bookkeeping_token_mem_size=config['remove_bookkeeping_token_mem_size'],
                           progress=True, memory_keys=config['memory_keys'])
+    memory.meta['knn_index'] = config['knn_index']
     path = memory.save(mem_store)
     size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
     m = memory.meta
@@ -52,6 +63,20 @@ def main(argv):
     print(f"model {m['model']['name']} (weights {m['model']['fingerprint']}), layers {memory.stored_layers}, "
           f"{m['model']['n_head']} heads of size {m['model']['head_size']}")
     print(f"{size / 1e6:.2f} MB on disk at {path}")
+
+
+def reindex(config):
+    """Give a saved memory another index choice: the keys and values stay, the manifest records
+    knn_index, and the index is built once here to check it can be."""
+    memory = Memory.load(config['reindex'])
+    layer = memory.stored_layers[0]
+    KNNIndex(memory.keys[layer], 'faiss', config['knn_index'])
+    before = memory.knn_index
+    memory.meta['knn_index'] = config['knn_index']
+    memory.save(config['reindex'])
+    print(f"{config['reindex']}: knn_index {before} -> {config['knn_index']} "
+          f"(FAISS {index_factory(config['knn_index'], memory.num_entries(), memory.keys[layer].size(-1))}); "
+          f"{memory.num_entries()} stored tokens per head, the model was not run")
 
 
 if __name__ == '__main__':

@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass
@@ -40,6 +41,10 @@ MANIFEST = 'memory.json'
 LOCK = 'memory.lock'
 TMP_PREFIX = '.tmp-'
 SEARCHES = ('faiss', 'torch')
+# index choices by short name (FAISS factory strings are taken as they are): 'flat' is the
+# reference's exact IndexFlatL2; the others are approximate. IVF's nlist grows as ~4 sqrt(N)
+# (at most N/39, so each list trains on 39 points); PQ uses d/4 sub-quantizers of 8 bits.
+KNN_INDEXES = {'flat': 'Flat', 'hnsw': 'HNSW32', 'ivf': 'IVF{nlist},Flat', 'ivfpq': 'IVF{nlist},PQ{m}'}
 MEMORY_KEYS = ('unrotated', 'rotated')  # the form keys are stored in on RoPE models (METHOD.md section 8)
 
 
@@ -103,25 +108,88 @@ class RetrievalSettings:
         return dict(asdict(self), knn_num=list(self.knn_num))
 
 
-class KNNIndex:
-    """Exact squared-L2 nearest-neighbour search over one layer's stored keys (H, N, d), one
-    index per head: FAISS IndexFlatL2 (the reference's; on the GPU with faiss-gpu) or an
-    exact torch search on the keys' device."""
+def faiss_message(e: Exception) -> str:
+    """FAISS's own reason, without its C++ source location."""
+    text = ' '.join(str(e).split())
+    return re.sub(r"^Error in .*? at \S+:\d+: ", '', text).split('Error: ')[-1].strip(" '")[:160]
 
-    def __init__(self, keys, kind):
+
+def index_factory(knn_index: str, n: int, d: int) -> str:
+    """The FAISS factory string for a knn_index choice: a short name of KNN_INDEXES, sized for n
+    stored keys of size d, or a factory string as given ('' means 'flat')."""
+    spec = knn_index or 'flat'
+    if spec not in KNN_INDEXES:
+        return spec
+    nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))
+    m = next(m for m in range(max(1, d // 4), 0, -1) if d % m == 0)
+    return KNN_INDEXES[spec].format(nlist=nlist, m=m)
+
+
+def check_index_params(params: dict | None) -> dict:
+    """Search parameters for approximate indexes: nprobe (IVF lists visited), efSearch (HNSW)."""
+    params = {k: v for k, v in (params or {}).items() if v is not None}
+    for k, v in params.items():
+        if k not in ('nprobe', 'efSearch') or not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise UserError(f"{k}={v!r}: the search parameters are nprobe and ef_search, whole numbers >= 1")
+    return params
+
+
+def check_knn_index(knn_index: str, d: int) -> None:
+    """A one-line error for an index choice FAISS cannot make (before anything is built)."""
+    factory = index_factory(knn_index, 10_000, d)
+    if factory != 'Flat':
+        import faiss
+        try:
+            faiss.index_factory(d, factory, faiss.METRIC_L2)
+        except RuntimeError as e:
+            raise UserError(f"knn_index={knn_index!r}: FAISS cannot make a {factory!r} index "
+                            f"({faiss_message(e)}); use one of {', '.join(KNN_INDEXES)} "
+                            f"or a FAISS factory string") from None
+
+
+class KNNIndex:
+    """Squared-L2 nearest-neighbour search over one layer's stored keys (H, N, d), one index per
+    head: FAISS (IndexFlatL2, exact, the reference's, on the GPU with faiss-gpu; or an
+    approximate index chosen by knn_index, with search parameters params) or an exact torch
+    search on the keys' device."""
+
+    def __init__(self, keys, kind, knn_index='flat', params=None):
         self.kind, self.n_entries = kind, keys.size(1)
+        self.factory = index_factory(knn_index, keys.size(1), keys.size(2))
+        params = check_index_params(params)
         if kind == 'faiss':
             import faiss
-            gpu = keys.is_cuda and hasattr(faiss, 'StandardGpuResources')
+            gpu = keys.is_cuda and hasattr(faiss, 'StandardGpuResources') and self.factory == 'Flat'
             self.faiss_gpu = faiss.StandardGpuResources() if gpu else None
             self.heads = []
             for h in range(keys.size(0)):
-                index = faiss.IndexFlatL2(keys.size(2))
-                index.add(np.ascontiguousarray(keys[h].detach().to('cpu', torch.float32).numpy()))
+                x = np.ascontiguousarray(keys[h].detach().to('cpu', torch.float32).numpy())
+                if self.factory == 'Flat':
+                    index = faiss.IndexFlatL2(keys.size(2))
+                else:
+                    try:
+                        index = faiss.index_factory(keys.size(2), self.factory, faiss.METRIC_L2)
+                    except RuntimeError as e:
+                        raise UserError(f"knn_index={knn_index!r}: FAISS cannot make a {self.factory!r} index "
+                                        f"({faiss_message(e)}); use one of "
+                                        f"{', '.join(KNN_INDEXES)} or a FAISS factory string") from None
+                    if not index.is_trained:
+                        try:
+                            index.train(x)
+                        except RuntimeError as e:
+                            raise UserError(f"knn_index={knn_index!r}: FAISS cannot train {self.factory!r} on "
+                                            f"{x.shape[0]} keys ({faiss_message(e)}); an IVF "
+                                            f"index needs at least 39 keys per list: use fewer lists") from None
+                index.add(x)
+                for name, value in params.items():
+                    faiss.ParameterSpace().set_index_parameter(index, name, value)
                 if gpu:
                     index = faiss.index_cpu_to_gpu(self.faiss_gpu, keys.device.index or 0, index)
                 self.heads.append(index)
         else:
+            if self.factory != 'Flat':
+                raise UserError(f"search='torch' is exact; the approximate index knn_index={knn_index!r} needs "
+                                f"search='faiss'")
             self.keys = keys.float()
             self.key_sqnorms = self.keys.pow(2).sum(-1)  # (H, N)
 
@@ -312,7 +380,7 @@ class Memory:
 
     def describe(self, store: str | None = None) -> dict:
         """What a record says of this memory: its identity, where it came from, its shape."""
-        return dict(identity=self.identity(), store=store, source=self.meta.get('source'),
+        return dict(identity=self.identity(), store=store, source=self.meta.get('source'), knn_index=self.knn_index,
                     layers=self.stored_layers, num_entries=self.num_entries(), memory_keys=self.memory_keys,
                     bookkeeping_token=self.meta.get('bookkeeping_token'),
                     remove_bookkeeping_token_mem_size=self.meta.get('remove_bookkeeping_token_mem_size'),
@@ -392,12 +460,18 @@ class Memory:
 
     # --- using -------------------------------------------------------------------
 
-    def retrieving_layers(self, settings: RetrievalSettings, device='cpu',
-                          search: str | None = None) -> dict[int, LayerMemory]:
+    @property
+    def knn_index(self) -> str:
+        """The memory's own index choice (build_memory.py --knn_index); 'flat' before it had one."""
+        return self.meta.get('knn_index') or 'flat'
+
+    def retrieving_layers(self, settings: RetrievalSettings, device='cpu', search: str | None = None,
+                          knn_index: str | None = None, params: dict | None = None) -> dict[int, LayerMemory]:
         """{layer: LayerMemory} for the layers that retrieve under `settings` (a RetrievalSettings),
         to give to model.attach_memory. The memory itself is not changed: each layer's keys,
         values and search index on a device are made once and shared by every settings value.
-        search: 'faiss' or 'torch' (both exact); None = FAISS on the CPU, torch on CUDA."""
+        search: 'faiss' or 'torch' (exact); None = FAISS on the CPU, torch on CUDA. knn_index:
+        the index to search (None: the memory's own); params: its search parameters."""
         settings.check_layers(self.meta['model']['n_layer'])
         missing = [i for i in settings.layers if i not in self.keys]
         if missing:
@@ -405,12 +479,14 @@ class Memory:
                             f"rebuild it with --layers={sorted(set(missing) | set(self.stored_layers))} or set those k to 0")
         check_search(search)
         search = default_search(device) if search is None else search
+        knn_index = knn_index or self.knn_index
+        params = check_index_params(params)
         layers = {}
         for i in settings.layers:
-            key = (i, str(device), search)
+            key = (i, str(device), search, knn_index, tuple(sorted(params.items())))
             if key not in self._in_use:
                 keys, values = self.keys[i].to(device), self.values[i].to(device)
-                self._in_use[key] = (keys, values, KNNIndex(keys, search))
+                self._in_use[key] = (keys, values, KNNIndex(keys, search, knn_index, params))
             keys, values, index = self._in_use[key]
             # a k beyond the memory's size finds nothing more: those neighbours take no part anyway
             layers[i] = LayerMemory(keys, values, index, min(settings.knn_num[i], keys.size(1)), settings,
@@ -482,11 +558,13 @@ class Memory:
                 name = f"memory-{checksum[:16]}.safetensors"
                 os.chmod(tmp, umask_mode())
                 os.replace(tmp, os.path.join(path, name))
-                manifest = dict(format=FORMAT, format_version=FORMAT_VERSION, **self.meta,
+                manifest = dict(format=FORMAT, format_version=FORMAT_VERSION,
+                                **{k: v for k, v in self.meta.items() if k not in ('knn_index', 'index')},
                                 layers=self.stored_layers, n_head=self.meta['model']['n_head'],
                                 n_kv_head=self.meta['model'].get('n_kv_head', self.meta['model']['n_head']),
                                 head_size=self.meta['model']['head_size'], num_entries=self.num_entries(),
-                                index='IndexFlatL2 (exact squared L2), rebuilt from the keys on load',
+                                knn_index=self.knn_index,
+                                index=f"{self.knn_index} (FAISS {index_factory(self.knn_index, self.num_entries(), self.meta['model']['head_size'])}), built from the keys on load",
                                 tensors={name: checksum})
                 write_whole(os.path.join(path, MANIFEST), json.dumps(manifest, indent=1, ensure_ascii=False))
                 for f in os.listdir(path):  # the tensors of the memory this one replaced
@@ -539,7 +617,7 @@ class Memory:
             check_stored(keys[l], values[l], f"{tensor_path} layer {l}", rebuild)
         meta = {k: manifest[k] for k in ('model', 'text', 'token_windows', 'bookkeeping_token',
                                          'remove_bookkeeping_token_mem_size', 'memory_keys', 'retrieval_during_build',
-                                         'source')
+                                         'source', 'knn_index')
                 if k in manifest}
         return cls(keys, values, meta)
 

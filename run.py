@@ -62,6 +62,9 @@ RUN_DEFAULTS = dict(
     contrast_layers=None,  # [U, L]: sample from exit U auto-contrasted with exit L (METHOD.md section 6); None = off
     contrast_alpha=0.1,    # the contrast's threshold: tokens with p_U >= alpha * max p_U are re-weighted
     search=None,           # kNN search: 'faiss' or 'torch' (exact, on the model's device); None = faiss on CPU, torch on CUDA
+    knn_index='',          # FAISS index: 'flat' (exact), 'hnsw', 'ivf', 'ivfpq' or a factory string; '' = the memory's own
+    nprobe=None,           # IVF indexes: lists visited per search (None: FAISS's default, 1)
+    ef_search=None,        # HNSW indexes: efSearch, the candidate list's length (None: FAISS's default, 16)
     method_text='No Memory',  # label of the method's samples (sample.py) or of a sweep's one memory setting
 )
 
@@ -298,13 +301,19 @@ class Run:
     ids: list[int]                             # its tokens (the last block_size)
 
 
+def index_params(config: dict) -> dict:
+    """The search parameters of an approximate index (FAISS's names), those that are set."""
+    return {k: v for k, v in (('nprobe', config['nprobe']), ('efSearch', config['ef_search'])) if v is not None}
+
+
 def prepare_run(config: dict, progress: bool = True) -> Run:
     """The model, the memory and its retrieving layers, and the prompt of a sample.py config."""
     check_search(config['search'])
     model, enc = load_model(config)
     settings = RetrievalSettings.from_config(config, model.config.n_layer)
     memory = prepare_memory(config, model, enc, settings, progress=progress)
-    retrieval = memory.retrieving_layers(settings, config['device'], config['search']) if memory else None
+    retrieval = memory.retrieving_layers(settings, config['device'], config['search'], config['knn_index'] or None,
+                                         index_params(config)) if memory else None
     start, ids = prompt_ids(config['start'], enc, model.config.block_size)
     return Run(model, enc, settings, memory, retrieval, start, ids)
 

@@ -18,7 +18,7 @@ from tqdm import tqdm
 import run
 from configurator import configure, run_cli
 from memory import default_search
-from run import RUN_DEFAULTS, Sampling, append_jsonl, continuations, prepare_run, readout_of, seeds_of
+from run import RUN_DEFAULTS, Sampling, append_jsonl, continuations, index_params, prepare_run, readout_of, seeds_of
 
 DEFAULTS = dict(
     RUN_DEFAULTS,          # a run's keys: model, prompt, seeds, sampling, the memory (see run.py)
@@ -48,7 +48,8 @@ def main(argv):
                        device=config['device'], sampling=asdict(sampling),
                        readout=asdict(readout) if readout else None)
     method = dict(memory=memory.describe(config['mem_store'] if config['load_mem_store'] else None),
-                  retrieval=settings.as_dict(), search=config['search'] or default_search(config['device'])) \
+                  retrieval=settings.as_dict(), search=config['search'] or default_search(config['device']),
+                  knn_index=config['knn_index'] or memory.knn_index, index_params=index_params(config)) \
         if memory is not None else None
     records = []
     for i, seed in enumerate(seeds):

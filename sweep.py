@@ -42,6 +42,7 @@ from run import (
     Sampling,
     check_device,
     continuations,
+    index_params,
     load_model,
     memory_text,
     prompt_ids,
@@ -83,7 +84,8 @@ NOT_IN_GRID = {'name', 'grid', 'seeds', 'seed', 'num_samples', 'metric', 'baseli
 # keys only the memory method reads (RetrievalSettings, its search and decoding, a saved memory):
 # the baselines do not vary with them
 RETRIEVAL_KEYS = {f.name for f in fields(RetrievalSettings)} | {
-    'search', 'decoding', 'mem_store', 'load_mem_store', 'store_mem', 'remove_bookkeeping_token_mem_size'}
+    'search', 'decoding', 'mem_store', 'load_mem_store', 'store_mem', 'remove_bookkeeping_token_mem_size',
+    'knn_index', 'nprobe', 'ef_search'}
 # keys that make the memory text (MemorySource): the plain baseline does not vary with them
 MEMORY_TEXT_KEYS = {'memory', 'bookkeeping_token', 'substitute', 'substitute_target'}
 # keys only activation addition reads
@@ -242,6 +244,8 @@ def make_setting(config, method, values, seeds):
         generation['actadd'] = actadd.as_dict()
     if readout:  # likewise: settings that read the ordinary output keep their ids
         generation['readout'] = asdict(readout)
+    if retrieval and (c['knn_index'] or index_params(c)):  # and those that search the memory's own index
+        generation['index'] = dict(knn_index=c['knn_index'], **index_params(c))
     columns = {k: None if (method != 'memory' and k in RETRIEVAL_KEYS) or (method != 'actadd' and k in ACTADD_KEYS)
                else jsonable(v) for k, v in c.items() if k != 'grid'}
     label = setting_label(method, values, c['method_text'], actadd)
@@ -349,7 +353,9 @@ class Runner:
         if s['memory'] not in self.memories:
             layers = sorted(self.layers.get(s['memory'], set()) | set(s['retrieval'].layers))
             self.memories[s['memory']] = s['memory'].load(self.model, self.enc, layers)
-        return self.memories[s['memory']].retrieving_layers(s['retrieval'], s['config']['device'], s['config']['search'])
+        c = s['config']
+        return self.memories[s['memory']].retrieving_layers(s['retrieval'], c['device'], c['search'],
+                                                            c['knn_index'] or None, index_params(c))
 
     def steering_for(self, s):
         """The activation addition of actadd setting s (actadd.Steering), made once per ActAdd."""
@@ -397,6 +403,8 @@ class Runner:
                     produced_by=dict(sampling=asdict(sampling), memory=memory,
                                      retrieval=s['retrieval'].as_dict() if memory else None,
                                      search=(c['search'] or default_search(c['device'])) if memory else None,
+                                     knn_index=(c['knn_index'] or self.memories[s['memory']].knn_index) if memory else None,
+                                     index_params=index_params(c) if memory else None,
                                      actadd=s['actadd'].as_dict() if s['actadd'] else None,
                                      readout=asdict(s['readout']) if s['readout'] else None,
                                      context=s['context']),

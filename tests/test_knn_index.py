@@ -1,0 +1,103 @@
+"""Index choice per memory (METHOD.md section 2 step 2 with an approximate search): exact flat
+search equals the torch search; HNSW and IVF find the exact neighbours on small data; the
+choice is recorded in the manifest, used on load, overridden at sample time and changed by
+re-indexing without the model; bad choices are one-line errors."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import sweep
+from configurator import UserError
+from conftest import TINY, run_script
+from memory import KNNIndex, Memory, RetrievalSettings, index_factory
+from model import GPT
+
+
+def recall_at_k(found, exact):
+    return sum(len(set(f) & set(e)) for f, e in zip(found.tolist(), exact.tolist())) / exact.numel()
+
+
+@pytest.fixture(scope='module')
+def data():
+    torch.manual_seed(0)
+    # clustered keys, as a model's are: 40 centres, 2,000 keys per head, 2 heads
+    centres = torch.randn(2, 40, 32) * 3
+    keys = centres[:, torch.randint(0, 40, (2000,))] + torch.randn(2, 2000, 32)
+    queries = keys[torch.tensor([0, 1] * 100), torch.randint(0, 2000, (200,))] + 0.3 * torch.randn(200, 32)
+    heads = torch.tensor([0, 1] * 100)
+    return keys, queries, heads
+
+
+def test_exact_indexes_agree(data):
+    keys, queries, heads = data
+    flat = KNNIndex(keys, 'faiss', 'flat').search(queries, heads, 5)
+    exact = KNNIndex(keys, 'torch').search(queries, heads, 5)
+    assert recall_at_k(flat, exact) == 1.0
+
+
+@pytest.mark.parametrize('knn_index,params,at_least', [('hnsw', dict(efSearch=64), 0.95), ('ivf', dict(nprobe=8), 0.95),
+                                                       ('ivf', dict(nprobe=1000), 1.0), ('IVF16,Flat', {}, 0.5),
+                                                       ('ivfpq', dict(nprobe=8), 0.3)])
+def test_approximate_indexes_recall(data, knn_index, params, at_least):
+    keys, queries, heads = data
+    exact = KNNIndex(keys, 'torch').search(queries, heads, 5)
+    found = KNNIndex(keys, 'faiss', knn_index, params).search(queries, heads, 5)
+    assert recall_at_k(found, exact) >= at_least
+
+
+def test_short_names_and_bad_choices(data):
+    keys, _, _ = data
+    assert index_factory('ivf', 2000, 32) == 'IVF51,Flat' and index_factory('ivf', 100, 32) == 'IVF2,Flat'
+    assert index_factory('ivfpq', 100_000, 64) == 'IVF1264,PQ16' and index_factory('', 5, 8) == 'Flat'
+    with pytest.raises(UserError, match="FAISS cannot make a 'IVFbad'"):
+        KNNIndex(keys, 'faiss', 'IVFbad')
+    with pytest.raises(UserError, match='at least 39 keys per list'):
+        KNNIndex(keys[:, :50], 'faiss', 'IVF64,Flat')
+    with pytest.raises(UserError, match="search='torch' is exact"):
+        KNNIndex(keys, 'torch', 'hnsw')
+    with pytest.raises(UserError, match='nprobe and ef_search'):
+        KNNIndex(keys, 'faiss', 'ivf', dict(nprobe=0))
+
+
+def test_recorded_used_overridden_and_reindexed(tmp_path):
+    text = tmp_path / 'mem.txt'
+    text.write_text(open(os.path.join(ROOT, 'data', 'vancouver.txt'), encoding='utf-8').read(), encoding='utf-8')
+    store = tmp_path / 'mem'
+    r = run_script('build_memory.py', str(text), f'--init_from={TINY}', f'--mem_store={store}', '--layers=[2]',
+                   '--knn_index=hnsw')
+    assert r.returncode == 0, r.stderr
+    assert json.loads((store / 'memory.json').read_text())['knn_index'] == 'hnsw'
+    model, enc = GPT.from_pretrained(TINY)
+    memory = Memory.load(str(store), model, enc)
+    settings = RetrievalSettings([0, 0, 5, 0], 0.0, 0.0, 1.0, False, 0.0)
+    assert memory.knn_index == 'hnsw' and memory.retrieving_layers(settings)[2].index.factory == 'HNSW32'
+    assert memory.retrieving_layers(settings, knn_index='flat')[2].index.factory == 'Flat'
+    identity = memory.identity()
+    r = run_script('build_memory.py', f'--reindex={store}', '--knn_index=ivf')
+    assert r.returncode == 0 and 'the model was not run' in r.stdout, r.stderr
+    again = Memory.load(str(store), model, enc)
+    assert again.knn_index == 'ivf' and again.identity() == identity
+    # sample.py searches another index on request, and records which
+    r = run_script('sample.py', f'--init_from={TINY}', '--load_mem_store=True', f'--mem_store={store}',
+                   '--knn_num=[0,0,5,0]', '--seeds=[1]', '--max_new_tokens=2', '--knn_index=hnsw', '--ef_search=32',
+                   '--out_jsonl=/dev/stdout')
+    assert r.returncode == 0, r.stderr
+    rec = json.loads(r.stdout.strip().splitlines()[-1])
+    assert rec['method']['knn_index'] == 'hnsw' and rec['method']['index_params'] == {'efSearch': 32}
+    r = run_script('build_memory.py', str(text), f'--init_from={TINY}', f'--mem_store={tmp_path / "x"}',
+                   '--knn_index=IVFbad')
+    assert r.returncode == 2 and r.stderr.count('\n') == 1 and "cannot make a 'IVFbad'" in r.stderr
+
+
+def test_sweep_ids_do_not_change_without_an_index_choice():
+    cfg = dict(sweep.DEFAULTS, init_from=TINY, memory="\nCats are kind.", knn_num=[0, 0, 5, 0], seeds=2,
+               grid={'knn_index': ['', 'hnsw']})
+    settings, _ = sweep.expand(cfg)
+    plain, _ = sweep.expand(dict(cfg, grid={}))
+    assert settings[0]['id'] == plain[0]['id'] and settings[1]['id'] != plain[0]['id']
