@@ -380,7 +380,7 @@ class Memory:
 
     def describe(self, store: str | None = None) -> dict:
         """What a record says of this memory: its identity, where it came from, its shape."""
-        return dict(identity=self.identity(), store=store, source=self.meta.get('source'), knn_index=self.knn_index,
+        return dict(identity=self.identity(), store=store, source=self.meta.get('source'),
                     layers=self.stored_layers, num_entries=self.num_entries(), memory_keys=self.memory_keys,
                     bookkeeping_token=self.meta.get('bookkeeping_token'),
                     remove_bookkeeping_token_mem_size=self.meta.get('remove_bookkeeping_token_mem_size'),

@@ -403,8 +403,9 @@ class Runner:
                     produced_by=dict(sampling=asdict(sampling), memory=memory,
                                      retrieval=s['retrieval'].as_dict() if memory else None,
                                      search=(c['search'] or default_search(c['device'])) if memory else None,
-                                     knn_index=(c['knn_index'] or self.memories[s['memory']].knn_index) if memory else None,
-                                     index_params=index_params(c) if memory else None,
+                                     **(dict(knn_index=c['knn_index'] or self.memories[s['memory']].knn_index,
+                                             index_params=index_params(c))
+                                        if memory and (c['knn_index'] or index_params(c)) else {}),
                                      actadd=s['actadd'].as_dict() if s['actadd'] else None,
                                      readout=asdict(s['readout']) if s['readout'] else None,
                                      context=s['context']),
