@@ -30,6 +30,7 @@ DEFAULTS = dict(
     memory_keys='unrotated',  # RoPE models: keys before RoPE ('unrotated') or as attention sees them ('rotated')
     knn_index='flat',      # the memory's search index: 'flat' (exact), 'hnsw', 'ivf', 'ivfpq' or a FAISS factory string
     reindex='',            # a memory directory to give another knn_index, without running the model (no text file)
+    store_dtype='float32',  # keys and values saved as 'float32' or 'float16' (half the disk and RAM)
     device='cpu',          # 'cpu', 'cuda', 'cuda:1', ...
     dtype='float32',       # 'float32', 'bfloat16' or 'float16'
 )
@@ -55,14 +56,14 @@ def main(argv):
                           remove_bookkeeping_token_mem_size=config['remove_bookkeeping_token_mem_size'],
                           progress=True, memory_keys=config['memory_keys'])
     memory.meta['knn_index'] = config['knn_index']
-    path = memory.save(mem_store)
-    size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
+    path = memory.save(mem_store, dtype=config['store_dtype'])
+    size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if not f.endswith('.lock'))
     m = memory.meta
     print(f"stored {memory.num_entries()} tokens per head from {sum(len(w) for w in m['token_windows'])} tokens "
           f"in {len(m['token_windows'])} window(s) of {texts[0]}")
     print(f"model {m['model']['name']} (weights {m['model']['fingerprint']}), layers {memory.stored_layers}, "
           f"{m['model']['n_head']} heads of size {m['model']['head_size']}")
-    print(f"{size / 1e6:.2f} MB on disk at {path}")
+    print(f"{size / 1e6:.2f} MB on disk at {path} (keys and values in {config['store_dtype']})")
 
 
 def reindex(config):

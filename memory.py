@@ -44,6 +44,7 @@ SEARCHES = ('faiss', 'torch')
 # index choices by short name (FAISS factory strings are taken as they are): 'flat' is the
 # reference's exact IndexFlatL2; the others are approximate. IVF's nlist grows as ~4 sqrt(N)
 # (at most N/39, so each list trains on 39 points); PQ uses d/4 sub-quantizers of 8 bits.
+STORE_DTYPES = {'float32': torch.float32, 'float16': torch.float16}  # how keys and values are saved
 KNN_INDEXES = {'flat': 'Flat', 'hnsw': 'HNSW32', 'ivf': 'IVF{nlist},Flat', 'ivfpq': 'IVF{nlist},PQ{m}'}
 MEMORY_KEYS = ('unrotated', 'rotated')  # the form keys are stored in on RoPE models (METHOD.md section 8)
 
@@ -372,9 +373,10 @@ class Memory:
         if getattr(self, '_identity', None) is None:
             h = hashlib.sha256(self.memory_keys.encode())
             for layer in self.stored_layers:
-                h.update(f"layer {layer} {tuple(self.keys[layer].shape)}".encode())
-                h.update(self.keys[layer].numpy().tobytes())
-                h.update(self.values[layer].numpy().tobytes())
+                h.update(f"layer {layer} {tuple(self.keys[layer].shape)} {self.values[layer].dtype}".encode())
+                for t in (self.keys[layer], self.values[layer]):
+                    for head in t:  # head by head: a memory-mapped store is read, not copied whole
+                        h.update(np.ascontiguousarray(head.numpy()).data)
             self._identity = h.hexdigest()[:16]
         return self._identity
 
@@ -525,7 +527,7 @@ class Memory:
 
     # --- saving and loading --------------------------------------------------------
 
-    def save(self, path: str) -> str:
+    def save(self, path: str, dtype: str | None = None) -> str:
         """Write the memory as a directory: memory.json (the manifest) and the tensors in
         memory-<checksum>.safetensors, which the manifest names.
 
@@ -547,10 +549,13 @@ class Memory:
                 for f in os.listdir(path):  # left by a save that was killed
                     if is_temporary(f):
                         os.remove(os.path.join(path, f))
+                dtype = dtype or str(next(iter(self.keys.values())).dtype).removeprefix('torch.')
+                if dtype not in STORE_DTYPES:
+                    raise UserError(f"store_dtype={dtype!r} must be one of {', '.join(STORE_DTYPES)}")
                 tensors = {}
                 for l in self.stored_layers:
-                    tensors[f'layer{l}.keys'] = self.keys[l].contiguous()
-                    tensors[f'layer{l}.values'] = self.values[l].contiguous()
+                    tensors[f'layer{l}.keys'] = self.keys[l].to(STORE_DTYPES[dtype]).contiguous()
+                    tensors[f'layer{l}.values'] = self.values[l].to(STORE_DTYPES[dtype]).contiguous()
                 fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix='.safetensors', dir=path)
                 os.close(fd)
                 save_file(tensors, tmp)
@@ -563,7 +568,7 @@ class Memory:
                                 layers=self.stored_layers, n_head=self.meta['model']['n_head'],
                                 n_kv_head=self.meta['model'].get('n_kv_head', self.meta['model']['n_head']),
                                 head_size=self.meta['model']['head_size'], num_entries=self.num_entries(),
-                                knn_index=self.knn_index,
+                                knn_index=self.knn_index, dtype=dtype,
                                 index=f"{self.knn_index} (FAISS {index_factory(self.knn_index, self.num_entries(), self.meta['model']['head_size'])}), built from the keys on load",
                                 tensors={name: checksum})
                 write_whole(os.path.join(path, MANIFEST), json.dumps(manifest, indent=1, ensure_ascii=False))
@@ -575,13 +580,15 @@ class Memory:
         return path
 
     @classmethod
-    def load(cls, path: str, model=None, enc=None) -> Memory:
+    def load(cls, path: str, model=None, enc=None, mmap: bool = False) -> Memory:
         """Load a memory directory: ours (memory.json) or the reference code's layout.
-        With a model, refuse a memory that model did not make."""
+        With a model, refuse a memory that model did not make. mmap: the values stay on disk,
+        memory-mapped, and only the rows retrieved are read (the keys are loaded: the search
+        index holds them anyway)."""
         if not os.path.isdir(path):
             raise UserError(f"memory directory {path} does not exist; build one with build_memory.py")
         if os.path.isfile(os.path.join(path, MANIFEST)):
-            memory = cls._load_ours(path)
+            memory = cls._load_ours(path, mmap=mmap)
         elif os.path.isdir(os.path.join(path, 'keyStore')):
             if model is None or enc is None:
                 raise UserError("importing a reference-layout memory needs the model and tokenizer")
@@ -594,7 +601,7 @@ class Memory:
         return memory
 
     @classmethod
-    def _load_ours(cls, path, tries=3):
+    def _load_ours(cls, path, tries=3, mmap=False):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
         rebuild = "rebuild the memory with build_memory.py"
@@ -603,15 +610,21 @@ class Memory:
         tensor_path = os.path.join(path, tensor_file)
         if not os.path.isfile(tensor_path):
             if tries > 1 and read_manifest(path) != manifest:  # a save replaced the memory meanwhile
-                return cls._load_ours(path, tries - 1)
+                return cls._load_ours(path, tries - 1, mmap)
             raise UserError(f"{path} lacks {tensor_file}; the memory is incomplete, {rebuild}")
         if sha256_file(tensor_path) != expected:
             raise UserError(f"{tensor_path} does not match the checksum in {MANIFEST} (truncated or altered); {rebuild}")
         try:
-            tensors = load_file(tensor_path)
-            keys = {int(l): tensors[f'layer{l}.keys'] for l in manifest['layers']}
-            values = {int(l): tensors[f'layer{l}.values'] for l in manifest['layers']}
-        except (SafetensorError, KeyError) as e:
+            if mmap:
+                from safetensors import safe_open
+                with safe_open(tensor_path, framework='pt') as f:
+                    keys = {int(l): f.get_tensor(f'layer{l}.keys') for l in manifest['layers']}
+                values = {int(l): mapped_tensor(tensor_path, f'layer{l}.values') for l in manifest['layers']}
+            else:
+                tensors = load_file(tensor_path)
+                keys = {int(l): tensors[f'layer{l}.keys'] for l in manifest['layers']}
+                values = {int(l): tensors[f'layer{l}.values'] for l in manifest['layers']}
+        except (SafetensorError, KeyError, ValueError) as e:
             raise UserError(f"{tensor_path} is unreadable or incomplete ({e}); {rebuild}") from None
         for l in keys:
             check_stored(keys[l], values[l], f"{tensor_path} layer {l}", rebuild)
@@ -650,12 +663,32 @@ def read_manifest(path: str) -> dict:
 
 
 def check_stored(keys, values, where, fix):
-    """Stored keys and values must be (H, N, d) alike and finite."""
+    """Stored keys and values must be (H, N, d) alike and finite (checked head by head, so a
+    memory-mapped store is read once, not held)."""
     if keys.dim() != 3 or keys.shape != values.shape:
         raise UserError(f"{where} holds keys {tuple(keys.shape)} and values {tuple(values.shape)}; "
                         f"they must be (heads, N, head_size) alike; {fix}")
-    if not (torch.isfinite(keys).all() and torch.isfinite(values).all()):
+    if not all(torch.isfinite(k).all() and torch.isfinite(v).all() for k, v in zip(keys, values)):
         raise UserError(f"{where} holds NaN or infinite values; {fix}")
+
+
+def mapped_tensor(path, name):
+    """A read-only tensor memory-mapped from a safetensors file: its header (8 bytes of length,
+    then JSON: dtype, shape, data_offsets) says where the tensor's bytes lie."""
+    with open(path, 'rb') as f:
+        n = int.from_bytes(f.read(8), 'little')
+        header = json.loads(f.read(n))
+    info = header[name]
+    dtype = {'F32': np.float32, 'F16': np.float16}.get(info['dtype'])
+    if dtype is None:
+        raise ValueError(f"{name} is stored as {info['dtype']}; memory-mapping reads F32 and F16")
+    start, end = info['data_offsets']
+    if (end - start) != int(np.prod(info['shape'])) * np.dtype(dtype).itemsize:
+        raise ValueError(f"{name}'s data_offsets do not match its shape")
+    array = np.memmap(path, dtype=dtype, mode='r', offset=8 + n + start, shape=tuple(info['shape']))
+    with warnings.catch_warnings():  # read-only by design: the memory never writes its values
+        warnings.simplefilter('ignore', UserWarning)
+        return torch.from_numpy(array)
 
 
 def is_tensor_file(name):

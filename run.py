@@ -52,6 +52,7 @@ RUN_DEFAULTS = dict(
     mem_store='',          # a saved memory directory (ours, or the reference's layout)
     load_mem_store=False,  # load the memory from mem_store instead of building it from `memory`
     store_mem=False,       # save the memory built from `memory` to mem_store
+    mmap=False,            # a loaded memory's values stay on disk, memory-mapped: only retrieved rows are read
     mem_frac=0.0,          # MF: tokens whose last-row attention is >= 1/(MF*T) look up the memory; 0 = token 0 only
     bookkeeping_frac=0.0,  # BF: token 0 looks up the memory only if its attention is > BF
     knn_softmax_influence=1.0,  # TS: scales q.key before the softmax over candidates
@@ -245,11 +246,11 @@ class MemorySource:
         return cls(text, None, config['bookkeeping_token'], config['remove_bookkeeping_token_mem_size'],
                    config['memory_keys'])
 
-    def load(self, model: Transformer, enc, layers: list[int], progress: bool = False) -> Memory:
+    def load(self, model: Transformer, enc, layers: list[int], progress: bool = False, mmap: bool = False) -> Memory:
         """The memory: loaded from `store` (refused if its keys are not in the memory_keys form
         asked for), or built from `text` for `layers`."""
         if self.store is not None:
-            memory = Memory.load(self.store, model, enc)
+            memory = Memory.load(self.store, model, enc, mmap=mmap)
             if model.rope is not None and memory.memory_keys != self.memory_keys:
                 raise UserError(f"{self.store} stores {memory.memory_keys} keys, the run asks for "
                                 f"memory_keys={self.memory_keys!r}; set memory_keys={memory.memory_keys!r} or rebuild it")
@@ -270,7 +271,7 @@ def prepare_memory(config: dict, model: Transformer, enc, settings: RetrievalSet
         return None
     if config['store_mem'] and not config['mem_store']:
         raise UserError("store_mem=True needs mem_store=DIR to save the memory to")
-    memory = MemorySource.from_config(config).load(model, enc, settings.layers, progress=progress)
+    memory = MemorySource.from_config(config).load(model, enc, settings.layers, progress=progress, mmap=config['mmap'])
     if config['store_mem'] and not config['load_mem_store']:
         memory.save(config['mem_store'])
     return memory

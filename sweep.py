@@ -85,7 +85,7 @@ NOT_IN_GRID = {'name', 'grid', 'seeds', 'seed', 'num_samples', 'metric', 'baseli
 # the baselines do not vary with them
 RETRIEVAL_KEYS = {f.name for f in fields(RetrievalSettings)} | {
     'search', 'decoding', 'mem_store', 'load_mem_store', 'store_mem', 'remove_bookkeeping_token_mem_size',
-    'knn_index', 'nprobe', 'ef_search'}
+    'knn_index', 'nprobe', 'ef_search', 'mmap'}
 # keys that make the memory text (MemorySource): the plain baseline does not vary with them
 MEMORY_TEXT_KEYS = {'memory', 'bookkeeping_token', 'substitute', 'substitute_target'}
 # keys only activation addition reads
@@ -352,7 +352,7 @@ class Runner:
         """The retrieving layers of memory setting s."""
         if s['memory'] not in self.memories:
             layers = sorted(self.layers.get(s['memory'], set()) | set(s['retrieval'].layers))
-            self.memories[s['memory']] = s['memory'].load(self.model, self.enc, layers)
+            self.memories[s['memory']] = s['memory'].load(self.model, self.enc, layers, mmap=s['config']['mmap'])
         c = s['config']
         return self.memories[s['memory']].retrieving_layers(s['retrieval'], c['device'], c['search'],
                                                             c['knn_index'] or None, index_params(c))
