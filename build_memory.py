@@ -1,11 +1,17 @@
 """
-Build a persistent memory from a text file and save it as a directory.
+Build a persistent memory from a text file or a folder of them and save it as a directory.
 
     python build_memory.py data/vancouver.txt --init_from=gpt2 --mem_store=out/vancouver --layers=[9]
+    python build_memory.py data/ --init_from=gpt2 --mem_store=out/data --layers=[9]    # one document per .txt file
+    python build_memory.py more.txt --mem_store=out/vancouver --append=True           # add to a memory
 
-The bookkeeping token is put in front of the text, the plain model runs over it (retrieval
-off; texts longer than block_size go in windows, each with its own bookkeeping token), and
-the keys and values of every head of the chosen layers are stored (METHOD.md section 1).
+Each document gets the bookkeeping token in front and is windowed on its own (texts longer
+than block_size go in windows, each with its own bookkeeping token); the plain model runs
+over the windows in batches (retrieval off), and the keys and values of every head of the
+chosen layers are stored (METHOD.md section 1). Rows are spooled to disk as they are made,
+so memory use stays at one batch however long the documents are; the directory is written
+whole at the end, so an interrupted build leaves it as it was (a memory being appended to
+stays readable throughout). The manifest records each document's span of rows.
 Use it with: python sample.py ... --load_mem_store=True --mem_store=out/vancouver
 
     python build_memory.py --reindex=out/vancouver --knn_index=hnsw   # another index, same keys
@@ -16,10 +22,11 @@ used; sample.py and sweep.py can also search another one (--knn_index, --nprobe,
 
 import os
 import sys
+import time
 
 from configurator import UserError, configure, run_cli
-from memory import KNNIndex, Memory, check_knn_index, index_factory
-from run import load_model, memory_text
+from memory import KNNIndex, Memory, build_documents, check_knn_index, index_factory, read_documents
+from run import load_model
 
 DEFAULTS = dict(
     init_from='gpt2',      # as in sample.py: a GPT-2 name, hub id, checkpoint directory, GGUF file or 'smollm2-135m'
@@ -31,6 +38,8 @@ DEFAULTS = dict(
     knn_index='flat',      # the memory's search index: 'flat' (exact), 'hnsw', 'ivf', 'ivfpq' or a FAISS factory string
     reindex='',            # a memory directory to give another knn_index, without running the model (no text file)
     store_dtype='float32',  # keys and values saved as 'float32' or 'float16' (half the disk and RAM)
+    append=False,          # add the documents to the memory at mem_store (a new version, written whole)
+    batch_size=8,          # windows that go through the model together
     device='cpu',          # 'cpu', 'cuda', 'cuda:1', ...
     dtype='float32',       # 'float32', 'bfloat16' or 'float16'
 )
@@ -43,27 +52,33 @@ def main(argv):
     if not texts and configure(DEFAULTS, argv)['reindex']:
         return reindex(configure(DEFAULTS, argv))
     if len(texts) != 1:
-        raise UserError("give one text file: python build_memory.py FILE.txt [--key=value ...]")
+        raise UserError("give one text file or folder: python build_memory.py FILE_OR_FOLDER [--key=value ...]")
     config = configure(DEFAULTS, [a for a in argv if a not in texts])
-    text = memory_text('FILE:' + texts[0], config['bookkeeping_token'])  # the token put in front
+    documents = read_documents(texts[0])
     layers = config['layers']
     if layers is not None and (not isinstance(layers, (list, tuple)) or not all(isinstance(l, int) for l in layers)):
         raise UserError(f"layers={layers!r} must be a list of layer indices, e.g. --layers=[9]")
-    mem_store = config['mem_store'] or os.path.join('out', os.path.splitext(os.path.basename(texts[0]))[0])
+    mem_store = config['mem_store'] or os.path.join('out', os.path.splitext(os.path.basename(os.path.normpath(texts[0])))[0])
+    if config['append'] and not os.path.isfile(os.path.join(mem_store, 'memory.json')):
+        raise UserError(f"append=True adds to a memory, but {mem_store} holds none; build it first (without --append)")
     model, enc = load_model(config)
     check_knn_index(config['knn_index'], model.config.head_dim)  # a bad index choice fails before the model runs
-    memory = Memory.build(model, enc, text, layers=layers, bookkeeping_token=config['bookkeeping_token'],
-                          remove_bookkeeping_token_mem_size=config['remove_bookkeeping_token_mem_size'],
-                          progress=True, memory_keys=config['memory_keys'])
-    memory.meta['knn_index'] = config['knn_index']
-    path = memory.save(mem_store, dtype=config['store_dtype'])
-    size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if not f.endswith('.lock'))
+    t0 = time.time()
+    path = build_documents(model, enc, documents, mem_store, layers=layers, bookkeeping_token=config['bookkeeping_token'],
+                           n_skip=config['remove_bookkeeping_token_mem_size'], memory_keys=config['memory_keys'],
+                           batch_size=config['batch_size'], dtype=config['store_dtype'], knn_index=config['knn_index'],
+                           append=config['append'])
+    seconds = time.time() - t0
+    memory = Memory.load(path, model, enc, mmap=True)
+    size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if os.path.isfile(os.path.join(path, f)))
     m = memory.meta
+    tokens = sum(d['tokens'] for d in m['documents'][-len(documents):])
     print(f"stored {memory.num_entries()} tokens per head from {sum(len(w) for w in m['token_windows'])} tokens "
-          f"in {len(m['token_windows'])} window(s) of {texts[0]}")
+          f"in {len(m['token_windows'])} window(s) of {len(m['documents'])} document(s)"
+          + (f" ({len(documents)} appended)" if config['append'] else f" of {texts[0]}"))
     print(f"model {m['model']['name']} (weights {m['model']['fingerprint']}), layers {memory.stored_layers}, "
-          f"{m['model']['n_head']} heads of size {m['model']['head_size']}")
-    print(f"{size / 1e6:.2f} MB on disk at {path} (keys and values in {config['store_dtype']})")
+          f"{m['model']['n_head']} heads of size {m['model']['head_size']}; {tokens / max(seconds, 1e-9):.0f} tokens/s")
+    print(f"{size / 1e6:.2f} MB on disk at {path} (keys and values in {str(memory.values[memory.stored_layers[0]].dtype).removeprefix('torch.')})")
 
 
 def reindex(config):

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import re
+import shutil
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass
@@ -339,6 +340,31 @@ def memory_token_windows(ids: list[int], n_bookkeeping: int, block_size: int) ->
     return [prefix + body[i:i + width] for i in range(0, len(body), width)]
 
 
+@torch.no_grad()
+def window_rows(model, windows: list[list[int]], layers: list[int], n_skip: int, memory_keys: str, batch_size: int):
+    """The plain model over memory windows (METHOD.md section 1), consecutive windows of one
+    length as one batch. Yields (windows done, {layer: (keys, values)}), each (H_kv, rows, d)
+    on the CPU, one row per stored token in order (the first n_skip of each window dropped)."""
+    device = next(model.parameters()).device
+    i = 0
+    while i < len(windows):
+        group = [windows[i]]
+        while i + len(group) < len(windows) and len(group) < batch_size and \
+                len(windows[i + len(group)]) == len(group[0]):
+            group.append(windows[i + len(group)])
+        x = torch.tensor(group, dtype=torch.long, device=device)
+        _, kv, _ = model.run_blocks(model.embed(x), 0, max(layers) + 1, use_memory=False)
+        rows = {}
+        for l in layers:
+            k, v = kv[l]  # (B, H_kv, T, d): the attention block's own k (before RoPE) and v
+            if memory_keys == 'rotated':  # as attention sees them, positions from the window's start
+                k = model.rope(k, 0)
+            # one row per token, in order: (B, H, T', d) -> (H, B*T', d)
+            rows[l] = tuple(t[:, :, n_skip:].transpose(0, 1).reshape(t.size(1), -1, t.size(-1)).cpu() for t in (k, v))
+        i += len(group)
+        yield len(group), rows
+
+
 class Memory:
     """Stored keys and values of the memory layers, with their provenance."""
 
@@ -364,6 +390,12 @@ class Memory:
 
     def num_entries(self) -> int:
         return next(iter(self.keys.values())).size(1) if self.keys else 0
+
+    def row_origins(self) -> list[tuple[str, int]]:
+        """(document, position among that document's stored tokens) of every stored row; a
+        memory built from one text is one document, 'memory text'."""
+        docs = self.meta.get('documents') or [dict(name='memory text', first_row=0, rows=self.num_entries())]
+        return [(d['name'], i) for d in docs for i in range(d['rows'])]
 
     def identity(self) -> str:
         """A digest of what the memory holds: every stored layer's keys and values and the form
@@ -431,28 +463,15 @@ class Memory:
             raise UserError(f"the memory text has {len(ids)} tokens, nothing left to store after removing "
                             f"{n_skip} bookkeeping token(s); give it some text")
         windows = memory_token_windows(list(ids), n_skip, cfg.block_size)
-        device = next(model.parameters()).device
         keys = {l: [] for l in layers}
         values = {l: [] for l in layers}
         from tqdm import tqdm
         bar = tqdm(total=len(windows), desc='building memory', unit='window', disable=not progress)
-        i = 0
-        while i < len(windows):
-            # windows of one length go through the model together
-            group = [windows[i]]
-            while i + len(group) < len(windows) and len(group) < batch_size and len(windows[i + len(group)]) == len(group[0]):
-                group.append(windows[i + len(group)])
-            x = torch.tensor(group, dtype=torch.long, device=device)
-            _, kv, _ = model.run_blocks(model.embed(x), 0, max(layers) + 1, use_memory=False)
-            for l in layers:
-                k, v = kv[l]  # (B, H_kv, T, d): the attention block's own k (before RoPE) and v
-                if memory_keys == 'rotated':  # as attention sees them, positions from the window's start
-                    k = model.rope(k, 0)
-                # one row per token, in order: (B, H, T', d) -> (H, B*T', d)
-                keys[l].append(k[:, :, n_skip:].transpose(0, 1).reshape(k.size(1), -1, k.size(-1)).cpu())
-                values[l].append(v[:, :, n_skip:].transpose(0, 1).reshape(v.size(1), -1, v.size(-1)).cpu())
-            i += len(group)
-            bar.update(len(group))
+        for n, rows in window_rows(model, windows, layers, n_skip, memory_keys, batch_size):
+            for l, (k, v) in rows.items():
+                keys[l].append(k)
+                values[l].append(v)
+            bar.update(n)
         bar.close()
         meta = dict(model=model_identity(model), text=text, token_windows=windows,
                     bookkeeping_token=bookkeeping_token, remove_bookkeeping_token_mem_size=n_skip,
@@ -529,55 +548,28 @@ class Memory:
 
     def save(self, path: str, dtype: str | None = None) -> str:
         """Write the memory as a directory: memory.json (the manifest) and the tensors in
-        memory-<checksum>.safetensors, which the manifest names.
-
-        The path always holds a complete memory, the old one or the new one: the new tensors
-        are written under their own name first, then the manifest is replaced in one rename
-        (the switch), then the old tensors are removed. A save killed at any point leaves the
-        old memory loadable (and perhaps a temporary or unreferenced file, which the next save
-        removes). Saves to one path are serialised by a lock file, memory.lock. Only this
-        memory's own files are ever removed."""
+        memory-<checksum>.safetensors, which the manifest names (see commit: the path always
+        holds a complete memory). dtype: 'float32' or 'float16'; None = as the tensors are."""
         from safetensors.torch import save_file
-        path = os.path.abspath(path)
-        if os.path.exists(path) and not (os.path.isdir(path) and (
-                os.path.isfile(os.path.join(path, MANIFEST)) or all(is_own_file(f) for f in os.listdir(path)))):
-            raise UserError(f"{path} exists and is not a memory directory; choose another mem_store")
-        make_dirs(path)
-        from filelock import FileLock
-        try:
-            with FileLock(os.path.join(path, LOCK)):
-                for f in os.listdir(path):  # left by a save that was killed
-                    if is_temporary(f):
-                        os.remove(os.path.join(path, f))
-                dtype = dtype or str(next(iter(self.keys.values())).dtype).removeprefix('torch.')
-                if dtype not in STORE_DTYPES:
-                    raise UserError(f"store_dtype={dtype!r} must be one of {', '.join(STORE_DTYPES)}")
-                tensors = {}
-                for l in self.stored_layers:
-                    tensors[f'layer{l}.keys'] = self.keys[l].to(STORE_DTYPES[dtype]).contiguous()
-                    tensors[f'layer{l}.values'] = self.values[l].to(STORE_DTYPES[dtype]).contiguous()
-                fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix='.safetensors', dir=path)
-                os.close(fd)
-                save_file(tensors, tmp)
-                checksum = sha256_file(tmp)
-                name = f"memory-{checksum[:16]}.safetensors"
-                os.chmod(tmp, umask_mode())
-                os.replace(tmp, os.path.join(path, name))
-                manifest = dict(format=FORMAT, format_version=FORMAT_VERSION,
-                                **{k: v for k, v in self.meta.items() if k not in ('knn_index', 'index')},
-                                layers=self.stored_layers, n_head=self.meta['model']['n_head'],
-                                n_kv_head=self.meta['model'].get('n_kv_head', self.meta['model']['n_head']),
-                                head_size=self.meta['model']['head_size'], num_entries=self.num_entries(),
-                                knn_index=self.knn_index, dtype=dtype,
-                                index=f"{self.knn_index} (FAISS {index_factory(self.knn_index, self.num_entries(), self.meta['model']['head_size'])}), built from the keys on load",
-                                tensors={name: checksum})
-                write_whole(os.path.join(path, MANIFEST), json.dumps(manifest, indent=1, ensure_ascii=False))
-                for f in os.listdir(path):  # the tensors of the memory this one replaced
-                    if is_tensor_file(f) and f != name:
-                        os.remove(os.path.join(path, f))
-        except OSError as e:
-            raise cannot_write(path, e) from None
-        return path
+        dtype = dtype or str(next(iter(self.keys.values())).dtype).removeprefix('torch.')
+        if dtype not in STORE_DTYPES:
+            raise UserError(f"store_dtype={dtype!r} must be one of {', '.join(STORE_DTYPES)}")
+
+        def write(tmp):
+            save_file({f'layer{l}.{kind}': t[l].to(STORE_DTYPES[dtype]).contiguous()
+                       for l in self.stored_layers for kind, t in (('keys', self.keys), ('values', self.values))}, tmp)
+        return commit(path, write, self.manifest_fields(dtype, self.num_entries()))
+
+    def manifest_fields(self, dtype: str, num_entries: int) -> dict:
+        """The manifest of this memory's meta, as saved with `num_entries` rows in `dtype`."""
+        model, d = self.meta['model'], self.meta['model']['head_size']
+        return dict(format=FORMAT, format_version=FORMAT_VERSION,
+                    **{k: v for k, v in self.meta.items() if k not in ('knn_index', 'index', 'layers')},
+                    layers=sorted(self.keys) if self.keys else self.meta['layers'], n_head=model['n_head'],
+                    n_kv_head=model.get('n_kv_head', model['n_head']), head_size=d, num_entries=num_entries,
+                    knn_index=self.knn_index, dtype=dtype,
+                    index=f"{self.knn_index} (FAISS {index_factory(self.knn_index, num_entries, d)}), built from the "
+                          f"keys on load")
 
     @classmethod
     def load(cls, path: str, model=None, enc=None, mmap: bool = False) -> Memory:
@@ -630,7 +622,7 @@ class Memory:
             check_stored(keys[l], values[l], f"{tensor_path} layer {l}", rebuild)
         meta = {k: manifest[k] for k in ('model', 'text', 'token_windows', 'bookkeeping_token',
                                          'remove_bookkeeping_token_mem_size', 'memory_keys', 'retrieval_during_build',
-                                         'source', 'knn_index')
+                                         'source', 'knn_index', 'documents')
                 if k in manifest}
         return cls(keys, values, meta)
 
@@ -660,6 +652,44 @@ def read_manifest(path: str) -> dict:
             isinstance(k, str) and is_tensor_file(k) and isinstance(v, str) for k, v in tensors.items()):
         raise UserError(bad.format("its 'tensors' does not name one tensor file with its checksum"))
     return manifest
+
+
+def commit(path: str, write_tensors, manifest: dict) -> str:
+    """Make `path` a memory directory holding the tensors write_tensors(file) writes and this
+    manifest, replacing any memory there.
+
+    The path always holds a complete memory, the old one or the new one: the new tensors are
+    written under their own name first, then the manifest is replaced in one rename (the
+    switch), then the old tensors are removed. A save killed at any point leaves the old
+    memory loadable (and perhaps a temporary or unreferenced file, which the next save
+    removes). Saves to one path are serialised by a lock file, memory.lock. Only this code's
+    own files are ever removed."""
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not (os.path.isdir(path) and (
+            os.path.isfile(os.path.join(path, MANIFEST)) or all(is_own_file(f) for f in os.listdir(path)))):
+        raise UserError(f"{path} exists and is not a memory directory; choose another mem_store")
+    make_dirs(path)
+    from filelock import FileLock
+    try:
+        with FileLock(os.path.join(path, LOCK)):
+            for f in os.listdir(path):  # left by a save that was killed
+                if is_temporary(f):
+                    os.remove(os.path.join(path, f))
+            fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix='.safetensors', dir=path)
+            os.close(fd)
+            write_tensors(tmp)
+            checksum = sha256_file(tmp)
+            name = f"memory-{checksum[:16]}.safetensors"
+            os.chmod(tmp, umask_mode())
+            os.replace(tmp, os.path.join(path, name))
+            write_whole(os.path.join(path, MANIFEST),
+                        json.dumps(dict(manifest, tensors={name: checksum}), indent=1, ensure_ascii=False))
+            for f in os.listdir(path):  # the tensors of the memory this one replaced
+                if is_tensor_file(f) and f != name:
+                    os.remove(os.path.join(path, f))
+    except OSError as e:
+        raise cannot_write(path, e) from None
+    return path
 
 
 def check_stored(keys, values, where, fix):
@@ -703,7 +733,7 @@ def is_temporary(name):
 
 
 def is_own_file(name):
-    return name in (MANIFEST, LOCK) or is_temporary(name) or is_tensor_file(name)
+    return name in (MANIFEST, LOCK) or is_temporary(name) or is_tensor_file(name) or name.startswith(SPOOL_PREFIX)
 
 
 def import_reference(path: str, model, enc) -> Memory:
@@ -768,6 +798,128 @@ def import_reference(path: str, model, enc) -> Memory:
                 remove_bookkeeping_token_mem_size=len(ids) - n if ids and len(ids) >= n else None,
                 retrieval_during_build=None, source=f'imported from reference layout {os.path.abspath(path)}')
     return Memory(keys, values, meta)
+
+
+# -----------------------------------------------------------------------------
+# large memories: many documents, built in a stream, appended to
+
+SPOOL_PREFIX = '.build-'  # a streaming build's folder of rows, inside the memory directory
+
+
+def read_documents(path: str) -> list[tuple[str, str]]:
+    """(name, file) of each document: a text file is one; a folder's .txt files (sorted) are
+    one each."""
+    if os.path.isfile(path):
+        return [(os.path.basename(path), path)]
+    if not os.path.isdir(path):
+        raise UserError(f"{path} is neither a text file nor a folder of them")
+    files = sorted(f for f in os.listdir(path) if f.endswith('.txt') and not f.startswith('.')
+                   and os.path.isfile(os.path.join(path, f)))
+    if not files:
+        raise UserError(f"folder {path} holds no .txt files; put one text file per document in it")
+    return [(f, os.path.join(path, f)) for f in files]
+
+
+def build_documents(model, enc, documents: list[tuple[str, str]], path: str, layers: list[int] | None = None,
+                    bookkeeping_token: str = '\n', n_skip: int | None = None, memory_keys: str = 'unrotated',
+                    batch_size: int = 8, dtype: str = 'float32', knn_index: str = 'flat', append: bool = False,
+                    progress: bool = True) -> str:
+    """METHOD.md section 1 over many documents, streamed to disk: each document gets the
+    bookkeeping token in front and is windowed on its own, its windows go through the plain
+    model in batches, and the rows are spooled to files per layer, kind and head inside the
+    memory directory, so memory use stays at one batch. The memory is then written whole
+    (commit): an interrupted build leaves the directory as it was. append=True adds the
+    documents to the memory at path (same layers and bookkeeping), which stays readable until
+    the new version is complete; the rows are those a build of all documents would store.
+    The manifest records each document's name, first row, rows and tokens. Returns the path."""
+    from tqdm import tqdm
+
+    from run import read_text_file
+    cfg = model.config
+    base = Memory.load(path, model, enc, mmap=True) if append else None
+    if base is not None:
+        layers, bookkeeping_token = base.stored_layers, base.meta.get('bookkeeping_token')
+        n_skip, memory_keys = base.meta.get('remove_bookkeeping_token_mem_size'), base.memory_keys
+        knn_index = base.knn_index
+        dtype = str(base.keys[layers[0]].dtype).removeprefix('torch.')
+        if bookkeeping_token is None or n_skip is None:
+            raise UserError(f"{path} does not record its bookkeeping token; rebuild it to append to it")
+    layers = list(range(cfg.n_layer)) if layers is None else sorted(set(layers))
+    if not layers or not all(0 <= l < cfg.n_layer for l in layers):
+        raise UserError(f"layers {layers} are not layers of this {cfg.n_layer}-layer model")
+    if dtype not in STORE_DTYPES:
+        raise UserError(f"store_dtype={dtype!r} must be one of {', '.join(STORE_DTYPES)}")
+    if memory_keys == 'rotated' and model.rope is None:
+        raise UserError("memory_keys='rotated' needs a model with rotary position embeddings")
+    n_skip = len(encode(enc, bookkeeping_token)) if n_skip is None and bookkeeping_token else (n_skip or 0)
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not os.path.isfile(os.path.join(path, MANIFEST)) and \
+            not (os.path.isdir(path) and all(is_own_file(f) for f in os.listdir(path))):
+        raise UserError(f"{path} exists and is not a memory directory; choose another mem_store")
+    make_dirs(path)
+    spool = tempfile.mkdtemp(prefix=SPOOL_PREFIX, dir=path)
+    H, d = cfg.n_kv_head, cfg.head_dim
+    np_dtype = np.float16 if dtype == 'float16' else np.float32
+    try:
+        files = {(l, kind, h): open(os.path.join(spool, f"{l}.{kind}.{h}"), 'wb')
+                 for l in layers for kind in ('keys', 'values') for h in range(H)}
+        first = base.num_entries() if base is not None else 0
+        rows, docs, windows_all = first, [], []
+        bar = tqdm(total=None, desc='building memory', unit='tok', unit_scale=True, disable=not progress)
+        for name, file in documents:
+            ids = encode(enc, bookkeeping_token + read_text_file(file, 'document'))
+            windows = memory_token_windows(ids, n_skip, cfg.block_size)
+            start = rows
+            for n, got in window_rows(model, windows, layers, n_skip, memory_keys, batch_size):
+                for l, (k, v) in got.items():
+                    for kind, t in (('keys', k), ('values', v)):
+                        for h in range(H):
+                            files[(l, kind, h)].write(t[h].numpy().astype(np_dtype).tobytes())
+                rows += next(iter(got.values()))[0].size(1)
+                bar.update(sum(len(w) for w in windows[:n]))
+                windows = windows[n:]
+            docs.append(dict(name=name, first_row=start, rows=rows - start, tokens=len(ids)))
+            windows_all += memory_token_windows(ids, n_skip, cfg.block_size)
+        bar.close()
+        for f in files.values():
+            f.close()
+        if rows == first:
+            raise UserError("the documents hold no tokens to store after the bookkeeping token; give them some text")
+
+        def write(tmp):  # safetensors: 8 bytes of header length, the JSON header, then each tensor's bytes
+            names = [(l, kind) for l in layers for kind in ('keys', 'values')]
+            size = H * rows * d * np.dtype(np_dtype).itemsize
+            header = {f'layer{l}.{kind}': dict(dtype='F16' if dtype == 'float16' else 'F32', shape=[H, rows, d],
+                                               data_offsets=[i * size, (i + 1) * size])
+                      for i, (l, kind) in enumerate(names)}
+            text = json.dumps(header).encode()
+            text += b' ' * (-len(text) % 8)
+            with open(tmp, 'wb') as out:
+                out.write(len(text).to_bytes(8, 'little'))
+                out.write(text)
+                for l, kind in names:
+                    for h in range(H):
+                        if base is not None:
+                            old = (base.keys if kind == 'keys' else base.values)[l][h]
+                            out.write(np.ascontiguousarray(old.numpy()).astype(np_dtype, copy=False).tobytes())
+                        with open(os.path.join(spool, f"{l}.{kind}.{h}"), 'rb') as f:
+                            shutil.copyfileobj(f, out, 1 << 24)
+        if base is not None:
+            old_docs = base.meta.get('documents') or [dict(name='memory text', first_row=0, rows=first,
+                                                           tokens=sum(len(w) for w in base.meta['token_windows']))]
+            docs, windows_all = old_docs + docs, base.meta['token_windows'] + windows_all
+        one_text = None
+        if base is None and len(documents) == 1:
+            one_text = bookkeeping_token + read_text_file(documents[0][1], 'document')
+        meta = dict(model=model_identity(model), text=one_text, token_windows=windows_all,
+                    bookkeeping_token=bookkeeping_token, remove_bookkeeping_token_mem_size=n_skip,
+                    memory_keys=memory_keys, retrieval_during_build=False, source='built', documents=docs,
+                    knn_index=knn_index, layers=layers)
+        return commit(path, write, Memory({}, {}, meta).manifest_fields(dtype, rows))
+    finally:
+        for f in locals().get('files', {}).values():
+            f.close()
+        shutil.rmtree(spool, ignore_errors=True)
 
 
 # -----------------------------------------------------------------------------

@@ -10,6 +10,8 @@ of the first `steps` generated tokens and each memory layer, lists every selecte
 attention weight, the stored rows found (row, stored token, squared L2 distance) and their
 weights from step 4, the token's own candidate weight (Types 1 and 3), and the size of the
 value change |v' - v|. Step t is the pass that chose generated token t (step 0: the prompt).
+trace.csv also names each stored row's document and its position there (build_memory.py
+records the documents of a memory built from a folder).
 Then, per layer, how many token-heads were selected and which stored tokens were retrieved
 most (Table 3). Writes trace.csv (one row per token-head and stored row found) to out_dir.
 The numbers are those the model used: LayerMemory records them while it computes.
@@ -35,10 +37,10 @@ DEFAULTS = dict(
     out_dir='out/trace',   # where trace.csv goes
 )
 COLUMNS = ['step', 'next_token', 'layer', 'head', 'kv_head', 'position', 'token', 'attention', 'own_weight',
-           'value_change', 'rank', 'row', 'stored_token', 'distance', 'weight']
+           'value_change', 'rank', 'row', 'stored_token', 'document', 'doc_position', 'distance', 'weight']
 
 
-def layer_records(lm, layer, step, next_token, tokens, stored, decode):
+def layer_records(lm, layer, step, next_token, tokens, stored, origins, decode):
     """One record per (selected token-head, stored row found) of one layer at one step."""
     ret = lm.last_retrieval
     if ret is None:
@@ -59,6 +61,7 @@ def layer_records(lm, layer, step, next_token, tokens, stored, decode):
                 continue
             records.append(dict(base, rank=rank + 1, row=row,
                                 stored_token=decode([stored[row]]) if stored is not None else None,
+                                document=origins[row][0], doc_position=origins[row][1],
                                 distance=dist, weight=w[rank + own]))
     return records
 
@@ -67,7 +70,7 @@ def trace(r, config, seed):
     """Decode `steps` tokens of seed's continuation with the memory, collecting the records."""
     model, retrieval = r.model, r.retrieval
     sampling = Sampling.from_config(config)
-    stored = r.memory.stored_token_ids()
+    stored, origins = r.memory.stored_token_ids(), r.memory.row_origins()
     x = torch.tensor([r.ids], device=next(model.parameters()).device)
     gen = [torch.Generator().manual_seed(seed)]
     records, selected = [], []
@@ -83,7 +86,7 @@ def trace(r, config, seed):
                 for layer in sorted(retrieval):
                     lm = retrieval[layer]
                     selected.append((step, layer, int(lm.last_selection[0].sum())))
-                    records += layer_records(lm, layer, step, word, tokens, stored, r.enc.decode)
+                    records += layer_records(lm, layer, step, word, tokens, stored, origins, r.enc.decode)
                 if step < config['steps'] - 1:
                     logits = dec.step(nxt.to(x.device))
     finally:
