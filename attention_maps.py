@@ -23,7 +23,7 @@ import run
 from configurator import UserError, configure, run_cli
 from files import write_whole
 from report import plot_setup, save_png
-from run import RUN_DEFAULTS, prepare_run
+from run import RUN_DEFAULTS, plain_and_memory, prepare_run
 
 DEFAULTS = dict(
     RUN_DEFAULTS,          # the model, prompt and memory keys of sample.py (see run.py)
@@ -36,17 +36,7 @@ DEFAULTS = dict(
 def attention(model, ids, retrieval):
     """{'plain': [per layer (H, T, T)], 'memory': [...]} for the prompt."""
     x = torch.tensor([ids], device=next(model.parameters()).device)
-    out = {}
-    for variant, layers in (('plain', None), ('memory', retrieval)):
-        if variant == 'memory' and layers is None:
-            continue
-        model.attach_memory(layers)
-        try:
-            _, _, atts = model(x, return_att=True)
-        finally:
-            model.attach_memory(None)
-        out[variant] = [a[0].float().cpu() for a in atts]
-    return out
+    return plain_and_memory(model, lambda: [a[0].float().cpu() for a in model(x, return_att=True)[2]], retrieval)
 
 
 def heatmap(path, labels, maps, layer, head, title):

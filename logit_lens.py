@@ -24,7 +24,7 @@ from configurator import UserError, configure, run_cli
 from files import write_whole
 from model import encode
 from report import csv_text, plot_setup, save_png
-from run import RUN_DEFAULTS, prepare_run
+from run import RUN_DEFAULTS, plain_and_memory, prepare_run
 
 DEFAULTS = dict(
     RUN_DEFAULTS,          # the model, prompt and memory keys of sample.py (see run.py)
@@ -37,16 +37,8 @@ DEFAULTS = dict(
 def lens(model, ids, retrieval):
     """{'plain': {i: probs (V,)}, 'memory': ...} for i = 1..n_layer at the prompt's last position."""
     x = torch.tensor([ids], device=next(model.parameters()).device)
-    out = {}
-    for variant, layers in (('plain', None), ('memory', retrieval)):
-        if variant == 'memory' and layers is None:
-            continue
-        model.attach_memory(layers)
-        try:
-            out[variant] = {i: F.softmax(logits[0].float(), -1) for i, logits in model.exits(x).items()}
-        finally:
-            model.attach_memory(None)
-    return out
+    return plain_and_memory(model, lambda: {i: F.softmax(logits[0].float(), -1) for i, logits in model.exits(x).items()},
+                            retrieval)
 
 
 def kl(p, q):

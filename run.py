@@ -319,6 +319,21 @@ def prepare_run(config: dict, progress: bool = True) -> Run:
     return Run(model, enc, settings, memory, retrieval, start, ids)
 
 
+def plain_and_memory(model: Transformer, fn, retrieval: dict[int, LayerMemory] | None) -> dict:
+    """{'plain': fn(), 'memory': fn()}: fn run on the plain model, then with the memory attached
+    (left out when there is none). For the inspection scripts' side-by-side views."""
+    out = {}
+    for variant, layers in (('plain', None), ('memory', retrieval)):
+        if variant == 'memory' and layers is None:
+            continue
+        model.attach_memory(layers)
+        try:
+            out[variant] = fn()
+        finally:
+            model.attach_memory(None)
+    return out
+
+
 def continuations(model: Transformer, ids: list[int], seeds: list[int], sampling: Sampling,
                   retrieval: dict[int, LayerMemory] | None = None, progress=None, steering=None,
                   readout: Readout | None = None) -> list[list[int]]:
