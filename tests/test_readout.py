@@ -139,3 +139,17 @@ def test_sweeps_grid_over_exits(tiny):
     assert ordinary[0]['id'] == plain_ids[0]  # reading the ordinary output keeps the setting's id
     assert [s['label'] for s in settings] == ['plain, final output', 'plain, exit 2', 'plain, exit 4',
                                               'final output', 'exit 2', 'exit 4']
+
+
+def test_contrasting_an_exit_with_itself_on_the_tiny_checkpoint(tiny):
+    """Decoding with contrast_layers=[3, 3]: the kept tokens of exit 3 share their probability
+    evenly, the others keep exit 3's probability."""
+    model, enc, retrieval = tiny
+    x = torch.tensor([encode(enc, PROMPT)])
+    with torch.no_grad():
+        p = Decoder(model, 'exact', readout=Readout(contrast_layers=(3, 3), contrast_alpha=0.5)).prefill(x).exp()[0]
+        p_3 = exits_by_full_pass(model, x, None)[3].softmax(-1)[0]
+    keep = p_3 >= 0.5 * p_3.max()
+    assert 1 < keep.sum() < p_3.numel()
+    assert torch.allclose(p[keep], torch.full((int(keep.sum()),), float(p_3[keep].sum() / keep.sum())), atol=1e-6)
+    assert torch.allclose(p[~keep], p_3[~keep], atol=1e-7)
