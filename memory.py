@@ -811,6 +811,8 @@ def read_documents(path: str) -> list[tuple[str, str]]:
     one each."""
     if os.path.isfile(path):
         return [(os.path.basename(path), path)]
+    if not os.path.exists(path):
+        raise UserError(f"{path} does not exist; give a text file or a folder of .txt files")
     if not os.path.isdir(path):
         raise UserError(f"{path} is neither a text file nor a folder of them")
     files = sorted(f for f in os.listdir(path) if f.endswith('.txt') and not f.startswith('.')
@@ -856,8 +858,10 @@ def build_documents(model, enc, documents: list[tuple[str, str]], path: str, lay
     if os.path.exists(path) and not os.path.isfile(os.path.join(path, MANIFEST)) and \
             not (os.path.isdir(path) and all(is_own_file(f) for f in os.listdir(path))):
         raise UserError(f"{path} exists and is not a memory directory; choose another mem_store")
+    created = not os.path.exists(path)
     make_dirs(path)
     spool = tempfile.mkdtemp(prefix=SPOOL_PREFIX, dir=path)
+    done = False
     H, d = cfg.n_kv_head, cfg.head_dim
     np_dtype = np.float16 if dtype == 'float16' else np.float32
     try:
@@ -865,9 +869,11 @@ def build_documents(model, enc, documents: list[tuple[str, str]], path: str, lay
                  for l in layers for kind in ('keys', 'values') for h in range(H)}
         first = base.num_entries() if base is not None else 0
         rows, docs, windows_all = first, [], []
-        bar = tqdm(total=None, desc='building memory', unit='tok', unit_scale=True, disable=not progress)
+        bar = None
         for name, file in documents:
-            ids = encode(enc, bookkeeping_token + read_text_file(file, 'document'))
+            ids = encode(enc, bookkeeping_token + read_text_file(file, 'memory'))
+            if bar is None:  # after the first document is read: a bad file's error comes alone
+                bar = tqdm(total=None, desc='building memory', unit='tok', unit_scale=True, disable=not progress)
             windows = memory_token_windows(ids, n_skip, cfg.block_size)
             start = rows
             for n, got in window_rows(model, windows, layers, n_skip, memory_keys, batch_size):
@@ -880,7 +886,8 @@ def build_documents(model, enc, documents: list[tuple[str, str]], path: str, lay
                 windows = windows[n:]
             docs.append(dict(name=name, first_row=start, rows=rows - start, tokens=len(ids)))
             windows_all += memory_token_windows(ids, n_skip, cfg.block_size)
-        bar.close()
+        if bar is not None:
+            bar.close()
         for f in files.values():
             f.close()
         if rows == first:
@@ -910,16 +917,20 @@ def build_documents(model, enc, documents: list[tuple[str, str]], path: str, lay
             docs, windows_all = old_docs + docs, base.meta['token_windows'] + windows_all
         one_text = None
         if base is None and len(documents) == 1:
-            one_text = bookkeeping_token + read_text_file(documents[0][1], 'document')
+            one_text = bookkeeping_token + read_text_file(documents[0][1], 'memory')
         meta = dict(model=model_identity(model), text=one_text, token_windows=windows_all,
                     bookkeeping_token=bookkeeping_token, remove_bookkeeping_token_mem_size=n_skip,
                     memory_keys=memory_keys, retrieval_during_build=False, source='built', documents=docs,
                     knn_index=knn_index, layers=layers)
-        return commit(path, write, Memory({}, {}, meta).manifest_fields(dtype, rows))
+        path = commit(path, write, Memory({}, {}, meta).manifest_fields(dtype, rows))
+        done = True
+        return path
     finally:
         for f in locals().get('files', {}).values():
             f.close()
         shutil.rmtree(spool, ignore_errors=True)
+        if created and not done:  # a build that fails leaves no folder behind
+            shutil.rmtree(path, ignore_errors=True)
 
 
 # -----------------------------------------------------------------------------

@@ -79,22 +79,22 @@ def summary_table(metric, settings, finished):
 
 def summary_text(metric, summary, n_settings):
     """summary.txt: the summary as a table for the terminal."""
+    w = min(max([34 if metric == 'vader' else 40] + [len(r['label']) for r in summary]), 64)  # the label column
     if metric == 'vader':
-        head = f"{'setting':<34} {'seeds':>5} {'compound med (IQR)':>19} {'mean':>6} {'pos':>5} {'neu':>5} " \
+        head = f"{'setting':<{w}} {'seeds':>5} {'compound med (IQR)':>19} {'mean':>6} {'pos':>5} {'neu':>5} " \
                f"{'neg':>5} {'%pos':>5} {'dist-1/2/3':>14} {'ppl med':>8}"
     else:
-        head = f"{'setting':<40} {'successes':>12} {'dist-1/2/3':>14} {'ppl med':>8}"
+        head = f"{'setting':<{w}} {'successes':>12} {'dist-1/2/3':>14} {'ppl med':>8}"
     lines = [head, '-' * len(head)]
     for r in summary:
-        label = r['label'] if len(r['label']) <= 34 else r['label'][:31] + '...'
+        label = r['label'] if len(r['label']) <= w else r['label'][:w - 3] + '...'
         dist = '/'.join(f"{r[f'distinct_{n}_mean']:.2f}" for n in (1, 2, 3))
         if metric == 'vader':
-            lines.append(f"{label:<34} {r['seeds']:>5} {r['compound_median']:>8.3f} ({r['compound_iqr']:.3f})  "
+            lines.append(f"{label:<{w}} {r['seeds']:>5} {r['compound_median']:>8.3f} ({r['compound_iqr']:.3f})  "
                          f"{r['compound_mean']:>6.3f} {r['pos_median']:>5.2f} {r['neu_median']:>5.2f} "
                          f"{r['neg_median']:>5.2f} {100 * r['frac_positive']:>5.0f} {dist:>14} {r['perplexity_median']:>8.1f}")
         else:
-            label = r['label'] if len(r['label']) <= 40 else r['label'][:37] + '...'
-            lines.append(f"{label:<40} {r['successes']:>5} / {r['seeds']:<4} {dist:>14} {r['perplexity_median']:>8.1f}")
+            lines.append(f"{label:<{w}} {r['successes']:>5} / {r['seeds']:<4} {dist:>14} {r['perplexity_median']:>8.1f}")
     if len(summary) < n_settings:
         lines.append(f"({n_settings - len(summary)} of {n_settings} settings not finished yet)")
     if metric == 'vader':

@@ -377,7 +377,7 @@ def test_settings_of_one_memory_share_its_search_indexes(tmp_path, monkeypatch):
     import memory
     built = []
     real_init = memory.KNNIndex.__init__
-    monkeypatch.setattr(memory.KNNIndex, '__init__', lambda self, keys, kind: built.append(kind) or real_init(self, keys, kind))
+    monkeypatch.setattr(memory.KNNIndex, '__init__', lambda self, keys, kind, *a: built.append(kind) or real_init(self, keys, kind, *a))
     cfg = write_config(tmp_path, 'share', VADER_SWEEP.replace('seeds = 3', 'seeds = 2').replace('max_new_tokens = 16', 'max_new_tokens = 4'))
     sweep.main([cfg, f'--out_dir={tmp_path / "out"}', '--plots=False', '--search=faiss',
                 "--grid={'mem_frac': [1.0, 5.0], 'knn_softmax_influence': [0.01, 1.0], "
