@@ -49,8 +49,10 @@ def main(argv):
     if '--help' in argv or '-h' in argv:
         configure(DEFAULTS, argv, __doc__, [sys.modules[__name__]])
     texts = [a for a in argv if not a.startswith('--') and not a.endswith('.py')]
-    if not texts and configure(DEFAULTS, argv)['reindex']:
-        return reindex(configure(DEFAULTS, argv))
+    if not texts:
+        config = configure(DEFAULTS, argv)
+        if config['reindex']:
+            return reindex(config)
     if len(texts) != 1:
         raise UserError("give one text file or folder: python build_memory.py FILE_OR_FOLDER [--key=value ...]")
     config = configure(DEFAULTS, [a for a in argv if a not in texts])

@@ -869,23 +869,25 @@ def build_documents(model, enc, documents: list[tuple[str, str]], path: str, lay
                  for l in layers for kind in ('keys', 'values') for h in range(H)}
         first = base.num_entries() if base is not None else 0
         rows, docs, windows_all = first, [], []
-        bar = None
+        bar = one_text = None
         for name, file in documents:
-            ids = encode(enc, bookkeeping_token + read_text_file(file, 'memory'))
+            text = bookkeeping_token + read_text_file(file, 'memory')
+            one_text = text if base is None and len(documents) == 1 else None  # a memory of one text keeps it
+            ids = encode(enc, text)
             if bar is None:  # after the first document is read: a bad file's error comes alone
                 bar = tqdm(total=None, desc='building memory', unit='tok', unit_scale=True, disable=not progress)
             windows = memory_token_windows(ids, n_skip, cfg.block_size)
-            start = rows
+            start, done = rows, 0
             for n, got in window_rows(model, windows, layers, n_skip, memory_keys, batch_size):
                 for l, (k, v) in got.items():
                     for kind, t in (('keys', k), ('values', v)):
                         for h in range(H):
                             files[(l, kind, h)].write(t[h].numpy().astype(np_dtype).tobytes())
                 rows += next(iter(got.values()))[0].size(1)
-                bar.update(sum(len(w) for w in windows[:n]))
-                windows = windows[n:]
+                bar.update(sum(len(w) for w in windows[done:done + n]))
+                done += n
             docs.append(dict(name=name, first_row=start, rows=rows - start, tokens=len(ids)))
-            windows_all += memory_token_windows(ids, n_skip, cfg.block_size)
+            windows_all += windows
         if bar is not None:
             bar.close()
         for f in files.values():
@@ -915,9 +917,6 @@ def build_documents(model, enc, documents: list[tuple[str, str]], path: str, lay
             old_docs = base.meta.get('documents') or [dict(name='memory text', first_row=0, rows=first,
                                                            tokens=sum(len(w) for w in base.meta['token_windows']))]
             docs, windows_all = old_docs + docs, base.meta['token_windows'] + windows_all
-        one_text = None
-        if base is None and len(documents) == 1:
-            one_text = bookkeeping_token + read_text_file(documents[0][1], 'memory')
         meta = dict(model=model_identity(model), text=one_text, token_windows=windows_all,
                     bookkeeping_token=bookkeeping_token, remove_bookkeeping_token_mem_size=n_skip,
                     memory_keys=memory_keys, retrieval_during_build=False, source='built', documents=docs,
