@@ -15,7 +15,7 @@ sys.path.insert(0, ROOT)
 import sweep
 from configurator import UserError
 from conftest import TINY, run_script
-from memory import KNNIndex, Memory, RetrievalSettings, index_factory
+from memory import KNNIndex, Memory, RetrievalSettings, index_factory, search_params
 from model import GPT
 
 
@@ -42,8 +42,9 @@ def test_exact_indexes_agree(data):
 
 
 @pytest.mark.parametrize('knn_index,params,at_least', [('hnsw', dict(efSearch=64), 0.95), ('ivf', dict(nprobe=8), 0.95),
-                                                       ('ivf', dict(nprobe=1000), 1.0), ('IVF16,Flat', {}, 0.5),
-                                                       ('ivfpq', dict(nprobe=8), 0.3)])
+                                                       ('ivf', dict(nprobe=1000), 1.0), ('IVF16,Flat', {}, 1.0),
+                                                       ('ivfpq', dict(nprobe=8), 0.3), ('hnsw', {}, 0.95),
+                                                       ('ivf', {}, 0.95)])
 def test_approximate_indexes_recall(data, knn_index, params, at_least):
     keys, queries, heads = data
     exact = KNNIndex(keys, 'torch').search(queries, heads, 5)
@@ -63,6 +64,16 @@ def test_short_names_and_bad_choices(data):
         KNNIndex(keys, 'torch', 'hnsw')
     with pytest.raises(UserError, match='nprobe and ef_search'):
         KNNIndex(keys, 'faiss', 'ivf', dict(nprobe=0))
+    with pytest.raises(UserError, match="nprobe=4: the 'HNSW32' index has no nprobe"):
+        KNNIndex(keys, 'faiss', 'hnsw', dict(nprobe=4))
+
+
+def test_search_defaults_where_none_are_given():
+    # FAISS's own defaults (nprobe 1, efSearch 16) miss neighbours; ours apply where the index
+    # has the parameter, capped at its lists, and a given value wins
+    assert search_params('IVF16,Flat', {}) == dict(nprobe=16) and search_params('IVF4,PQ8', {}) == dict(nprobe=4)
+    assert search_params('HNSW32', {}) == dict(efSearch=128) and search_params('Flat', {}) == {}
+    assert search_params('IVF4096,Flat', dict(nprobe=2)) == dict(nprobe=2)
 
 
 def test_recorded_used_overridden_and_reindexed(tmp_path):
