@@ -1,5 +1,5 @@
 """
-Memory size against search cost: exact and approximate indexes from 10^3 to 10^6 stored
+Memory size against lookup cost: exact and approximate indexes from 10^3 to 10^6 stored
 tokens per head, measured in one run on one machine.
 
     python bench_memory.py                         # 10^3 .. 10^6, flat, hnsw, ivf
@@ -7,41 +7,65 @@ tokens per head, measured in one run on one machine.
 
 Keys are random vectors of GPT-2 small's head size (64), drawn around 1,024 centres so that
 they have the clustered structure a model's keys have (uniform noise would be the worst case
-for any approximate index); the queries are stored keys plus noise. One head is built and
-timed per size and index (heads are independent, one index each), and the per-token figures
-scale it to a layer of 12 heads times 3 memory layers (Table 1): in cached decoding about 2
-new token-heads per head look up the memory per token, in exact decoding every selected
-token-head of the context does again (about 30 per head for a 100-token context). For each
-size and index it prints: build time and rows/s; recall@k of the index against exact search;
-search time per query; the search time added per generated token, cached and exact; the
-index's memory (FAISS's serialized size) and the keys and values on disk (float32). The
-target: an approximate index at 10^6 adds at most 2x what exact search adds at 10^3, at
-recall@k >= 0.95.
+for any approximate index); the queries are stored keys plus noise. One key set and one
+index are built per size and index type (heads are independent, one index each). For each
+it prints:
+
+- build: the index's build time and rows/s (the model pass that makes the rows is measured
+  once, first: build_documents over generated text with a GPT-2-small-shaped random model,
+  windows batched and spooled to disk, in tokens/s);
+- search alone: recall@k of the index against exact search, time per query, and the search
+  time per generated token for 12 heads x 3 memory layers (Table 1), with 2 (cached
+  decoding) or 30 (exact decoding, which repeats every lookup each token) queries per head;
+- decoding: the time the memory adds per generated token, measured: the random GPT-2-small-
+  shaped model decodes a 100-token prompt with and without a memory of this size in layers
+  6-8 (Table 1's settings), in cached and exact decoding. The 12 heads of a memory layer
+  search copies of the one index (each head its own copy, as separate indexes would be; the
+  three layers share them), and the keys are scaled to the model's key statistics so its
+  queries land among them;
+- RAM and disk: the index's size (FAISS's serialized size), the keys and values on disk for
+  all heads and layers (float32; half in float16), and the process's peak RSS so far.
+
+The target: an approximate index at 10^6 adds at most 2x the per-token time that exact
+search adds at 10^3, at recall@k >= 0.95 (judged on the decoding measurements; the search-
+alone ratios are printed beside them).
 """
 
+import resource
 import sys
+import tempfile
 import time
 
+import faiss
 import torch
 
+from bench import TABLE1, random_gpt2_small
 from configurator import configure, run_cli
-from memory import KNNIndex
+from memory import SEARCH_DEFAULTS, KNNIndex, LayerMemory, window_rows
 
 DEFAULTS = dict(
     sizes=[1000, 10_000, 100_000, 1_000_000],  # stored tokens per head
     indexes=['flat', 'hnsw', 'ivf'],  # knn_index choices to measure
-    ef_search=64,          # HNSW's efSearch
-    nprobe=16,             # IVF's lists visited
+    ef_search=None,        # HNSW's efSearch; None = memory.SEARCH_DEFAULTS's (128), as sample.py
+    nprobe=None,           # IVF's lists visited; None = memory.SEARCH_DEFAULTS's (16), as sample.py
     k=5,                   # neighbours per query (Table 1's k)
     queries=512,           # queries timed per measurement
     head_size=64,          # d
-    heads=12,              # heads per memory layer (for the per-token figures)
-    layers=3,              # memory layers (for the per-token figures)
+    heads=12,              # heads per memory layer (for the search-alone per-token figures)
+    layers=3,              # memory layers (for the search-alone per-token figures)
     cached_queries=2,      # token-heads per head that look up the memory per token, cached decoding
     exact_queries=30,      # ... exact decoding (every selected token-head of the context, again)
+    decode=True,           # measure the time the memory adds to real decoding
+    prompt_len=100,        # decoding: prompt tokens
+    new_tokens=16,         # decoding: tokens generated per run
+    repeat=3,              # decoding: runs with and without the memory (alternating); the best of each counts
+    flat_decode_max=100_000,  # decoding with exact (flat) search only up to this size (10^6 takes ~30 s a token)
+    build_tokens=16_384,   # tokens through the model to measure the build's model pass; 0 = skip
+    sharpen=20.0,          # the random model's query weight scale (peaked attention, as bench.py)
     threads=0,             # torch/FAISS threads; 0 = the default
     seed=0,                # random keys
 )
+MEMORY_LAYERS = [i for i, k in enumerate(TABLE1.knn_num) if k]
 
 
 def clustered(n, d, centres, gen):
@@ -59,35 +83,121 @@ def timed(fn, repeat=3):
 
 
 def index_bytes(index):
-    import faiss
     return sum(faiss.serialize_index(h).nbytes for h in index.heads)
+
+
+def peak_rss_gb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux: KiB
+
+
+@torch.no_grad()
+def model_pass_rate(model, n_tokens, gen, batch_size=8):
+    """Tokens/s of a memory build's model pass: memory.window_rows over block_size windows of
+    random token ids, the rows of the memory layers written to a scratch file as
+    build_documents spools them."""
+    T = model.config.block_size
+    windows = torch.randint(0, model.config.vocab_size, (max(1, n_tokens // T), T), generator=gen).tolist()
+    t0 = time.perf_counter()
+    with tempfile.TemporaryFile() as f:
+        for _, rows in window_rows(model, windows, MEMORY_LAYERS, 0, 'unrotated', batch_size):
+            for k, v in rows.values():
+                f.write(k.numpy().tobytes())
+                f.write(v.numpy().tobytes())
+    return len(windows) * T / (time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def key_scale(model, prompt):
+    """Mean and std of the model's keys in the memory layers over the prompt: the decoding
+    memory's random keys are scaled to them, so that the model's queries land among them."""
+    _, kv, _ = model.run_blocks(model.embed(prompt), 0, max(MEMORY_LAYERS) + 1, use_memory=False)
+    keys = torch.cat([kv[l][0].flatten() for l in MEMORY_LAYERS])
+    return keys.mean().item(), keys.std().item()
+
+
+def decoding_memory(model, index, keys, values):
+    """{layer: LayerMemory} for Table 1's memory layers, every head searching its own copy of
+    `index` (one head's; separate indexes cost the same to search and a copy costs no
+    training); the three layers share the copies."""
+    H = model.config.n_head
+    shared = KNNIndex.__new__(KNNIndex)
+    shared.__dict__.update(index.__dict__)
+    shared.heads = [index.heads[0]] + [faiss.clone_index(index.heads[0]) for _ in range(H - 1)]
+    keys, values = (t.expand(H, -1, -1) for t in (keys, values))  # (1, N, d) -> (H, N, d), no copy
+    return {l: LayerMemory(keys, values, shared, TABLE1.knn_num[l], TABLE1) for l in MEMORY_LAYERS}
+
+
+@torch.no_grad()
+def decode_added_ms(model, prompt, layers, new_tokens, repeat):
+    """{mode: ms per generated token the memory adds}: decoding `prompt` with and without the
+    memory `layers`, alternating, the best of `repeat` runs of each; and how many token-heads
+    looked up the memory in exact decoding's last step (all layers)."""
+    added, looked_up = {}, 0
+    for mode in ('cached', 'exact'):
+        best = {False: float('inf'), True: float('inf')}
+        for _ in range(repeat):
+            for with_memory in (False, True):
+                model.attach_memory(layers if with_memory else None)
+                gen = [torch.Generator().manual_seed(1337)]
+                t0 = time.perf_counter()
+                model.generate(prompt, new_tokens, 0.8, 200, generators=gen, mode=mode)
+                best[with_memory] = min(best[with_memory], time.perf_counter() - t0)
+                if with_memory and mode == 'exact':
+                    looked_up = sum(lm.last_retrieval['b'].numel() for lm in layers.values() if lm.last_retrieval)
+        added[mode] = (best[True] - best[False]) / new_tokens * 1e3
+    model.attach_memory(None)
+    return added, looked_up
 
 
 def main(argv):
     cfg = configure(DEFAULTS, argv, __doc__, [sys.modules[__name__]])
     if cfg['threads']:
-        import faiss
         torch.set_num_threads(cfg['threads'])
         faiss.omp_set_num_threads(cfg['threads'])
     gen = torch.Generator().manual_seed(cfg['seed'])
     d, k = cfg['head_size'], cfg['k']
     centres = torch.randn(1024, d, generator=gen) * 2.0
     per_token = cfg['heads'] * cfg['layers']
-    print(f"one head of size {d}, k {k}; per-token figures for {cfg['heads']} heads x {cfg['layers']} layers, "
-          f"{cfg['cached_queries']} (cached) / {cfg['exact_queries']} (exact) queries per head per token; "
-          f"torch threads {torch.get_num_threads()}")
+    print(f"one head of size {d}, k {k}; search alone: per-token figures for {cfg['heads']} heads x {cfg['layers']} "
+          f"layers, {cfg['cached_queries']} (cached) / {cfg['exact_queries']} (exact) queries per head per token; "
+          f"torch threads {torch.get_num_threads()}, FAISS threads {faiss.omp_get_max_threads()}; "
+          f"IVF nprobe {cfg['nprobe'] or SEARCH_DEFAULTS['nprobe']}, HNSW efSearch "
+          f"{cfg['ef_search'] or SEARCH_DEFAULTS['efSearch']}")
+    model = prompt = None
+    if cfg['decode'] or cfg['build_tokens']:
+        model = random_gpt2_small('cpu', cfg['sharpen'])
+        if model.config.head_dim != d:
+            raise SystemExit(f"head_size={d}: the decoding measurements use GPT-2 small's heads of "
+                             f"{model.config.head_dim}; set head_size={model.config.head_dim} or decode=False")
+        prompt = torch.randint(0, model.config.vocab_size, (1, cfg['prompt_len']), generator=gen)
+    if cfg['build_tokens']:
+        rate = model_pass_rate(model, cfg['build_tokens'], gen)
+        print(f"building: the model pass (GPT-2 small shape, layers {MEMORY_LAYERS} stored, windows of "
+              f"{model.config.block_size}, batch 8, rows spooled to disk) runs at {rate:,.0f} tokens/s; "
+              f"10^6 tokens take {1e6 / rate / 60:.1f} min before indexing")
+    if cfg['decode']:
+        mean, std = key_scale(model, prompt)
+        print(f"decoding: {cfg['prompt_len']}-token prompt, {cfg['new_tokens']} new tokens, memory in layers "
+              f"{MEMORY_LAYERS} with Table 1's settings; + ms/tok is decoding with the memory minus without, "
+              f"best of {cfg['repeat']} each")
     print(f"{'tokens':>9} {'index':>6} {'build s':>8} {'rows/s':>9} {'recall@k':>8} {'us/query':>9} "
-          f"{'+ms/tok cached':>14} {'+ms/tok exact':>13} {'index MB':>8} {'disk MB':>8}")
-    baseline = {}
+          f"{'search ms/tok':>13} {'(exact dec)':>11} {'+ms/tok cached':>14} {'+ms/tok exact':>13} "
+          f"{'index MB':>8} {'disk MB':>8} {'peak GB':>7}")
+    baseline, results = {}, []
     for n in cfg['sizes']:
         keys = clustered(n, d, centres, gen)[None]  # (1, n, d): one head
         queries = keys[0, torch.randint(0, n, (cfg['queries'],), generator=gen)] + 0.5 * torch.randn(
             cfg['queries'], d, generator=gen)
         heads = torch.zeros(cfg['queries'], dtype=torch.long)
+        if cfg['decode']:  # scaled to the model's keys (the same neighbours); values of the same scale
+            shift, scale = keys.mean(), std / keys.std()
+            keys, queries = ((t - shift) * scale + mean for t in (keys, queries))
+            values = torch.randn(keys.shape, generator=gen) * std
         exact = KNNIndex(keys, 'faiss', 'flat').search(queries, heads, k)
         for name in cfg['indexes']:
             params = {'hnsw': dict(efSearch=cfg['ef_search']), 'ivf': dict(nprobe=cfg['nprobe']),
                       'ivfpq': dict(nprobe=cfg['nprobe'])}.get(name, {})
+            params = {key: value for key, value in params.items() if value is not None}
             index, build = timed(lambda keys=keys, name=name, params=params: KNNIndex(keys, 'faiss', name, params),
                                  repeat=1)
             found, t = timed(lambda index=index, q=queries, h=heads: index.search(q, h, k))
@@ -96,19 +206,33 @@ def main(argv):
             per_query = t / cfg['queries']
             # the search's cost per generated token: per head, a batch of that many queries
             qc, qe = cfg['cached_queries'], cfg['exact_queries']
-            _, tc = timed(lambda index=index, q=queries[:qc], h=heads[:qc]: index.search(q, h, k))
-            _, te = timed(lambda index=index, q=queries[:qe], h=heads[:qe]: index.search(q, h, k))
-            cached_ms, exact_ms = tc * per_token * 1e3, te * per_token * 1e3
+            _, tc = timed(lambda index=index, q=queries[:qc], h=heads[:qc]: index.search(q, h, k), repeat=10)
+            _, te = timed(lambda index=index, q=queries[:qe], h=heads[:qe]: index.search(q, h, k), repeat=10)
+            search = dict(cached=tc * per_token * 1e3, exact=te * per_token * 1e3)
+            added, lookups = dict(cached=float('nan'), exact=float('nan')), 0
+            if cfg['decode'] and (name != 'flat' or n <= cfg['flat_decode_max']):
+                added, lookups = decode_added_ms(model, prompt, decoding_memory(model, index, keys, values),
+                                           cfg['new_tokens'], cfg['repeat'])
             if n == cfg['sizes'][0] and name == 'flat':
-                baseline = dict(cached=cached_ms, exact=exact_ms)
+                baseline = dict(search=search, added=added)
             disk = 2 * n * d * 4 * per_token / 1e6
             print(f"{n:>9} {name:>6} {build:>8.2f} {n / build:>9.0f} {recall:>8.3f} {per_query * 1e6:>9.1f} "
-                  f"{cached_ms:>14.3f} {exact_ms:>13.3f} {index_bytes(index) / 1e6:>8.1f} {disk:>8.1f}", flush=True)
-            if baseline and n == cfg['sizes'][-1] and name != 'flat':
-                ok = exact_ms <= 2 * baseline['exact'] and recall >= 0.95
-                print(f"          {name} at {n}: {cached_ms / baseline['cached']:.2f}x (cached) and "
-                      f"{exact_ms / baseline['exact']:.2f}x (exact) the time exact search adds at {cfg['sizes'][0]}, "
-                      f"recall@{k} {recall:.3f}: target (<= 2x, >= 0.95) {'met' if ok else 'NOT met'}")
+                  f"{search['cached']:>13.2f} {search['exact']:>11.2f} {added['cached']:>14.2f} "
+                  f"{added['exact']:>13.2f} {lookups:>7} {index_bytes(index) / 1e6:>8.1f} {disk:>8.1f} {peak_rss_gb():>7.1f}",
+                  flush=True)
+            results.append((n, name, recall, search, added))
+    if baseline:
+        print(f"against exact (flat) search at {cfg['sizes'][0]} tokens: the largest size's ratios of the time added "
+              f"per token (target: <= 2x at recall@{k} >= 0.95, approximate index)")
+        for n, name, recall, search, added in results:
+            if n != cfg['sizes'][-1] or name == 'flat':
+                continue
+            ratio = {m: added[m] / baseline['added'][m] for m in ('cached', 'exact')}
+            alone = {m: search[m] / baseline['search'][m] for m in ('cached', 'exact')}
+            verdict = {m: 'met' if ratio[m] <= 2 and recall >= 0.95 else 'NOT met' for m in ratio}
+            print(f"  {name} at {n}: decoding {ratio['cached']:.2f}x cached ({verdict['cached']}), "
+                  f"{ratio['exact']:.2f}x exact ({verdict['exact']}); recall@{k} {recall:.3f}; "
+                  f"search alone {alone['cached']:.2f}x cached, {alone['exact']:.2f}x exact")
     print("disk MB: keys and values, float32, for all heads and layers (x 0.5 in float16)")
 
 

@@ -11,7 +11,7 @@ from conftest import ROOT, TINY, run_script
 
 SCRIPTS = {'sample.py': 'sample', 'sweep.py': 'sweep', 'build_memory.py': 'build_memory', 'bench.py': 'bench',
            'retrieval_trace.py': 'retrieval_trace', 'attention_maps.py': 'attention_maps', 'logit_lens.py': 'logit_lens',
-           'layer_map.py': 'layer_map'}
+           'layer_map.py': 'layer_map', 'bench_memory.py': 'bench_memory'}
 PLACEHOLDERS = ('/path/to/', 'out/')  # paths a reader fills in, or that a command writes
 
 

@@ -109,3 +109,19 @@ def test_an_interrupted_build_leaves_the_memory_as_it_was(tmp_path, tiny, monkey
         build_documents(model, enc, read_documents(str(docs))[1:], path, append=True, progress=False)
     assert sorted(os.listdir(path)) == files_before  # no spool folder, no new tensors, the same manifest
     assert Memory.load(path).identity() == before
+
+
+def test_bench_memory_runs_and_judges_its_target():
+    # the benchmark's every part on small sizes: the model pass, the search-alone figures, the
+    # decoding measurements and the verdict line (its timings are not asserted: noisy)
+    r = run_script('bench_memory.py', '--sizes=[400,800]', "--indexes=['flat','ivf']", '--queries=64',
+                   '--prompt_len=8', '--new_tokens=2', '--repeat=1', '--build_tokens=1024')
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert any(l.startswith('building: the model pass') and 'tokens/s' in l for l in lines)
+    rows = {(int(l.split()[0]), l.split()[1]): l.split() for l in lines if l.split() and l.split()[0].isdigit()}
+    assert set(rows) == {(400, 'flat'), (400, 'ivf'), (800, 'flat'), (800, 'ivf')}
+    assert rows[(400, 'flat')][4] == rows[(800, 'flat')][4] == '1.000'  # exact search is exact
+    assert all(row[8] != 'nan' and row[9] != 'nan' for row in rows.values())  # decoding measured for each
+    verdict = next(l for l in lines if l.strip().startswith('ivf at 800:'))
+    assert 'cached' in verdict and 'exact' in verdict and 'recall@5' in verdict
