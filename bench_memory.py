@@ -12,17 +12,20 @@ index are built per size and index type (heads are independent, one index each).
 it prints:
 
 - build: the index's build time and rows/s (the model pass that makes the rows is measured
-  once, first: build_documents over generated text with a GPT-2-small-shaped random model,
-  windows batched and spooled to disk, in tokens/s);
-- search alone: recall@k of the index against exact search, time per query, and the search
-  time per generated token for 12 heads x 3 memory layers (Table 1), with 2 (cached
-  decoding) or 30 (exact decoding, which repeats every lookup each token) queries per head;
+  once, first: memory.window_rows, as build_documents runs it, over block_size windows of
+  random tokens through a GPT-2-small-shaped random model, rows spooled to disk, in tokens/s);
+- search alone: recall@k of the index against exact search, time per query (a batch of
+  queries), and the search time per generated token for 12 heads x 3 memory layers (Table
+  1) with 2 (cached decoding) or 30 (exact decoding, which repeats every lookup each token)
+  queries per head per search, each search with new queries (the median search counts);
 - decoding: the time the memory adds per generated token, measured: the random GPT-2-small-
-  shaped model decodes a 100-token prompt with and without a memory of this size in layers
-  6-8 (Table 1's settings), in cached and exact decoding. The 12 heads of a memory layer
-  search copies of the one index (each head its own copy, as separate indexes would be; the
-  three layers share them), and the keys are scaled to the model's key statistics so its
-  queries land among them;
+  shaped model decodes a 100-token prompt and is then fed 32 more tokens (the steps are
+  timed), with and without a memory of this size in layers 6-8 (Table 1's settings), in
+  cached and exact decoding; the median difference of 5 pairs of runs. The 12 heads of a
+  memory layer search copies of the one index (each head its own copy, as separate indexes
+  would be; the three layers share them), and the keys are scaled to the model's key
+  statistics so its queries land among them. 'lookups' is how many token-heads looked up
+  the memory in exact decoding's last step;
 - RAM and disk: the index's size (FAISS's serialized size), the keys and values on disk for
   all heads and layers (float32; half in float16), and the process's peak RSS so far.
 
@@ -36,16 +39,16 @@ import sys
 import tempfile
 import time
 
-import faiss
 import torch
 
 from bench import TABLE1, random_gpt2_small
 from configurator import configure, run_cli
-from memory import SEARCH_DEFAULTS, KNNIndex, LayerMemory, window_rows
+from memory import SEARCH_DEFAULTS, KNNIndex, LayerMemory, index_factory, window_rows
+from model import Decoder
 
 DEFAULTS = dict(
     sizes=[1000, 10_000, 100_000, 1_000_000],  # stored tokens per head
-    indexes=['flat', 'hnsw', 'ivf'],  # knn_index choices to measure
+    indexes=['flat', 'hnsw', 'ivf'],  # knn_index choices to measure: short names or FAISS factory strings
     ef_search=None,        # HNSW's efSearch; None = memory.SEARCH_DEFAULTS's (128), as sample.py
     nprobe=None,           # IVF's lists visited; None = memory.SEARCH_DEFAULTS's (16), as sample.py
     k=5,                   # neighbours per query (Table 1's k)
@@ -57,8 +60,8 @@ DEFAULTS = dict(
     exact_queries=30,      # ... exact decoding (every selected token-head of the context, again)
     decode=True,           # measure the time the memory adds to real decoding
     prompt_len=100,        # decoding: prompt tokens
-    new_tokens=16,         # decoding: tokens generated per run
-    repeat=3,              # decoding: runs with and without the memory (alternating); the best of each counts
+    new_tokens=32,         # decoding: tokens fed per run (their steps are timed)
+    repeat=5,              # decoding: pairs of runs without and with the memory; the median difference counts
     flat_decode_max=100_000,  # decoding with exact (flat) search only up to this size (10^6 takes ~30 s a token)
     build_tokens=16_384,   # tokens through the model to measure the build's model pass; 0 = skip
     sharpen=20.0,          # the random model's query weight scale (peaked attention, as bench.py)
@@ -83,7 +86,19 @@ def timed(fn, repeat=3):
 
 
 def index_bytes(index):
+    import faiss
     return sum(faiss.serialize_index(h).nbytes for h in index.heads)
+
+
+def seconds_per_call(index, queries, heads, m, k):
+    """Median seconds of one search of m queries, over consecutive batches of distinct queries
+    (not one batch again and again, which would find the lists it reads still in cache)."""
+    times = []
+    for i in range(0, queries.size(0) - m + 1, m):
+        t0 = time.perf_counter()
+        index.search(queries[i:i + m], heads[i:i + m], k)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
 
 
 def peak_rss_gb():
@@ -119,6 +134,7 @@ def decoding_memory(model, index, keys, values):
     """{layer: LayerMemory} for Table 1's memory layers, every head searching its own copy of
     `index` (one head's; separate indexes cost the same to search and a copy costs no
     training); the three layers share the copies."""
+    import faiss
     H = model.config.n_head
     shared = KNNIndex.__new__(KNNIndex)
     shared.__dict__.update(index.__dict__)
@@ -128,28 +144,41 @@ def decoding_memory(model, index, keys, values):
 
 
 @torch.no_grad()
-def decode_added_ms(model, prompt, layers, new_tokens, repeat):
-    """{mode: ms per generated token the memory adds}: decoding `prompt` with and without the
-    memory `layers`, alternating, the best of `repeat` runs of each; and how many token-heads
-    looked up the memory in exact decoding's last step (all layers)."""
+def decode_seconds(model, prompt, tokens, mode):
+    """Seconds that decoding takes to feed `tokens` (1, n) one by one after `prompt` (1, T), as
+    generation does (Decoder: prefill, then a step per token; the steps are timed): the same
+    tokens with and without a memory, so that both runs do the same work but the memory's."""
+    decoder = Decoder(model, mode, capacity=prompt.size(1) + tokens.size(1))
+    decoder.prefill(prompt)
+    t0 = time.perf_counter()  # the steps only: the prefill is paid once per prompt
+    for t in range(tokens.size(1)):
+        decoder.step(tokens[:, t:t + 1])
+    return time.perf_counter() - t0
+
+
+def decode_added_ms(model, prompt, tokens, layers, repeat):
+    """{mode: ms per token the memory `layers` adds to decoding}: the median over `repeat` pairs
+    of runs, without and then with it, of the difference of their decode_seconds; and how many
+    token-heads looked up the memory in exact decoding's last step (all layers)."""
     added, looked_up = {}, 0
     for mode in ('cached', 'exact'):
-        best = {False: float('inf'), True: float('inf')}
+        differences = []
         for _ in range(repeat):
-            for with_memory in (False, True):
-                model.attach_memory(layers if with_memory else None)
-                gen = [torch.Generator().manual_seed(1337)]
-                t0 = time.perf_counter()
-                model.generate(prompt, new_tokens, 0.8, 200, generators=gen, mode=mode)
-                best[with_memory] = min(best[with_memory], time.perf_counter() - t0)
-                if with_memory and mode == 'exact':
-                    looked_up = sum(lm.last_retrieval['b'].numel() for lm in layers.values() if lm.last_retrieval)
-        added[mode] = (best[True] - best[False]) / new_tokens * 1e3
+            model.attach_memory(None)
+            without = decode_seconds(model, prompt, tokens, mode)
+            model.attach_memory(layers)
+            differences.append(decode_seconds(model, prompt, tokens, mode) - without)
+            if mode == 'exact':
+                looked_up = sum(lm.last_retrieval['b'].numel() for lm in layers.values() if lm.last_retrieval)
+        added[mode] = sorted(differences)[len(differences) // 2] / tokens.size(1) * 1e3
     model.attach_memory(None)
     return added, looked_up
 
 
 def main(argv):
+    # FAISS is imported after torch, never before: with FAISS's OpenMP runtime loaded first,
+    # torch's threads run slower here and a memory's cost in decoding came out 3x too high
+    import faiss
     cfg = configure(DEFAULTS, argv, __doc__, [sys.modules[__name__]])
     if cfg['threads']:
         torch.set_num_threads(cfg['threads'])
@@ -169,7 +198,8 @@ def main(argv):
         if model.config.head_dim != d:
             raise SystemExit(f"head_size={d}: the decoding measurements use GPT-2 small's heads of "
                              f"{model.config.head_dim}; set head_size={model.config.head_dim} or decode=False")
-        prompt = torch.randint(0, model.config.vocab_size, (1, cfg['prompt_len']), generator=gen)
+        prompt, tokens = torch.randint(0, model.config.vocab_size, (1, cfg['prompt_len'] + cfg['new_tokens']),
+                                       generator=gen).split([cfg['prompt_len'], cfg['new_tokens']], dim=1)
     if cfg['build_tokens']:
         rate = model_pass_rate(model, cfg['build_tokens'], gen)
         print(f"building: the model pass (GPT-2 small shape, layers {MEMORY_LAYERS} stored, windows of "
@@ -179,7 +209,7 @@ def main(argv):
         mean, std = key_scale(model, prompt)
         print(f"decoding: {cfg['prompt_len']}-token prompt, {cfg['new_tokens']} new tokens, memory in layers "
               f"{MEMORY_LAYERS} with Table 1's settings; + ms/tok is decoding with the memory minus without, "
-              f"best of {cfg['repeat']} each")
+              f"median of {cfg['repeat']} pairs")
     print(f"{'tokens':>9} {'index':>6} {'build s':>8} {'rows/s':>9} {'recall@k':>8} {'us/query':>9} "
           f"{'search ms/tok':>13} {'(exact dec)':>11} {'+ms/tok cached':>14} {'+ms/tok exact':>13} "
           f"{'index MB':>8} {'disk MB':>8} {'peak GB':>7}")
@@ -195,9 +225,10 @@ def main(argv):
             values = torch.randn(keys.shape, generator=gen) * std
         exact = KNNIndex(keys, 'faiss', 'flat').search(queries, heads, k)
         for name in cfg['indexes']:
-            params = {'hnsw': dict(efSearch=cfg['ef_search']), 'ivf': dict(nprobe=cfg['nprobe']),
-                      'ivfpq': dict(nprobe=cfg['nprobe'])}.get(name, {})
-            params = {key: value for key, value in params.items() if value is not None}
+            factory = index_factory(name, n, d)
+            params = {key: value for key, value, has in (('nprobe', cfg['nprobe'], factory.startswith('IVF')),
+                                                         ('efSearch', cfg['ef_search'], factory.startswith('HNSW')))
+                      if has and value is not None}
             index, build = timed(lambda keys=keys, name=name, params=params: KNNIndex(keys, 'faiss', name, params),
                                  repeat=1)
             found, t = timed(lambda index=index, q=queries, h=heads: index.search(q, h, k))
@@ -206,13 +237,12 @@ def main(argv):
             per_query = t / cfg['queries']
             # the search's cost per generated token: per head, a batch of that many queries
             qc, qe = cfg['cached_queries'], cfg['exact_queries']
-            _, tc = timed(lambda index=index, q=queries[:qc], h=heads[:qc]: index.search(q, h, k), repeat=10)
-            _, te = timed(lambda index=index, q=queries[:qe], h=heads[:qe]: index.search(q, h, k), repeat=10)
+            tc, te = (seconds_per_call(index, queries, heads, m, k) for m in (qc, qe))
             search = dict(cached=tc * per_token * 1e3, exact=te * per_token * 1e3)
             added, lookups = dict(cached=float('nan'), exact=float('nan')), 0
             if cfg['decode'] and (name != 'flat' or n <= cfg['flat_decode_max']):
-                added, lookups = decode_added_ms(model, prompt, decoding_memory(model, index, keys, values),
-                                           cfg['new_tokens'], cfg['repeat'])
+                added, lookups = decode_added_ms(model, prompt, tokens, decoding_memory(model, index, keys, values),
+                                                 cfg['repeat'])
             if n == cfg['sizes'][0] and name == 'flat':
                 baseline = dict(search=search, added=added)
             disk = 2 * n * d * 4 * per_token / 1e6
