@@ -2,7 +2,7 @@
 Memory size against lookup cost: exact and approximate indexes from 10^3 to 10^6 stored
 tokens per head, measured in one run on one machine.
 
-    python bench_memory.py                         # 10^3 .. 10^6, flat, hnsw, ivf
+    python bench_memory.py                         # 10^3 .. 10^6, flat, hnsw, ivf, ivfsq
     python bench_memory.py --sizes=[1000,10000] --indexes=['flat','hnsw']   # a quick look
 
 Keys are random vectors of GPT-2 small's head size (64), drawn around 1,024 centres so that
@@ -48,7 +48,7 @@ from model import Decoder
 
 DEFAULTS = dict(
     sizes=[1000, 10_000, 100_000, 1_000_000],  # stored tokens per head
-    indexes=['flat', 'hnsw', 'ivf'],  # knn_index choices to measure: short names or FAISS factory strings
+    indexes=['flat', 'hnsw', 'ivf', 'ivfsq'],  # knn_index choices to measure: short names or FAISS factory strings
     ef_search=None,        # HNSW's efSearch; None = memory.SEARCH_DEFAULTS's (128), as sample.py
     nprobe=None,           # IVF's lists visited; None = memory.SEARCH_DEFAULTS's (16), as sample.py
     k=5,                   # neighbours per query (Table 1's k)

@@ -46,7 +46,11 @@ SEARCHES = ('faiss', 'torch')
 # reference's exact IndexFlatL2; the others are approximate. IVF's nlist grows as ~4 sqrt(N)
 # (at most N/39, so each list trains on 39 points); PQ uses d/4 sub-quantizers of 8 bits.
 STORE_DTYPES = {'float32': torch.float32, 'float16': torch.float16}  # how keys and values are saved
-KNN_INDEXES = {'flat': 'Flat', 'hnsw': 'HNSW32', 'ivf': 'IVF{nlist},Flat', 'ivfpq': 'IVF{nlist},PQ{m}'}
+# knn_index short names: exact search, a graph, inverted lists (~4 sqrt(N) of them) over full
+# keys, over keys quantised to 8 bits per dimension (a quarter of the memory, less to read per
+# search), or product-quantised to d/4 bytes
+KNN_INDEXES = {'flat': 'Flat', 'hnsw': 'HNSW32', 'ivf': 'IVF{nlist},Flat', 'ivfsq': 'IVF{nlist},SQ8',
+               'ivfpq': 'IVF{nlist},PQ{m}'}
 # search parameters used where an index has them and none is given: FAISS's own (nprobe 1,
 # efSearch 16) miss many neighbours; these keep recall@5 >= 0.95 up to 10^6 keys per head in
 # bench_memory.py (nprobe is capped at the index's number of lists)

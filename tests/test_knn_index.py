@@ -44,7 +44,7 @@ def test_exact_indexes_agree(data):
 @pytest.mark.parametrize('knn_index,params,at_least', [('hnsw', dict(efSearch=64), 0.95), ('ivf', dict(nprobe=8), 0.95),
                                                        ('ivf', dict(nprobe=1000), 1.0), ('IVF16,Flat', {}, 1.0),
                                                        ('ivfpq', dict(nprobe=8), 0.3), ('hnsw', {}, 0.95),
-                                                       ('ivf', {}, 0.95)])
+                                                       ('ivf', {}, 0.95), ('ivfsq', {}, 0.9)])
 def test_approximate_indexes_recall(data, knn_index, params, at_least):
     keys, queries, heads = data
     exact = KNNIndex(keys, 'torch').search(queries, heads, 5)
@@ -56,6 +56,7 @@ def test_short_names_and_bad_choices(data):
     keys, _, _ = data
     assert index_factory('ivf', 2000, 32) == 'IVF51,Flat' and index_factory('ivf', 100, 32) == 'IVF2,Flat'
     assert index_factory('ivfpq', 100_000, 64) == 'IVF1264,PQ16' and index_factory('', 5, 8) == 'Flat'
+    assert index_factory('ivfsq', 100_000, 64) == 'IVF1264,SQ8'
     with pytest.raises(UserError, match="FAISS cannot make a 'IVFbad'"):
         KNNIndex(keys, 'faiss', 'IVFbad')
     with pytest.raises(UserError, match='at least 39 keys per list'):
