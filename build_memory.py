@@ -16,8 +16,9 @@ Use it with: python sample.py ... --load_mem_store=True --mem_store=out/vancouve
 
     python build_memory.py --reindex=out/vancouver --knn_index=hnsw   # another index, same keys
 
-The index (knn_index) is recorded in the manifest and built from the keys when the memory is
-used; sample.py and sweep.py can also search another one (--knn_index, --nprobe, --ef_search).
+The index (knn_index) is recorded in the manifest; an approximate one is trained here and
+saved in the directory (index-*.safetensors), so loading the memory does not train it again.
+sample.py and sweep.py can also search another one (--knn_index, --nprobe, --ef_search).
 """
 
 import os
@@ -25,7 +26,7 @@ import sys
 import time
 
 from configurator import UserError, configure, run_cli
-from memory import KNNIndex, Memory, build_documents, check_knn_index, index_factory, read_documents
+from memory import Memory, build_documents, check_knn_index, index_factory, read_documents, record_knn_index
 from run import load_model
 
 DEFAULTS = dict(
@@ -81,6 +82,18 @@ def main(argv):
     print(f"model {m['model']['name']} (weights {m['model']['fingerprint']}), layers {memory.stored_layers}, "
           f"{m['model']['n_head']} heads of size {m['model']['head_size']}; {tokens / max(seconds, 1e-9):.0f} tokens/s")
     print(f"{size / 1e6:.2f} MB on disk at {path} (keys and values in {str(memory.values[memory.stored_layers[0]].dtype).removeprefix('torch.')})")
+    save_index(memory, path)
+
+
+def save_index(memory, path):
+    """Train an approximate index now and save it in the memory directory (sample.py reads it)."""
+    layer = memory.stored_layers[0]
+    factory = index_factory(memory.knn_index, memory.num_entries(), memory.keys[layer].size(-1))
+    if factory != 'Flat':
+        t0 = time.time()
+        n = memory.index_layers()
+        print(f"search index {memory.knn_index} (FAISS {factory}) for {n} layer(s) x {memory.keys[layer].size(0)} "
+              f"heads, trained and saved in {path} in {time.time() - t0:.1f} s")
 
 
 def reindex(config):
@@ -88,10 +101,11 @@ def reindex(config):
     knn_index, and the index is built once here to check it can be."""
     memory = Memory.load(config['reindex'])
     layer = memory.stored_layers[0]
-    KNNIndex(memory.keys[layer], 'faiss', config['knn_index'])
+    check_knn_index(config['knn_index'], memory.keys[layer].size(-1))
     before = memory.knn_index
     memory.meta['knn_index'] = config['knn_index']
-    memory.save(config['reindex'])
+    save_index(memory, config['reindex'])  # first: an index FAISS cannot train leaves the manifest as it was
+    record_knn_index(config['reindex'], config['knn_index'], memory.num_entries(), memory.keys[layer].size(-1))
     print(f"{config['reindex']}: knn_index {before} -> {config['knn_index']} "
           f"(FAISS {index_factory(config['knn_index'], memory.num_entries(), memory.keys[layer].size(-1))}); "
           f"{memory.num_entries()} stored tokens per head, the model was not run")

@@ -171,9 +171,10 @@ class KNNIndex:
     """Squared-L2 nearest-neighbour search over one layer's stored keys (H, N, d), one index per
     head: FAISS (IndexFlatL2, exact, the reference's, on the GPU with faiss-gpu; or an
     approximate index chosen by knn_index, with search parameters params) or an exact torch
-    search on the keys' device."""
+    search on the keys' device. saved: the heads' FAISS indexes as serialized() gave them,
+    to use instead of building them again (checked against the keys' shape)."""
 
-    def __init__(self, keys, kind, knn_index='flat', params=None):
+    def __init__(self, keys, kind, knn_index='flat', params=None, saved=None):
         self.kind, self.n_entries = kind, keys.size(1)
         self.factory = index_factory(knn_index, keys.size(1), keys.size(2))
         params = check_index_params(params)
@@ -183,6 +184,13 @@ class KNNIndex:
             self.faiss_gpu = faiss.StandardGpuResources() if gpu else None
             self.heads = []
             for h in range(keys.size(0)):
+                if saved is not None:
+                    index = faiss.deserialize_index(saved[h])
+                    if index.ntotal != keys.size(1) or index.d != keys.size(2):
+                        raise ValueError(f"a saved index holds {index.ntotal} keys of size {index.d}, not "
+                                         f"{keys.size(1)} of size {keys.size(2)}")
+                    self.heads.append(index)
+                    continue
                 x = np.ascontiguousarray(keys[h].detach().to('cpu', torch.float32).numpy())
                 if self.factory == 'Flat':
                     index = faiss.IndexFlatL2(keys.size(2))
@@ -201,6 +209,10 @@ class KNNIndex:
                                             f"{x.shape[0]} keys ({faiss_message(e)}); an IVF "
                                             f"index needs at least 39 keys per list: use fewer lists") from None
                 index.add(x)
+                if gpu:
+                    index = faiss.index_cpu_to_gpu(self.faiss_gpu, keys.device.index or 0, index)
+                self.heads.append(index)
+            for index in self.heads:
                 for name, value in search_params(self.factory, params).items():
                     try:
                         faiss.ParameterSpace().set_index_parameter(index, name, value)
@@ -208,15 +220,17 @@ class KNNIndex:
                         option = dict(nprobe='nprobe', efSearch='ef_search')[name]
                         raise UserError(f"{option}={value}: the {self.factory!r} index has no {name}; nprobe is "
                                         f"for IVF indexes, ef_search for HNSW: leave {option} unset") from None
-                if gpu:
-                    index = faiss.index_cpu_to_gpu(self.faiss_gpu, keys.device.index or 0, index)
-                self.heads.append(index)
         else:
             if self.factory != 'Flat':
                 raise UserError(f"search='torch' is exact; the approximate index knn_index={knn_index!r} needs "
                                 f"search='faiss'")
             self.keys = keys.float()
             self.key_sqnorms = self.keys.pow(2).sum(-1)  # (H, N)
+
+    def serialized(self) -> list[np.ndarray]:
+        """Each head's FAISS index as bytes (uint8), for KNNIndex(..., saved=...)."""
+        import faiss
+        return [faiss.serialize_index(index) for index in self.heads]
 
     def search(self, queries: torch.Tensor, heads: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The k nearest stored keys of each query (n, d) in its head's index: one search per head
@@ -395,6 +409,7 @@ class Memory:
         self.keys, self.values = keys, values  # {layer: (H, N, d)}
         self.meta = meta
         self._in_use = {}  # (layer, device, search) -> (keys, values, KNNIndex) there: built once
+        self.store = None  # (directory, tensor file checksum) when loaded from one: its indexes are saved there
 
     @property
     def memory_keys(self) -> str:
@@ -530,12 +545,51 @@ class Memory:
             key = (i, str(device), search, knn_index, tuple(sorted(params.items())))
             if key not in self._in_use:
                 keys, values = self.keys[i].to(device), self.values[i].to(device)
-                self._in_use[key] = (keys, values, KNNIndex(keys, search, knn_index, params))
+                self._in_use[key] = (keys, values, self.search_index(i, keys, search, knn_index, params))
             keys, values, index = self._in_use[key]
             # a k beyond the memory's size finds nothing more: those neighbours take no part anyway
             layers[i] = LayerMemory(keys, values, index, min(settings.knn_num[i], keys.size(1)), settings,
                                     self.memory_keys)
         return layers
+
+    def search_index(self, layer, keys, search, knn_index, params) -> KNNIndex:
+        """The KNNIndex of one layer's keys. An approximate FAISS index of a memory loaded from a
+        directory is trained once per memory, not once per load: it is read from the directory
+        (index-*.safetensors, named by the tensors' checksum, the layer and the FAISS factory
+        string) or, built, written there. An unreadable index file is built again."""
+        factory = index_factory(knn_index, keys.size(1), keys.size(2))
+        if search != 'faiss' or factory == 'Flat' or self.store is None:
+            return KNNIndex(keys, search, knn_index, params)
+        directory, checksum = self.store
+        file = os.path.join(directory, index_file_name(checksum, layer, factory))
+        if os.path.isfile(file):
+            from safetensors import SafetensorError
+            from safetensors.numpy import load_file
+            try:
+                saved = load_file(file)
+                return KNNIndex(keys, search, knn_index, params, saved=[saved[f'head{h}'] for h in range(keys.size(0))])
+            except (SafetensorError, KeyError, ValueError, RuntimeError, OSError) as e:
+                warnings.warn(f"{file} is unreadable ({faiss_message(e)}); building the index again", stacklevel=2)
+        index = KNNIndex(keys, search, knn_index, params)
+        try:
+            from safetensors.numpy import save_file
+            fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix='.safetensors', dir=directory)
+            os.close(fd)
+            save_file({f'head{h}': a for h, a in enumerate(index.serialized())}, tmp)
+            os.chmod(tmp, umask_mode())
+            os.replace(tmp, file)
+        except OSError as e:  # a read-only memory is still usable: its index is built on every load
+            warnings.warn(f"cannot save the search index in {directory} ({e.strerror or e}); it will be built "
+                          f"again on the next load", stacklevel=2)
+        return index
+
+    def index_layers(self) -> int:
+        """Make every stored layer's search index now (FAISS on the CPU), so that a memory
+        directory's approximate index is trained and saved at build time, not on first use.
+        Returns how many indexes were trained here or read from the directory."""
+        for layer in self.stored_layers:
+            self.search_index(layer, self.keys[layer], 'faiss', self.knn_index, {})
+        return len(self.stored_layers)
 
     def check_model(self, model) -> None:
         """Refuse a memory made by another model or with other shapes."""
@@ -590,9 +644,7 @@ class Memory:
                     **{k: v for k, v in self.meta.items() if k not in ('knn_index', 'index', 'layers')},
                     layers=sorted(self.keys) if self.keys else self.meta['layers'], n_head=model['n_head'],
                     n_kv_head=model.get('n_kv_head', model['n_head']), head_size=d, num_entries=num_entries,
-                    knn_index=self.knn_index, dtype=dtype,
-                    index=f"{self.knn_index} (FAISS {index_factory(self.knn_index, num_entries, d)}), built from the "
-                          f"keys on load")
+                    knn_index=self.knn_index, dtype=dtype, index=index_description(self.knn_index, num_entries, d))
 
     @classmethod
     def load(cls, path: str, model=None, enc=None, mmap: bool = False) -> Memory:
@@ -647,7 +699,29 @@ class Memory:
                                          'remove_bookkeeping_token_mem_size', 'memory_keys', 'retrieval_during_build',
                                          'source', 'knn_index', 'documents')
                 if k in manifest}
-        return cls(keys, values, meta)
+        memory = cls(keys, values, meta)
+        memory.store = (os.path.abspath(path), expected)
+        return memory
+
+
+def index_description(knn_index: str, n: int, d: int) -> str:
+    """The manifest's words for its index."""
+    return (f"{knn_index} (FAISS {index_factory(knn_index, n, d)}), built from the keys when first used and, if "
+            f"approximate, saved beside them (index-*.safetensors)")
+
+
+def record_knn_index(path: str, knn_index: str, n: int, d: int) -> None:
+    """Give the memory directory at path (n stored keys of size d per head) another index
+    choice: only its manifest changes (the tensors, and the indexes saved for them, stay)."""
+    from filelock import FileLock
+    path = os.path.abspath(path)
+    try:
+        with FileLock(os.path.join(path, LOCK)):
+            manifest = read_manifest(path)
+            manifest.update(knn_index=knn_index, index=index_description(knn_index, n, d))
+            write_whole(os.path.join(path, MANIFEST), json.dumps(manifest, indent=1, ensure_ascii=False))
+    except OSError as e:
+        raise cannot_write(path, e) from None
 
 
 def read_manifest(path: str) -> dict:
@@ -707,8 +781,9 @@ def commit(path: str, write_tensors, manifest: dict) -> str:
             os.replace(tmp, os.path.join(path, name))
             write_whole(os.path.join(path, MANIFEST),
                         json.dumps(dict(manifest, tensors={name: checksum}), indent=1, ensure_ascii=False))
-            for f in os.listdir(path):  # the tensors of the memory this one replaced
-                if is_tensor_file(f) and f != name:
+            for f in os.listdir(path):  # the tensors of the memory this one replaced, and their indexes
+                if (is_tensor_file(f) and f != name) or (is_index_file(f) and
+                                                         not f.startswith(f"{INDEX_PREFIX}{checksum[:16]}-")):
                     os.remove(os.path.join(path, f))
     except OSError as e:
         raise cannot_write(path, e) from None
@@ -750,13 +825,27 @@ def is_tensor_file(name):
                                             name.endswith('.safetensors') and all(c in '0123456789abcdef' for c in name[7:23]))
 
 
+INDEX_PREFIX = 'index-'
+
+
+def index_file_name(checksum: str, layer: int, factory: str) -> str:
+    """index-<tensors' checksum>-<layer>-<factory's digest>.safetensors: one layer's saved FAISS
+    indexes, one per head, valid beside the tensor file with that checksum only."""
+    return f"{INDEX_PREFIX}{checksum[:16]}-{layer}-{hashlib.sha256(factory.encode()).hexdigest()[:8]}.safetensors"
+
+
+def is_index_file(name):
+    return name.startswith(INDEX_PREFIX) and name.endswith('.safetensors')
+
+
 def is_temporary(name):
     """A save's temporary file: the tensors' (.tmp-*) or the manifest's (.memory.json.tmp-*, files.write_whole)."""
     return name.startswith(TMP_PREFIX) or name.startswith(f'.{MANIFEST}.tmp-')
 
 
 def is_own_file(name):
-    return name in (MANIFEST, LOCK) or is_temporary(name) or is_tensor_file(name) or name.startswith(SPOOL_PREFIX)
+    return name in (MANIFEST, LOCK) or is_temporary(name) or is_tensor_file(name) or is_index_file(name) or \
+        name.startswith(SPOOL_PREFIX)
 
 
 def import_reference(path: str, model, enc) -> Memory:

@@ -113,3 +113,44 @@ def test_sweep_ids_do_not_change_without_an_index_choice():
     settings, _ = sweep.expand(cfg)
     plain, _ = sweep.expand(dict(cfg, grid={}))
     assert settings[0]['id'] == plain[0]['id'] and settings[1]['id'] != plain[0]['id']
+
+
+def index_files(store):
+    return sorted(f for f in os.listdir(store) if f.startswith('index-'))
+
+
+def test_an_approximate_index_is_trained_once_and_saved_with_the_memory(tmp_path):
+    text = tmp_path / 'mem.txt'
+    text.write_text(open(os.path.join(ROOT, 'data', 'vancouver.txt'), encoding='utf-8').read(), encoding='utf-8')
+    store = tmp_path / 'mem'
+    r = run_script('build_memory.py', str(text), f'--init_from={TINY}', f'--mem_store={store}', '--layers=[1,2]',
+                   '--knn_index=ivf')
+    assert r.returncode == 0 and 'trained and saved' in r.stdout, r.stderr
+    saved = index_files(store)
+    assert len(saved) == 2  # one file per layer, all heads in it
+    inodes = {f: os.stat(store / f).st_ino for f in saved}
+    model, enc = GPT.from_pretrained(TINY)
+    settings = RetrievalSettings([0, 5, 5, 0], 0.0, 0.0, 1.0, False, 0.0)
+    memory = Memory.load(str(store), model, enc)
+    layers = memory.retrieving_layers(settings)
+    # read, not trained again (a new index would be a new file), and it finds what a fresh build finds
+    assert {f: os.stat(store / f).st_ino for f in index_files(store)} == inodes
+    keys = memory.keys[2]
+    queries, heads = keys[:, ::7].reshape(-1, keys.size(-1)), torch.arange(keys.size(0)).repeat_interleave(keys[:, ::7].size(1))
+    fresh = KNNIndex(keys, 'faiss', 'ivf')
+    assert torch.equal(layers[2].index.search(queries, heads, 5), fresh.search(queries, heads, 5))
+    # a damaged index file is built again, with a warning, and replaced
+    (store / saved[0]).write_bytes(b'not an index')
+    with pytest.warns(UserWarning, match='unreadable'):
+        Memory.load(str(store), model, enc).retrieving_layers(settings)
+    assert len(index_files(store)) == 2 and (store / saved[0]).stat().st_size > 100
+    # re-indexing saves the new index beside the old (the tensors are the same); a new version of
+    # the memory drops the indexes of the old one
+    r = run_script('build_memory.py', f'--reindex={store}', '--knn_index=hnsw')
+    assert r.returncode == 0 and 'trained and saved' in r.stdout, r.stderr
+    assert len(index_files(store)) == 4
+    more = tmp_path / 'more.txt'
+    more.write_text("More about the city and its harbour.", encoding='utf-8')
+    r = run_script('build_memory.py', str(more), f'--mem_store={store}', f'--init_from={TINY}', '--append=True')
+    assert r.returncode == 0, r.stderr
+    assert len(index_files(store)) == 2 and not set(index_files(store)) & set(saved)
