@@ -571,16 +571,11 @@ class Memory:
             except (SafetensorError, KeyError, ValueError, RuntimeError, OSError) as e:
                 warnings.warn(f"{file} is unreadable ({faiss_message(e)}); building the index again", stacklevel=2)
         index = KNNIndex(keys, search, knn_index, params)
+        from safetensors.numpy import save
         try:
-            from safetensors.numpy import save_file
-            fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix='.safetensors', dir=directory)
-            os.close(fd)
-            save_file({f'head{h}': a for h, a in enumerate(index.serialized())}, tmp)
-            os.chmod(tmp, umask_mode())
-            os.replace(tmp, file)
-        except OSError as e:  # a read-only memory is still usable: its index is built on every load
-            warnings.warn(f"cannot save the search index in {directory} ({e.strerror or e}); it will be built "
-                          f"again on the next load", stacklevel=2)
+            write_whole(file, save({f'head{h}': a for h, a in enumerate(index.serialized())}))
+        except UserError as e:  # a read-only memory is still usable: its index is built on every load
+            warnings.warn(f"{e}; the search index will be built again on the next load", stacklevel=2)
         return index
 
     def index_layers(self) -> int:
@@ -839,8 +834,10 @@ def is_index_file(name):
 
 
 def is_temporary(name):
-    """A save's temporary file: the tensors' (.tmp-*) or the manifest's (.memory.json.tmp-*, files.write_whole)."""
-    return name.startswith(TMP_PREFIX) or name.startswith(f'.{MANIFEST}.tmp-')
+    """A save's temporary file: the tensors' (.tmp-*), the manifest's or an index's
+    (.memory.json.tmp-*, .index-*.tmp-*: files.write_whole)."""
+    return name.startswith(TMP_PREFIX) or name.startswith(f'.{MANIFEST}.tmp-') or \
+        (name.startswith(f'.{INDEX_PREFIX}') and '.tmp-' in name)
 
 
 def is_own_file(name):
