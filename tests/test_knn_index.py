@@ -77,12 +77,16 @@ def test_search_defaults_where_none_are_given():
     assert search_params('IVF4096,Flat', dict(nprobe=2)) == dict(nprobe=2)
 
 
-def test_recorded_used_overridden_and_reindexed(tmp_path):
+def build_vancouver(tmp_path, *options):
+    """build_memory.py over a copy of data/vancouver.txt into tmp_path/mem; (text, store, result)."""
     text = tmp_path / 'mem.txt'
     text.write_text(open(os.path.join(ROOT, 'data', 'vancouver.txt'), encoding='utf-8').read(), encoding='utf-8')
     store = tmp_path / 'mem'
-    r = run_script('build_memory.py', str(text), f'--init_from={TINY}', f'--mem_store={store}', '--layers=[2]',
-                   '--knn_index=hnsw')
+    return text, store, run_script('build_memory.py', str(text), f'--init_from={TINY}', f'--mem_store={store}', *options)
+
+
+def test_recorded_used_overridden_and_reindexed(tmp_path):
+    text, store, r = build_vancouver(tmp_path, '--layers=[2]', '--knn_index=hnsw')
     assert r.returncode == 0, r.stderr
     assert json.loads((store / 'memory.json').read_text())['knn_index'] == 'hnsw'
     model, enc = GPT.from_pretrained(TINY)
@@ -120,11 +124,7 @@ def index_files(store):
 
 
 def test_an_approximate_index_is_trained_once_and_saved_with_the_memory(tmp_path):
-    text = tmp_path / 'mem.txt'
-    text.write_text(open(os.path.join(ROOT, 'data', 'vancouver.txt'), encoding='utf-8').read(), encoding='utf-8')
-    store = tmp_path / 'mem'
-    r = run_script('build_memory.py', str(text), f'--init_from={TINY}', f'--mem_store={store}', '--layers=[1,2]',
-                   '--knn_index=ivf')
+    _, store, r = build_vancouver(tmp_path, '--layers=[1,2]', '--knn_index=ivf')
     assert r.returncode == 0 and 'trained and saved' in r.stdout, r.stderr
     saved = index_files(store)
     assert len(saved) == 2  # one file per layer, all heads in it
