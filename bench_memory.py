@@ -11,7 +11,9 @@ for any approximate index); the queries are stored keys plus noise. One key set 
 index are built per size and index type (heads are independent, one index each). For each
 it prints:
 
-- build: the index's build time and rows/s, and the time to make it again from its saved
+- build: the index's build time (training, adding, and calibrating its search parameter:
+  the smallest nprobe or efSearch reaching recall@10 0.98 on stored keys) and rows/s, the
+  parameter it searches with ('searched'), and the time to make it again from its saved
   bytes (a memory directory saves an approximate index beside the keys, so it is trained
   once). The model pass that makes the rows is measured once, first: memory.window_rows, as
   build_documents runs it, over block_size windows of random tokens through a GPT-2-small-
@@ -45,14 +47,14 @@ import torch
 
 from bench import TABLE1, random_gpt2_small
 from configurator import UserError, configure, run_cli
-from memory import SEARCH_DEFAULTS, KNNIndex, LayerMemory, index_factory, window_rows
+from memory import SEARCH_RECALL, KNNIndex, LayerMemory, index_factory, window_rows
 from model import Decoder
 
 DEFAULTS = dict(
     sizes=[1000, 10_000, 100_000, 1_000_000],  # stored tokens per head
     indexes=['flat', 'hnsw', 'ivf', 'ivfsq'],  # knn_index choices to measure: short names or FAISS factory strings
-    ef_search=None,        # HNSW's efSearch; None = memory.SEARCH_DEFAULTS's (128), as sample.py
-    nprobe=None,           # IVF's lists visited; None = memory.SEARCH_DEFAULTS's (16), as sample.py
+    ef_search=None,        # HNSW's efSearch; None = calibrated when the index is built, as sample.py
+    nprobe=None,           # IVF's lists visited; None = calibrated when the index is built, as sample.py
     k=5,                   # neighbours per query (Table 1's k)
     queries=512,           # queries timed per measurement
     head_size=64,          # d
@@ -204,8 +206,8 @@ def main(argv):
     print(f"one head of size {d}, k {k}; search alone: per-token figures for {cfg['heads']} heads x {cfg['layers']} "
           f"layers, {cfg['cached_queries']} (cached) / {cfg['exact_queries']} (exact) queries per head per token; "
           f"torch threads {torch.get_num_threads()}, FAISS threads {faiss.omp_get_max_threads()}; "
-          f"IVF nprobe {cfg['nprobe'] or SEARCH_DEFAULTS['nprobe']}, HNSW efSearch "
-          f"{cfg['ef_search'] or SEARCH_DEFAULTS['efSearch']}")
+          f"IVF nprobe {cfg['nprobe'] or 'calibrated'}, HNSW efSearch {cfg['ef_search'] or 'calibrated'} (the "
+          f"smallest reaching recall@10 {SEARCH_RECALL} on stored keys, chosen when the index is built)")
     model = prompt = None
     if cfg['decode'] or cfg['build_tokens']:
         model = random_gpt2_small('cpu', cfg['sharpen'])
@@ -224,9 +226,9 @@ def main(argv):
         print(f"decoding: {cfg['prompt_len']}-token prompt, {cfg['new_tokens']} new tokens, memory in layers "
               f"{MEMORY_LAYERS} with Table 1's settings; + ms/tok is decoding with the memory minus without, "
               f"median of {cfg['repeat']} pairs")
-    print(f"{'tokens':>9} {'index':>6} {'build s':>8} {'rows/s':>9} {'load s':>6} {'recall@k':>8} {'us/query':>9} "
-          f"{'search ms/tok':>13} {'(exact dec)':>11} {'+ms/tok cached':>14} {'+ms/tok exact':>13} "
-          f"{'index MB':>8} {'disk MB':>8} {'peak GB':>7}")
+    print(f"{'tokens':>9} {'index':>6} {'build s':>8} {'rows/s':>9} {'load s':>6} {'searched':>13} {'recall@k':>8} "
+          f"{'us/query':>9} {'search ms/tok':>13} {'(exact dec)':>11} {'+ms/tok cached':>14} {'+ms/tok exact':>13} "
+          f"{'lookups':>7} {'index MB':>8} {'disk MB':>8} {'peak GB':>7}")
     baseline, results = {}, []
     for n in cfg['sizes']:
         keys = clustered(n, d, centres, gen)[None]  # (1, n, d): one head
@@ -274,7 +276,10 @@ def main(argv):
             if n == cfg['sizes'][0] and name == 'flat':
                 baseline = dict(search=search, memory=decoding_memory(model, index, keys, values) if cfg['decode'] else None)
             disk = 2 * n * d * 4 * per_token / 1e6
-            print(f"{n:>9} {name:>6} {build:>8.2f} {n / build:>9.0f} {load:>6.2f} {recall:>8.3f} {per_query * 1e6:>9.1f} "
+            searched = ','.join(f'{key}={value}' for key, value in
+                                ({**(index.calibration or [{}])[0], **params}).items() if key != 'recall') or '-'
+            print(f"{n:>9} {name:>6} {build:>8.2f} {n / build:>9.0f} {load:>6.2f} {searched:>13} {recall:>8.3f} "
+                  f"{per_query * 1e6:>9.1f} "
                   f"{search['cached']:>13.2f} {search['exact']:>11.2f} {added['cached']:>14.2f} "
                   f"{added['exact']:>13.2f} {lookups:>7} {index_bytes(index) / 1e6:>8.1f} {disk:>8.1f} {peak_rss_gb():>7.1f}",
                   flush=True)

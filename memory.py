@@ -51,10 +51,15 @@ STORE_DTYPES = {'float32': torch.float32, 'float16': torch.float16}  # how keys 
 # search), or product-quantised to d/4 bytes
 KNN_INDEXES = {'flat': 'Flat', 'hnsw': 'HNSW32', 'ivf': 'IVF{nlist},Flat', 'ivfsq': 'IVF{nlist},SQ8',
                'ivfpq': 'IVF{nlist},PQ{m}'}
-# search parameters used where an index has them and none is given: FAISS's own (nprobe 1,
-# efSearch 16) miss many neighbours; these keep recall@5 >= 0.95 up to 10^6 keys per head in
-# bench_memory.py (nprobe is capped at the index's number of lists)
-SEARCH_DEFAULTS = dict(nprobe=16, efSearch=128)
+# an approximate index's search parameter (IVF's nprobe, HNSW's efSearch), where none is given,
+# is calibrated when the index is built: the smallest value on SEARCH_LADDERS whose recall@10 on
+# stored keys (each searched for its 10 nearest others) reaches SEARCH_RECALL; it is saved with
+# the index. FAISS's own defaults (nprobe 1, efSearch 16) miss many neighbours, and no fixed
+# value suits every size: 16 lists of 25 are needed at 10^3 keys, 8 of 4,000 at 10^6
+SEARCH_RECALL = 0.98
+SEARCH_LADDERS = dict(nprobe=[1, 2, 4, 8, 16, 32, 64, 128, 256], efSearch=[16, 32, 64, 128, 256, 512, 1024])
+CALIBRATION_QUERIES, CALIBRATION_K = 256, 10
+SEARCH_PLATEAU = 0.002  # a doubling that gains less recall than this ends the calibration
 MEMORY_KEYS = ('unrotated', 'rotated')  # the form keys are stored in on RoPE models (METHOD.md section 8)
 
 
@@ -135,14 +140,71 @@ def index_factory(knn_index: str, n: int, d: int) -> str:
     return KNN_INDEXES[spec].format(nlist=nlist, m=m)
 
 
-def search_params(factory: str, params: dict) -> dict:
-    """The search parameters a `factory` index is searched with: SEARCH_DEFAULTS for those it
-    has (nprobe for IVF, efSearch for HNSW), overridden by `params`."""
-    ivf = re.match(r"IVF(\d+)", factory)
-    defaults = dict(nprobe=min(SEARCH_DEFAULTS['nprobe'], int(ivf.group(1)))) if ivf else {}
-    if factory.startswith('HNSW'):
-        defaults['efSearch'] = SEARCH_DEFAULTS['efSearch']
-    return {**defaults, **params}
+def tuned_parameter(index) -> str | None:
+    """The search parameter of a FAISS index that trades speed for recall and is calibrated
+    (SEARCH_LADDERS): 'nprobe' for IVF indexes, 'efSearch' for HNSW, None for the others."""
+    import faiss
+    space = faiss.ParameterSpace()
+    space.initialize(index)
+    names = {space.parameter_ranges.at(i).name for i in range(space.parameter_ranges.size())}
+    return next((name for name in SEARCH_LADDERS if name in names), None)
+
+
+def set_search_parameter(index, name: str, value: int, factory: str) -> None:
+    import faiss
+    try:
+        faiss.ParameterSpace().set_index_parameter(index, name, value)
+    except RuntimeError:
+        option = dict(nprobe='nprobe', efSearch='ef_search')[name]
+        raise UserError(f"{option}={value}: the {factory!r} index has no {name}; nprobe is for IVF indexes, "
+                        f"ef_search for HNSW: leave {option} unset") from None
+
+
+def calibrate(index, keys: np.ndarray, factory: str) -> dict:
+    """The search parameter an approximate index is searched with when none is given: the
+    smallest on SEARCH_LADDERS (nprobe up to the index's number of lists) at which its
+    recall@CALIBRATION_K reaches SEARCH_RECALL; short of that, the value after which the next
+    step gains less than SEARCH_PLATEAU, or the ladder's last. Recall is measured
+    leave-one-out: CALIBRATION_QUERIES stored keys (a fixed sample), each searched for its
+    nearest other stored keys, against exact search; a result counts if it is no farther than
+    the k-th exact neighbour (ties are neighbours too). Returns {name: value, 'recall': r}."""
+    import faiss
+    n = keys.shape[0]
+    rows = np.sort(np.random.default_rng(0).choice(n, min(CALIBRATION_QUERIES, n), replace=False))
+    queries, k = keys[rows], min(CALIBRATION_K, n - 1)
+    if k < 1:
+        return dict(recall=1.0)
+    exact_d, exact_i = faiss.knn(queries, keys, k + 1)
+    # leave the query's own row out; where a duplicate stood in for it, the last neighbour goes
+    kth = np.array([d[i != r][k - 1] for d, i, r in zip(exact_d, exact_i, rows)])
+
+    def recall():
+        found_d, found_i = index.search(queries, k + 1)
+        others = (found_i != rows[:, None]) & (found_i >= 0)
+        slack = 1e-5 * (kth + (queries ** 2).sum(1))  # float32 rounding differs between the two searches
+        hits = ((found_d <= (kth + slack)[:, None]) & others).sum(1)
+        return float(np.minimum(hits, k).mean() / k)
+
+    name = tuned_parameter(index)
+    if name is None:
+        return dict(recall=recall())
+    ladder = SEARCH_LADDERS[name]
+    if name == 'nprobe':
+        nlist = faiss.extract_index_ivf(index).nlist
+        ladder = [v for v in ladder if v < nlist] + [nlist]
+    value, reached = None, -1.0
+    for step in ladder:
+        set_search_parameter(index, name, step, factory)
+        now = recall()
+        if value is not None and now < reached + SEARCH_PLATEAU:
+            # twice the search found no more: the index's codes (SQ, PQ) limit its recall, not
+            # this parameter; keep the cheaper value
+            set_search_parameter(index, name, value, factory)
+            break
+        value, reached = step, now
+        if reached >= SEARCH_RECALL:
+            break
+    return {name: value, 'recall': reached}
 
 
 def check_index_params(params: dict | None) -> dict:
@@ -170,28 +232,31 @@ def check_knn_index(knn_index: str, d: int) -> None:
 class KNNIndex:
     """Squared-L2 nearest-neighbour search over one layer's stored keys (H, N, d), one index per
     head: FAISS (IndexFlatL2, exact, the reference's, on the GPU with faiss-gpu; or an
-    approximate index chosen by knn_index, with search parameters params) or an exact torch
-    search on the keys' device. saved: the heads' FAISS indexes as serialized() gave them,
-    to use instead of building them again (checked against the keys' shape)."""
+    approximate index chosen by knn_index) or an exact torch search on the keys' device.
+    An approximate index is searched with `params` (nprobe, efSearch) where given, else with
+    each head's calibrated value (calibrate), kept in `calibration`. saved: the index as
+    serialized() gave it, to use instead of building it again (checked against the keys)."""
 
     def __init__(self, keys, kind, knn_index='flat', params=None, saved=None):
         self.kind, self.n_entries = kind, keys.size(1)
         self.factory = index_factory(knn_index, keys.size(1), keys.size(2))
-        params = check_index_params(params)
+        self.given = params = check_index_params(params)
+        self.calibration = None  # per head: {parameter: value, 'recall': recall@10} of an approximate index
         if kind == 'faiss':
             import faiss
             gpu = keys.is_cuda and hasattr(faiss, 'StandardGpuResources') and self.factory == 'Flat'
             self.faiss_gpu = faiss.StandardGpuResources() if gpu else None
             self.heads = []
+            head_keys = lambda h: np.ascontiguousarray(keys[h].detach().to('cpu', torch.float32).numpy())  # noqa: E731
             for h in range(keys.size(0)):
                 if saved is not None:
-                    index = faiss.deserialize_index(saved[h])
+                    index = faiss.deserialize_index(saved[0][f'head{h}'])
                     if index.ntotal != keys.size(1) or index.d != keys.size(2):
                         raise ValueError(f"a saved index holds {index.ntotal} keys of size {index.d}, not "
                                          f"{keys.size(1)} of size {keys.size(2)}")
                     self.heads.append(index)
                     continue
-                x = np.ascontiguousarray(keys[h].detach().to('cpu', torch.float32).numpy())
+                x = head_keys(h)
                 if self.factory == 'Flat':
                     index = faiss.IndexFlatL2(keys.size(2))
                 else:
@@ -212,14 +277,21 @@ class KNNIndex:
                 if gpu:
                     index = faiss.index_cpu_to_gpu(self.faiss_gpu, keys.device.index or 0, index)
                 self.heads.append(index)
-            for index in self.heads:
-                for name, value in search_params(self.factory, params).items():
-                    try:
-                        faiss.ParameterSpace().set_index_parameter(index, name, value)
-                    except RuntimeError:
-                        option = dict(nprobe='nprobe', efSearch='ef_search')[name]
-                        raise UserError(f"{option}={value}: the {self.factory!r} index has no {name}; nprobe is "
-                                        f"for IVF indexes, ef_search for HNSW: leave {option} unset") from None
+            for index in self.heads:  # given parameters first: one the index lacks fails at once
+                for name, value in params.items():
+                    set_search_parameter(index, name, value, self.factory)
+            if self.factory != 'Flat' and tuned_parameter(self.heads[0]) not in params:
+                # saved with the index, or measured now (calibrate leaves the index set to its choice)
+                stored = json.loads(saved[1].get('calibration') or 'null') if saved is not None else None
+                if stored is not None and not (isinstance(stored, list) and len(stored) == len(self.heads)
+                                               and all(isinstance(found, dict) for found in stored)):
+                    raise ValueError(f"a saved index's calibration is not one entry per head: {str(stored)[:60]}")
+                self.calibration = stored or [calibrate(index, head_keys(h), self.factory)
+                                              for h, index in enumerate(self.heads)]
+                for index, found in zip(self.heads, self.calibration):
+                    for name, value in found.items():
+                        if name != 'recall':
+                            set_search_parameter(index, name, value, self.factory)
         else:
             if self.factory != 'Flat':
                 raise UserError(f"search='torch' is exact; the approximate index knn_index={knn_index!r} needs "
@@ -227,10 +299,26 @@ class KNNIndex:
             self.keys = keys.float()
             self.key_sqnorms = self.keys.pow(2).sum(-1)  # (H, N)
 
-    def serialized(self) -> list[np.ndarray]:
-        """Each head's FAISS index as bytes (uint8), for KNNIndex(..., saved=...)."""
+    def serialized(self) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+        """The index as safetensors stores it, for KNNIndex(..., saved=...): each head's FAISS
+        index as bytes (uint8 tensors 'head0', 'head1', ...) and, as metadata, the heads'
+        calibrated search parameters (JSON)."""
         import faiss
-        return [faiss.serialize_index(index) for index in self.heads]
+        heads = {f'head{h}': faiss.serialize_index(index) for h, index in enumerate(self.heads)}
+        return heads, dict(calibration=json.dumps(self.calibration))
+
+    def describe(self) -> str:
+        """The index and how it searches, in words: 'IVF4000,Flat, nprobe 8-16 (calibrated:
+        recall@10 >= 0.990)', or 'HNSW32, efSearch 64 (given)'."""
+        values = {name: [value] for name, value in self.given.items()}
+        for found in self.calibration or []:
+            for name, value in found.items():
+                if name != 'recall':
+                    values.setdefault(name, []).append(value)
+        searched = ''.join(f", {name} {min(v)}" + (f"-{max(v)}" if max(v) != min(v) else '') for name, v in values.items())
+        if self.calibration:
+            searched += f" (calibrated: recall@{CALIBRATION_K} >= {min(f['recall'] for f in self.calibration):.3f})"
+        return self.factory + searched + (' (given)' if self.given else '')
 
     def search(self, queries: torch.Tensor, heads: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The k nearest stored keys of each query (n, d) in its head's index: one search per head
@@ -563,17 +651,17 @@ class Memory:
         directory, checksum = self.store
         file = os.path.join(directory, index_file_name(checksum, layer, factory))
         if os.path.isfile(file):
-            from safetensors import SafetensorError
-            from safetensors.numpy import load_file
+            from safetensors import SafetensorError, safe_open
             try:
-                saved = load_file(file)
-                return KNNIndex(keys, search, knn_index, params, saved=[saved[f'head{h}'] for h in range(keys.size(0))])
+                with safe_open(file, 'np') as f:
+                    saved = {name: f.get_tensor(name) for name in f.keys()}, f.metadata() or {}
+                return KNNIndex(keys, search, knn_index, params, saved=saved)
             except (SafetensorError, KeyError, ValueError, RuntimeError, OSError) as e:
                 warnings.warn(f"{file} is unreadable ({faiss_message(e)}); building the index again", stacklevel=2)
         index = KNNIndex(keys, search, knn_index, params)
         from safetensors.numpy import save
         try:
-            write_whole(file, save({f'head{h}': a for h, a in enumerate(index.serialized())}))
+            write_whole(file, save(*index.serialized()))
         except UserError as e:  # a read-only memory is still usable: its index is built on every load
             warnings.warn(f"{e}; the search index will be built again on the next load", stacklevel=2)
         return index

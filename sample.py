@@ -49,7 +49,9 @@ def main(argv):
                        readout=asdict(readout) if readout else None)
     method = dict(memory=memory.describe(config['mem_store'] if config['load_mem_store'] else None),
                   retrieval=settings.as_dict(), search=config['search'] or default_search(config['device']),
-                  knn_index=config['knn_index'] or memory.knn_index, index_params=index_params(config)) \
+                  knn_index=config['knn_index'] or memory.knn_index, index_params=index_params(config),
+                  # per layer, the index as it searched: its FAISS factory and (calibrated) parameters
+                  searched_with={str(i): lm.index.describe() for i, lm in retrieval.items()}) \
         if memory is not None else None
     records = []
     for i, seed in enumerate(seeds):

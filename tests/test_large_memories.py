@@ -121,10 +121,11 @@ def test_bench_memory_runs_and_judges_its_target():
     assert any(l.startswith('building: the model pass') and 'tokens/s' in l for l in lines)
     rows = {(int(l.split()[0]), l.split()[1]): l.split() for l in lines if l.split() and l.split()[0].isdigit()}
     assert set(rows) == {(400, 'flat'), (400, 'ivf'), (800, 'flat'), (800, 'ivf')}
-    # a row: tokens, index, build s, rows/s, load s, recall@k, us/query, search ms/tok cached and exact,
-    # +ms/tok cached and exact, lookups, index MB, disk MB, peak GB
-    assert rows[(400, 'flat')][5] == rows[(800, 'flat')][5] == '1.000'  # exact search is exact
+    # a row: tokens, index, build s, rows/s, load s, searched with, recall@k, us/query, search ms/tok
+    # cached and exact, +ms/tok cached and exact, lookups, index MB, disk MB, peak GB
+    assert rows[(400, 'flat')][6] == rows[(800, 'flat')][6] == '1.000'  # exact search is exact
     assert rows[(400, 'ivf')][4] != 'nan' and rows[(400, 'flat')][4] == 'nan'  # an approximate index's reload
-    assert all(row[9] != 'nan' and row[10] != 'nan' for row in rows.values())  # decoding measured for each
+    assert rows[(400, 'ivf')][5].startswith('nprobe=') and rows[(400, 'flat')][5] == '-'  # calibrated
+    assert all(row[10] != 'nan' and row[11] != 'nan' for row in rows.values())  # decoding measured for each
     verdict = next(l for l in lines if l.strip().startswith('ivf at 800:'))
     assert 'cached' in verdict and 'exact' in verdict and 'recall@5' in verdict
