@@ -122,10 +122,12 @@ def test_bench_memory_runs_and_judges_its_target():
     rows = {(int(l.split()[0]), l.split()[1]): l.split() for l in lines if l.split() and l.split()[0].isdigit()}
     assert set(rows) == {(400, 'flat'), (400, 'ivf'), (800, 'flat'), (800, 'ivf')}
     # a row: tokens, index, build s, rows/s, load s, searched with, recall@k, us/query, search ms/tok
-    # cached and exact, +ms/tok cached and exact, lookups, index MB, disk MB, peak GB
+    # cached and exact, +ms/tok cached and exact, own ms/tok cached and exact, lookups, index MB,
+    # disk MB, peak GB
     assert rows[(400, 'flat')][6] == rows[(800, 'flat')][6] == '1.000'  # exact search is exact
     assert rows[(400, 'ivf')][4] != 'nan' and rows[(400, 'flat')][4] == 'nan'  # an approximate index's reload
     assert rows[(400, 'ivf')][5].startswith('nprobe=') and rows[(400, 'flat')][5] == '-'  # calibrated
     assert all(row[10] != 'nan' and row[11] != 'nan' for row in rows.values())  # decoding measured for each
+    assert all(float(row[12]) > 0 and float(row[13]) > 0 for row in rows.values())  # the memory's own time too
     verdict = next(l for l in lines if l.strip().startswith('ivf at 800:'))
-    assert 'cached' in verdict and 'exact' in verdict and 'recall@5' in verdict
+    assert 'cached' in verdict and 'exact' in verdict and 'recall@5' in verdict and "the memory's own time" in verdict
