@@ -644,21 +644,26 @@ class Memory:
         """The KNNIndex of one layer's keys. An approximate FAISS index of a memory loaded from a
         directory is trained once per memory, not once per load: it is read from the directory
         (index-*.safetensors, named by the tensors' checksum, the layer and the FAISS factory
-        string) or, built, written there. An unreadable index file is built again."""
+        string) or, built, written there, with its calibrated search parameters (an index file
+        saved without them gets them on load). An unreadable index file is built again."""
         factory = index_factory(knn_index, keys.size(1), keys.size(2))
         if search != 'faiss' or factory == 'Flat' or self.store is None:
             return KNNIndex(keys, search, knn_index, params)
         directory, checksum = self.store
         file = os.path.join(directory, index_file_name(checksum, layer, factory))
+        index = None
         if os.path.isfile(file):
             from safetensors import SafetensorError, safe_open
             try:
                 with safe_open(file, 'np') as f:
                     saved = {name: f.get_tensor(name) for name in f.keys()}, f.metadata() or {}
-                return KNNIndex(keys, search, knn_index, params, saved=saved)
+                index = KNNIndex(keys, search, knn_index, params, saved=saved)
+                if index.calibration is None or json.loads(saved[1].get('calibration') or 'null'):
+                    return index
+                # calibrated now (the file was saved without it): saved again with it, below
             except (SafetensorError, KeyError, ValueError, RuntimeError, OSError) as e:
                 warnings.warn(f"{file} is unreadable ({faiss_message(e)}); building the index again", stacklevel=2)
-        index = KNNIndex(keys, search, knn_index, params)
+        index = index or KNNIndex(keys, search, knn_index, params)
         from safetensors.numpy import save
         try:
             write_whole(file, save(*index.serialized()))

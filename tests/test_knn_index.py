@@ -8,6 +8,8 @@ import sys
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.numpy import save
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -197,6 +199,15 @@ def test_an_approximate_index_is_trained_once_and_saved_with_the_memory(tmp_path
     with pytest.warns(UserWarning, match='unreadable'):
         Memory.load(str(store), model, enc).retrieving_layers(settings)
     assert len(index_files(store)) == 2 and (store / saved[0]).stat().st_size > 100
+    # an index file saved without its calibration (e.g. built under a given --nprobe) gets it on
+    # the next load that uses the calibrated value, and keeps it
+    with safe_open(str(store / saved[0]), 'np') as f:
+        heads = {name: f.get_tensor(name) for name in f.keys()}
+        calibration = json.loads(f.metadata()['calibration'])
+    (store / saved[0]).write_bytes(save(heads))
+    Memory.load(str(store), model, enc).retrieving_layers(settings)
+    with safe_open(str(store / saved[0]), 'np') as f:
+        assert json.loads(f.metadata()['calibration']) == calibration
     # re-indexing saves the new index beside the old (the tensors are the same); a new version of
     # the memory drops the indexes of the old one
     r = run_script('build_memory.py', f'--reindex={store}', '--knn_index=hnsw')
