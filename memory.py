@@ -177,12 +177,13 @@ def calibrate(index, keys: np.ndarray, factory: str) -> dict:
     exact_d, exact_i = faiss.knn(queries, keys, k + 1)
     # leave the query's own row out; where a duplicate stood in for it, the last neighbour goes
     kth = np.array([d[i != r][k - 1] for d, i, r in zip(exact_d, exact_i, rows)])
+    # a found key counts up to this distance: float32 rounding differs between the two searches
+    farthest = kth + 1e-5 * (kth + (queries ** 2).sum(1))
 
     def recall():
         found_d, found_i = index.search(queries, k + 1)
         others = (found_i != rows[:, None]) & (found_i >= 0)
-        slack = 1e-5 * (kth + (queries ** 2).sum(1))  # float32 rounding differs between the two searches
-        hits = ((found_d <= (kth + slack)[:, None]) & others).sum(1)
+        hits = ((found_d <= farthest[:, None]) & others).sum(1)
         return float(np.minimum(hits, k).mean() / k)
 
     name = tuned_parameter(index)
