@@ -57,9 +57,10 @@ KNN_INDEXES = {'flat': 'Flat', 'hnsw': 'HNSW32', 'ivf': 'IVF{nlist},Flat', 'ivfs
 # the index. FAISS's own defaults (nprobe 1, efSearch 16) miss many neighbours, and no fixed
 # value suits every size: 16 lists of 25 are needed at 10^3 keys, 8 of 4,000 at 10^6
 SEARCH_RECALL = 0.98
-SEARCH_LADDERS = dict(nprobe=[1, 2, 4, 8, 16, 32, 64, 128, 256], efSearch=[16, 32, 64, 128, 256, 512, 1024])
+SEARCH_LADDERS = dict(nprobe=[1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256],
+                      efSearch=[16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024])
 CALIBRATION_QUERIES, CALIBRATION_K = 256, 10
-SEARCH_PLATEAU = 0.002  # a doubling that gains less recall than this ends the calibration
+SEARCH_PLATEAU = 0.002  # a doubling of the parameter that gains less recall than this ends the calibration
 MEMORY_KEYS = ('unrotated', 'rotated')  # the form keys are stored in on RoPE models (METHOD.md section 8)
 
 
@@ -163,8 +164,9 @@ def set_search_parameter(index, name: str, value: int, factory: str) -> None:
 def calibrate(index, keys: np.ndarray, factory: str) -> dict:
     """The search parameter an approximate index is searched with when none is given: the
     smallest on SEARCH_LADDERS (nprobe up to the index's number of lists) at which its
-    recall@CALIBRATION_K reaches SEARCH_RECALL; short of that, the value after which the next
-    step gains less than SEARCH_PLATEAU, or the ladder's last. Recall is measured
+    recall@CALIBRATION_K reaches SEARCH_RECALL. Short of that (a doubling of the parameter gained
+    less than SEARCH_PLATEAU, or the ladder ended), the smallest value tried whose recall is
+    within SEARCH_PLATEAU of the best. Recall is measured
     leave-one-out: CALIBRATION_QUERIES stored keys (a fixed sample), each searched for its
     nearest other stored keys, against exact search; a result counts if it is no farther than
     the k-th exact neighbour (ties are neighbours too). Returns {name: value, 'recall': r}."""
@@ -193,19 +195,21 @@ def calibrate(index, keys: np.ndarray, factory: str) -> dict:
     if name == 'nprobe':
         nlist = faiss.extract_index_ivf(index).nlist
         ladder = [v for v in ladder if v < nlist] + [nlist]
-    value, reached = None, -1.0
-    for step in ladder:
-        set_search_parameter(index, name, step, factory)
-        now = recall()
-        if value is not None and now < reached + SEARCH_PLATEAU:
-            # twice the search found no more: the index's codes (SQ, PQ) limit its recall, not
-            # this parameter; keep the cheaper value
-            set_search_parameter(index, name, value, factory)
+    tried = {}  # value: recall, in ladder order
+    for value in ladder:
+        set_search_parameter(index, name, value, factory)
+        tried[value] = recall()
+        if tried[value] >= SEARCH_RECALL:
             break
-        value, reached = step, now
-        if reached >= SEARCH_RECALL:
-            break
-    return {name: value, 'recall': reached}
+        half = [v for v in tried if 2 * v <= value]
+        if half and tried[value] < tried[half[-1]] + SEARCH_PLATEAU:
+            break  # twice the search found no more: the index's codes (SQ, PQ) limit its recall
+    if tried[value] < SEARCH_RECALL:
+        # not reached: the cheapest value within SEARCH_PLATEAU of the best recall found
+        best = max(tried.values())
+        value = min(v for v, r in tried.items() if r >= best - SEARCH_PLATEAU)
+        set_search_parameter(index, name, value, factory)
+    return {name: value, 'recall': tried[value]}
 
 
 def check_index_params(params: dict | None) -> dict:
