@@ -4,10 +4,15 @@ tokens per head, measured in one run on one machine.
 
     python bench_memory.py                         # 10^3 .. 10^6, flat, hnsw, ivf, ivfsq
     python bench_memory.py --sizes=[1000,10000] --indexes=['flat','hnsw']   # a quick look
+    python bench_memory.py --keys_from=out/big_memory   # a model's own keys (a built memory's)
 
 Keys are random vectors of GPT-2 small's head size (64), drawn around 1,024 centres so that
 they have the clustered structure a model's keys have (uniform noise would be the worst case
-for any approximate index); the queries are stored keys plus noise. One key set and one
+for any approximate index); the queries are stored keys plus noise. Or, with keys_from, the
+keys of a memory built by build_memory.py (its first stored layer, head keys_head), in a
+random order: the queries are the first `queries` of them, the keys of each size the next
+ones (sizes beyond the memory's rows are skipped); a model's keys can be much harder or much
+easier for an index than the clustered ones (docs/bench_memory_cpu.txt). One key set and one
 index are built per size and index type (heads are independent, one index each). For each
 it prints:
 
@@ -50,7 +55,7 @@ import torch
 
 from bench import TABLE1, random_gpt2_small
 from configurator import UserError, configure, run_cli
-from memory import SEARCH_RECALL, KNNIndex, LayerMemory, index_factory, window_rows
+from memory import SEARCH_RECALL, KNNIndex, LayerMemory, Memory, index_factory, window_rows
 from model import Decoder
 
 DEFAULTS = dict(
@@ -74,6 +79,8 @@ DEFAULTS = dict(
     sharpen=20.0,          # the random model's query weight scale (peaked attention, as bench.py)
     threads=0,             # torch/FAISS threads; 0 = the default
     seed=0,                # random keys
+    keys_from='',          # a memory directory whose keys to use instead of random ones ('' = random)
+    keys_head=0,           # ... the head of its first stored layer whose keys are used
 )
 MEMORY_LAYERS = [i for i, k in enumerate(TABLE1.knn_num) if k]
 
@@ -81,6 +88,17 @@ MEMORY_LAYERS = [i for i, k in enumerate(TABLE1.knn_num) if k]
 def clustered(n, d, centres, gen):
     idx = torch.randint(0, centres.size(0), (n,), generator=gen)
     return centres[idx] + torch.randn(n, d, generator=gen)
+
+
+def stored_keys(path, head, gen):
+    """The keys of one head of a built memory's first stored layer, (N, d) float32, rows in a
+    random order, and where they came from in words."""
+    memory = Memory.load(path, mmap=True)
+    layer = memory.stored_layers[0]
+    if not 0 <= head < memory.keys[layer].size(0):
+        raise UserError(f"keys_head={head}: the memory at {path} has heads 0-{memory.keys[layer].size(0) - 1}")
+    keys = memory.keys[layer][head].float()
+    return keys[torch.randperm(keys.size(0), generator=gen)], f"{path}, layer {layer}, head {head}"
 
 
 def timed(fn, repeat=3):
@@ -228,6 +246,11 @@ def main(argv):
     gen = torch.Generator().manual_seed(cfg['seed'])
     d, k = cfg['head_size'], cfg['k']
     centres = torch.randn(1024, d, generator=gen) * 2.0
+    source = None
+    if cfg['keys_from']:
+        source, where = stored_keys(cfg['keys_from'], cfg['keys_head'], gen)
+        d = source.size(1)
+        print(f"keys: {source.size(0)} stored keys of {where}; queries: {cfg['queries']} of them, the rest stored")
     per_token = cfg['heads'] * cfg['layers']
     print(f"one head of size {d}, k {k}; search alone: per-token figures for {cfg['heads']} heads x {cfg['layers']} "
           f"layers, {cfg['cached_queries']} (cached) / {cfg['exact_queries']} (exact) queries per head per token; "
@@ -238,8 +261,9 @@ def main(argv):
     if cfg['decode'] or cfg['build_tokens']:
         model = random_gpt2_small('cpu', cfg['sharpen'])
         if model.config.head_dim != d:
-            raise SystemExit(f"head_size={d}: the decoding measurements use GPT-2 small's heads of "
-                             f"{model.config.head_dim}; set head_size={model.config.head_dim} or decode=False")
+            raise UserError(f"keys of size {d}: the decoding measurements use GPT-2 small's heads of "
+                            f"{model.config.head_dim}; set head_size={model.config.head_dim} (keys_from: a memory "
+                            f"with heads of that size) or decode=False")
         prompt, tokens = torch.randint(0, model.config.vocab_size, (1, cfg['prompt_len'] + cfg['new_tokens']),
                                        generator=gen).split([cfg['prompt_len'], cfg['new_tokens']], dim=1)
     if cfg['build_tokens']:
@@ -257,9 +281,15 @@ def main(argv):
           f"{'own cached':>10} {'own exact':>9} {'lookups':>7} {'index MB':>8} {'disk MB':>8} {'peak GB':>7}")
     baseline, results = {}, []
     for n in cfg['sizes']:
-        keys = clustered(n, d, centres, gen)[None]  # (1, n, d): one head
-        queries = keys[0, torch.randint(0, n, (cfg['queries'],), generator=gen)] + 0.5 * torch.randn(
-            cfg['queries'], d, generator=gen)
+        if source is None:
+            keys = clustered(n, d, centres, gen)[None]  # (1, n, d): one head
+            queries = keys[0, torch.randint(0, n, (cfg['queries'],), generator=gen)] + 0.5 * torch.randn(
+                cfg['queries'], d, generator=gen)
+        elif cfg['queries'] + n > source.size(0):
+            print(f"{n:>9} skipped: the memory has {source.size(0)} keys, {cfg['queries']} of them queries")
+            continue
+        else:
+            queries, keys = source[:cfg['queries']], source[cfg['queries']:cfg['queries'] + n][None]
         heads = torch.zeros(cfg['queries'], dtype=torch.long)
         if cfg['decode']:  # scaled to the model's keys (the same neighbours); values of the same scale
             shift, scale = keys.mean(), std / keys.std()

@@ -131,3 +131,22 @@ def test_bench_memory_runs_and_judges_its_target():
     assert all(float(row[12]) > 0 and float(row[13]) > 0 for row in rows.values())  # the memory's own time too
     verdict = next(l for l in lines if l.strip().startswith('ivf at 800:'))
     assert 'cached' in verdict and 'exact' in verdict and 'recall@5' in verdict and "the memory's own time" in verdict
+
+
+def test_bench_memory_on_a_built_memorys_keys(tmp_path, tiny):
+    # keys_from: the rows of a built memory, not random ones; the queries are held-out rows,
+    # and a size the memory cannot fill is skipped, not measured on fewer keys
+    model, enc = tiny
+    path = build_documents(model, enc, read_documents(str(write_docs(tmp_path / 'docs', [900]))),
+                           str(tmp_path / 'mem'), layers=[2], progress=False)
+    rows, head_size = Memory.load(path).num_entries(), model.config.head_dim
+    r = run_script('bench_memory.py', f'--keys_from={path}', '--keys_head=1', '--sizes=[300,5000]',
+                   "--indexes=['flat','hnsw']", '--queries=32', '--decode=False', '--build_tokens=0',
+                   f'--head_size={head_size + 1}')  # the keys' size wins over head_size
+    assert r.returncode == 0, r.stderr
+    assert f"keys: {rows} stored keys of {path}, layer 2, head 1; queries: 32" in r.stdout
+    measured = [l.split() for l in r.stdout.splitlines() if l.split() and l.split()[0].isdigit()]
+    assert [(row[0], row[1]) for row in measured[:2]] == [('300', 'flat'), ('300', 'hnsw')]
+    assert measured[0][6] == '1.000' and measured[2][:2] == ['5000', 'skipped:']
+    bad = run_script('bench_memory.py', f'--keys_from={path}', '--keys_head=99', '--decode=False')
+    assert bad.returncode != 0 and 'keys_head=99' in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
