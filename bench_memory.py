@@ -7,14 +7,14 @@ tokens per head, measured in one run on one machine.
     python bench_memory.py --keys_from=out/big_memory   # a model's own keys (a built memory's)
 
 Keys are random vectors of GPT-2 small's head size (64), drawn around 1,024 centres so that
-they have the clustered structure a model's keys have (uniform noise would be the worst case
-for any approximate index); the queries are stored keys plus noise. Or, with keys_from, the
-keys of a memory built by build_memory.py (its first stored layer, head keys_head), in a
-random order: the queries are the first `queries` of them, the keys of each size the next
-ones (sizes beyond the memory's rows are skipped); a model's keys can be much harder or much
-easier for an index than the clustered ones (docs/bench_memory_cpu.txt). One key set and one
-index are built per size and index type (heads are independent, one index each). For each
-it prints:
+they are clustered (uniform noise would be the worst case for any approximate index); the
+queries are stored keys plus noise. Or, with keys_from, the keys of a memory built by
+build_memory.py (its first stored layer, head keys_head), in a random order: the queries are
+the first `queries` of them, the keys of each size the next ones (sizes beyond the memory's
+rows are skipped). A model's keys suit the indexes differently: on SmolLM2's
+(docs/bench_memory_cpu.txt) HNSW needs efSearch 16 at 10^6 where the clustered keys need
+384, and IVF 16 lists where they need 6. One key set and one index are built per size and
+index type (heads are independent, one index each). For each it prints:
 
 - build: the index's build time (training, adding, and calibrating its search parameter:
   the smallest nprobe or efSearch reaching recall@10 0.98 on stored keys) and rows/s, the
