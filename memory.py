@@ -248,6 +248,7 @@ class KNNIndex:
         self.factory = index_factory(knn_index, keys.size(1), keys.size(2))
         self.given = params = check_index_params(params)
         self.calibration = None  # per head: {parameter: value, 'recall': recall@10} of an approximate index
+        self.calibrated_now = False  # calibration measured here, not read from `saved`
         if kind == 'faiss':
             import faiss
             gpu = keys.is_cuda and hasattr(faiss, 'StandardGpuResources') and self.factory == 'Flat'
@@ -292,6 +293,7 @@ class KNNIndex:
                 if stored is not None and not (isinstance(stored, list) and len(stored) == len(self.heads)
                                                and all(isinstance(found, dict) for found in stored)):
                     raise ValueError(f"a saved index's calibration is not one entry per head: {str(stored)[:60]}")
+                self.calibrated_now = not stored
                 self.calibration = stored or [calibrate(index, head_keys(h), self.factory)
                                               for h, index in enumerate(self.heads)]
                 for index, found in zip(self.heads, self.calibration):
@@ -664,7 +666,7 @@ class Memory:
                 with safe_open(file, 'np') as f:
                     saved = {name: f.get_tensor(name) for name in f.keys()}, f.metadata() or {}
                 index = KNNIndex(keys, search, knn_index, params, saved=saved)
-                if index.calibration is None or json.loads(saved[1].get('calibration') or 'null'):
+                if not index.calibrated_now:
                     return index
                 # calibrated now (the file was saved without it): saved again with it, below
             except (SafetensorError, KeyError, ValueError, RuntimeError, OSError) as e:
