@@ -1081,7 +1081,8 @@ def build_documents(model, enc, documents: list[tuple[str, str]], path: str, lay
         rows, docs, windows_all = first, [], []
         bar = one_text = None
         # the bar's total (and so its time left) is estimated from the tokens per byte of the text read so far
-        total_bytes, read_bytes, read_tokens = sum(os.path.getsize(f) for _, f in documents), 0, 0
+        sizes = {file: os.path.getsize(file) for _, file in documents}
+        total_bytes, read_bytes, read_tokens = sum(sizes.values()), 0, 0
         for name, file in documents:
             text = bookkeeping_token + read_text_file(file, 'memory')
             one_text = text if base is None and len(documents) == 1 else None  # a memory of one text keeps it
@@ -1089,7 +1090,7 @@ def build_documents(model, enc, documents: list[tuple[str, str]], path: str, lay
             if bar is None:  # after the first document is read: a bad file's error comes alone
                 bar = tqdm(total=None, desc='building memory', unit='tok', unit_scale=True, disable=not progress)
             windows = memory_token_windows(ids, n_skip, cfg.block_size)
-            read_bytes += os.path.getsize(file)
+            read_bytes += sizes[file]
             read_tokens += sum(len(w) for w in windows)
             bar.total = max(read_tokens, round(read_tokens * total_bytes / max(read_bytes, 1)))
             bar.refresh()
