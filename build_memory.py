@@ -25,9 +25,11 @@ import os
 import sys
 import time
 
+from build import build_documents, read_documents
 from configurator import UserError, configure, run_cli
-from memory import Memory, build_documents, check_knn_index, index_factory, read_documents, record_knn_index
+from knn_index import check_knn_index, index_factory
 from run import load_model
+from store import load_memory, record_knn_index, save_indexes
 
 DEFAULTS = dict(
     init_from='gpt2',      # as in sample.py: a GPT-2 name, hub id, checkpoint directory, GGUF file or 'smollm2-135m'
@@ -72,7 +74,7 @@ def main(argv):
                            batch_size=config['batch_size'], dtype=config['store_dtype'], knn_index=config['knn_index'],
                            append=config['append'])
     seconds = time.time() - t0
-    memory = Memory.load(path, model, enc, mmap=True)
+    memory = load_memory(path, model, enc, mmap=True)
     size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if os.path.isfile(os.path.join(path, f)))
     m = memory.meta
     tokens = sum(d['tokens'] for d in m['documents'][-len(documents):])
@@ -91,7 +93,7 @@ def save_index(memory, path):
     factory = index_factory(memory.knn_index, memory.num_entries(), memory.keys[layer].size(-1))
     if factory != 'Flat':
         t0 = time.time()
-        n = memory.index_layers()
+        n = save_indexes(memory, path)
         print(f"search index {memory.knn_index} (FAISS {factory}) for {n} layer(s) x {memory.keys[layer].size(0)} "
               f"heads, trained and saved in {path} in {time.time() - t0:.1f} s")
 
@@ -99,7 +101,7 @@ def save_index(memory, path):
 def reindex(config):
     """Give a saved memory another index choice: the keys and values stay, the manifest records
     knn_index, and the index is built once here to check it can be."""
-    memory = Memory.load(config['reindex'])
+    memory = load_memory(config['reindex'])
     layer = memory.stored_layers[0]
     check_knn_index(config['knn_index'], memory.keys[layer].size(-1))
     before = memory.knn_index

@@ -1,5 +1,6 @@
 """
-Writing files so that an interrupted run never leaves half of one: whole-file writes
+Reading a user's text files with clear errors, and writing files so that an interrupted run
+never leaves half of one: whole-file writes
 (temporary file, then rename), appends that land whole or not at all, checksums. Files get
 the usual permissions (the umask's), not a temporary file's 0600. A failure of the
 environment (no such folder, a read-only folder, a full disk, a path under a regular file)
@@ -93,3 +94,20 @@ def sha256_file(path):
         for chunk in iter(lambda: f.read(1 << 20), b''):
             h.update(chunk)
     return h.hexdigest()
+
+
+def read_text_file(path: str, what: str) -> str:
+    """A user's text file, read whole: clear errors for missing, non-UTF-8 or empty files.
+    One final newline (the one editors add) is dropped."""
+    if not os.path.isfile(path):
+        raise UserError(f"{what} file {path} does not exist" +
+                        (f" (looked for {os.path.abspath(path)})" if not os.path.isabs(path) else ''))
+    try:
+        with open(path, encoding='utf-8') as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what} file {path} is not UTF-8 text (byte {e.start}); convert it to UTF-8") from None
+    text = text[:-2] if text.endswith('\r\n') else text[:-1] if text.endswith('\n') else text
+    if not text.strip():
+        raise UserError(f"{what} file {path} is empty; put some text in it")
+    return text

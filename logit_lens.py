@@ -22,9 +22,9 @@ import torch.nn.functional as F
 import run
 from configurator import UserError, configure, run_cli
 from files import write_whole
-from model import encode
 from report import csv_text, plot_setup, save_png
 from run import RUN_DEFAULTS, plain_and_memory, prepare_run
+from tokenizer import encode
 
 DEFAULTS = dict(
     RUN_DEFAULTS,          # the model, prompt and memory keys of sample.py (see run.py)

@@ -25,8 +25,8 @@ import torch
 
 import run
 from configurator import UserError, configure, run_cli
+from decoding import Decoder, sample_next
 from files import write_whole
-from model import Decoder, sample_next
 from report import csv_text
 from run import RUN_DEFAULTS, Sampling, prepare_run, seeds_of
 
@@ -48,15 +48,15 @@ def layer_records(lm, layer, step, next_token, tokens, stored, origins, decode):
     own = not lm.settings.resid_only
     group = lm.group
     records = []
-    for n in range(ret['b'].numel()):
-        if int(ret['b'][n]) != 0:
+    for n in range(ret.b.numel()):
+        if int(ret.b[n]) != 0:
             continue  # one sequence is traced
-        h, j = int(ret['h'][n]), int(ret['j'][n])
-        w = ret['weights'][n].tolist()
+        h, j = int(ret.h[n]), int(ret.j[n])
+        w = ret.weights[n].tolist()
         base = dict(step=step, next_token=next_token, layer=layer, head=h, kv_head=h // group, position=j,
-                    token=decode([tokens[j]]), attention=float(ret['attention'][n]),
-                    own_weight=w[0] if own else None, value_change=float(ret['value_change'][n]))
-        for rank, (row, dist) in enumerate(zip(ret['neighbours'][n].tolist(), ret['distances'][n].tolist())):
+                    token=decode([tokens[j]]), attention=float(ret.attention[n]),
+                    own_weight=w[0] if own else None, value_change=float(ret.value_change[n]))
+        for rank, (row, dist) in enumerate(zip(ret.neighbours[n].tolist(), ret.distances[n].tolist())):
             if row < 0:
                 continue
             records.append(dict(base, rank=rank + 1, row=row,

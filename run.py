@@ -2,11 +2,12 @@
 The run layer: what sample.py, sweep.py, build_memory.py and bench.py share. Scripts import
 from here and never from each other.
 
-  texts        reading a user's text file; the one rule for prompt and memory texts
-               (FILE:path, the bookkeeping token, the sweep's substitute word)
-  the model    load_model (checkpoint, device, dtype)
+  texts        the one rule for prompt and memory texts (FILE:path, the bookkeeping token,
+               the sweep's substitute word)
+  the model    load_pretrained (any init_from), load_model (with the config's device, dtype)
   a run        seeds_of (which seeds), Sampling (how tokens are drawn), MemorySource
-               (where a memory comes from), prepare_memory, continuations
+               (where a memory comes from), prepare_memory, prepare_run (a Run: model,
+               memory, retrieving layers, search settings, prompt), continuations
   output       append_jsonl (records that land whole)
 """
 
@@ -20,12 +21,18 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from build import build_from_text
+from checkpoint import GGUF_PACKAGES, LLAMA_FAMILIES, family_of, gguf_path, llama_checkpoint
 from configurator import UserError
-from files import append_whole
-from hub import GPT2_NAMES, hub_file, is_hub_id
-from llama import FAMILIES, GGUF_PACKAGES, Llama, gguf_path, hub_checkpoint, read_json
-from memory import MEMORY_KEYS, LayerMemory, Memory, RetrievalSettings, check_search
-from model import GPT, Readout, Transformer, encode
+from decoding import Readout, generate
+from files import append_whole, read_text_file
+from knn_index import SearchSettings
+from llama import Llama
+from memory import MEMORY_KEYS, LayerMemory, Memory, RetrievalSettings
+from model import GPT
+from store import load_memory, save_memory
+from tokenizer import encode
+from transformer import Transformer
 
 # a run's config keys, shared by sample.py and sweep.py: the reference code's sample.py keys
 # (same names, same meaning) plus a few of ours (seeds, search, decoding, bookkeeping_token)
@@ -76,23 +83,6 @@ DECODINGS = ('exact', 'cached')
 
 # -----------------------------------------------------------------------------
 # texts
-
-def read_text_file(path: str, what: str) -> str:
-    """A user's text file, read whole: clear errors for missing, non-UTF-8 or empty files.
-    One final newline (the one editors add) is dropped."""
-    if not os.path.isfile(path):
-        raise UserError(f"{what} file {path} does not exist" +
-                        (f" (looked for {os.path.abspath(path)})" if not os.path.isabs(path) else ''))
-    try:
-        with open(path, encoding='utf-8') as f:
-            text = f.read()
-    except UnicodeDecodeError as e:
-        raise UserError(f"{what} file {path} is not UTF-8 text (byte {e.start}); convert it to UTF-8") from None
-    text = text[:-2] if text.endswith('\r\n') else text[:-1] if text.endswith('\n') else text
-    if not text.strip():
-        raise UserError(f"{what} file {path} is empty; put some text in it")
-    return text
-
 
 def memory_text(memory: str, bookkeeping_token: str, substitute: str = '', substitute_target: str = '') -> str:
     """The memory text as the memory stores it. The `memory` config key is tokenized as given
@@ -145,18 +135,11 @@ def load_pretrained(init_from: str) -> tuple[Transformer, object]:
     """(model, tokenizer) for init_from: a GGUF file or a short name of one (llama.GGUF_PACKAGES,
     e.g. 'smollm2-135m'), a directory in the Hugging Face layout, a GPT-2 name or a hub id.
     config.json's model_type decides between GPT-2 and the Llama family."""
-    if init_from in GGUF_PACKAGES or init_from.endswith('.gguf'):
+    family = family_of(init_from)
+    if family == 'gguf':
         return Llama.from_gguf(gguf_path(init_from), name=init_from if init_from in GGUF_PACKAGES else None)
-    if os.path.isdir(init_from):
-        config = os.path.join(init_from, 'config.json')
-        family = read_json(config).get('model_type', 'gpt2') if os.path.isfile(config) else 'gpt2'
-    elif init_from.partition('@')[0] in GPT2_NAMES or not is_hub_id(init_from):
-        family = 'gpt2'  # GPT.from_pretrained says what is wrong with a name that is neither
-    else:
-        family = read_json(hub_file(init_from, 'config.json')).get('model_type', 'gpt2')
-    if family in FAMILIES:
-        ckpt_dir = init_from if os.path.isdir(init_from) else hub_checkpoint(init_from)
-        return Llama.from_pretrained(ckpt_dir, name=None if os.path.isdir(init_from) else init_from)
+    if family in LLAMA_FAMILIES:
+        return Llama.from_pretrained(llama_checkpoint(init_from), name=None if os.path.isdir(init_from) else init_from)
     return GPT.from_pretrained(init_from)
 
 
@@ -250,14 +233,15 @@ class MemorySource:
         """The memory: loaded from `store` (refused if its keys are not in the memory_keys form
         asked for), or built from `text` for `layers`."""
         if self.store is not None:
-            memory = Memory.load(self.store, model, enc, mmap=mmap)
+            memory = load_memory(self.store, model, enc, mmap=mmap)
             if model.rope is not None and memory.memory_keys != self.memory_keys:
                 raise UserError(f"{self.store} stores {memory.memory_keys} keys, the run asks for "
                                 f"memory_keys={self.memory_keys!r}; set memory_keys={memory.memory_keys!r} or rebuild it")
             return memory
-        return Memory.build(model, enc, self.text, layers=layers, bookkeeping_token=self.bookkeeping_token,
+        return build_from_text(model, enc, self.text, layers=layers, bookkeeping_token=self.bookkeeping_token,
                             remove_bookkeeping_token_mem_size=self.remove_bookkeeping_token_mem_size,
-                            progress=progress, memory_keys=self.memory_keys if model.rope is not None else 'unrotated')
+                               progress=progress,
+                               memory_keys=self.memory_keys if model.rope is not None else 'unrotated')
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -273,7 +257,7 @@ def prepare_memory(config: dict, model: Transformer, enc, settings: RetrievalSet
         raise UserError("store_mem=True needs mem_store=DIR to save the memory to")
     memory = MemorySource.from_config(config).load(model, enc, settings.layers, progress=progress, mmap=config['mmap'])
     if config['store_mem'] and not config['load_mem_store']:
-        memory.save(config['mem_store'])
+        save_memory(memory, config['mem_store'])
     return memory
 
 
@@ -298,25 +282,28 @@ class Run:
     settings: RetrievalSettings
     memory: Memory | None
     retrieval: dict[int, LayerMemory] | None  # the memory's retrieving layers (None: no memory)
+    search: SearchSettings                     # how the memory is searched
     start: str                                 # the prompt text
     ids: list[int]                             # its tokens (the last block_size)
 
 
-def index_params(config: dict) -> dict:
-    """The search parameters of an approximate index (FAISS's names), those that are set."""
-    return {k: v for k, v in (('nprobe', config['nprobe']), ('efSearch', config['ef_search'])) if v is not None}
-
-
 def prepare_run(config: dict, progress: bool = True) -> Run:
     """The model, the memory and its retrieving layers, and the prompt of a sample.py config."""
-    check_search(config['search'])
+    search = SearchSettings.from_config(config)
     model, enc = load_model(config)
     settings = RetrievalSettings.from_config(config, model.config.n_layer)
     memory = prepare_memory(config, model, enc, settings, progress=progress)
-    retrieval = memory.retrieving_layers(settings, config['device'], config['search'], config['knn_index'] or None,
-                                         index_params(config)) if memory else None
+    retrieval = memory.retrieving_layers(settings, config['device'], search) if memory else None
     start, ids = prompt_ids(config['start'], enc, model.config.block_size)
-    return Run(model, enc, settings, memory, retrieval, start, ids)
+    return Run(model, enc, settings, memory, retrieval, search, start, ids)
+
+
+def settings_of(config_file: str, n_layer: int) -> RetrievalSettings:
+    """The retrieval settings of a run config file, for a model of n_layer layers (the
+    benchmarks take Table 1's from config/type_3.py)."""
+    from configurator import REPOSITORY, configure
+    path = config_file if os.path.isabs(config_file) else os.path.join(REPOSITORY, config_file)
+    return RetrievalSettings.from_config(configure(RUN_DEFAULTS, [path]), n_layer)
 
 
 def plain_and_memory(model: Transformer, fn, retrieval: dict[int, LayerMemory] | None) -> dict:
@@ -341,7 +328,7 @@ def continuations(model: Transformer, ids: list[int], seeds: list[int], sampling
     row i draws with its own generator seeded with seeds[i], so it is exactly what a run with
     that seed alone gives. retrieval: the memory's retrieving layers (None: the plain model).
     steering: an actadd.Steering (activation addition), or None. readout: an exit layer or a
-    contrast to sample from (model.Readout), or None."""
+    contrast to sample from (decoding.Readout), or None."""
     if steering is not None:
         steering.check_prompt(len(ids))
     if readout is not None:
@@ -352,8 +339,8 @@ def continuations(model: Transformer, ids: list[int], seeds: list[int], sampling
         device = next(model.parameters()).device
         x = torch.tensor([ids] * len(seeds), dtype=torch.long, device=device)
         gens = [torch.Generator().manual_seed(s) for s in seeds]
-        y = model.generate(x, sampling.max_new_tokens, temperature=sampling.temperature, top_k=sampling.top_k,
-                           generators=gens, progress=progress, mode=sampling.decoding, readout=readout)
+        y = generate(model, x, sampling.max_new_tokens, temperature=sampling.temperature, top_k=sampling.top_k,
+                     generators=gens, progress=progress, mode=sampling.decoding, readout=readout)
     finally:
         model.attach_memory(None)
         model.steering = None

@@ -17,8 +17,7 @@ from tqdm import tqdm
 
 import run
 from configurator import configure, run_cli
-from memory import default_search
-from run import RUN_DEFAULTS, Sampling, append_jsonl, continuations, index_params, prepare_run, readout_of, seeds_of
+from run import RUN_DEFAULTS, Sampling, append_jsonl, continuations, prepare_run, readout_of, seeds_of
 
 DEFAULTS = dict(
     RUN_DEFAULTS,          # a run's keys: model, prompt, seeds, sampling, the memory (see run.py)
@@ -33,7 +32,7 @@ def main(argv):
     sampling = Sampling.from_config(config)
     readout = readout_of(config)
     r = prepare_run(config)
-    model, enc, settings, memory, retrieval, start, ids = r.model, r.enc, r.settings, r.memory, r.retrieval, r.start, r.ids
+    model, enc, memory, retrieval, start, ids = r.model, r.enc, r.memory, r.retrieval, r.start, r.ids
     runs = ([('plain', None)] if config['unadulterated_gpt'] or memory is None else []) + \
            ([('memory', retrieval)] if memory is not None else [])
     outputs = {}
@@ -48,8 +47,8 @@ def main(argv):
                        device=config['device'], sampling=asdict(sampling),
                        readout=asdict(readout) if readout else None)
     method = dict(memory=memory.describe(config['mem_store'] if config['load_mem_store'] else None),
-                  retrieval=settings.as_dict(), search=config['search'] or default_search(config['device']),
-                  knn_index=config['knn_index'] or memory.knn_index, index_params=index_params(config),
+                  retrieval=r.settings.as_dict(), search=r.search.backend(config['device']),
+                  knn_index=r.search.index_for(memory.knn_index), index_params=r.search.params(),
                   # per layer, the index as it searched: its FAISS factory and (calibrated) parameters
                   searched_with={str(i): lm.index.describe() for i, lm in retrieval.items()}) \
         if memory is not None else None

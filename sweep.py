@@ -33,8 +33,8 @@ import run
 from actadd import ActAdd
 from configurator import UserError, check_type, configure, run_cli
 from files import write_whole
-from memory import RetrievalSettings, check_search, default_search
-from model import encode
+from knn_index import SearchSettings
+from memory import RetrievalSettings
 from report import jsonable
 from run import (
     RUN_DEFAULTS,
@@ -42,7 +42,6 @@ from run import (
     Sampling,
     check_device,
     continuations,
-    index_params,
     load_model,
     memory_text,
     prompt_ids,
@@ -51,6 +50,7 @@ from run import (
     seeds_of,
 )
 from scores import perplexities, score_rows
+from tokenizer import encode
 
 SWEEP_DEFAULTS = dict(
     name='',               # sweep name; '' = the config file's name without "sweep_" and ".py"
@@ -220,7 +220,7 @@ def make_setting(config, method, values, seeds):
         c.update({k: SWEEP_DEFAULTS[k] for k in ACTADD_KEYS})
     sampling = Sampling.from_config(c, where)
     readout = readout_of(c)
-    check_search(c['search'])
+    search = SearchSettings.from_config(c)
     check_device(c['device'])
     answers = answers_of(c) if c['metric'] == 'recall' else None
     source = retrieval = context = actadd = None
@@ -239,20 +239,20 @@ def make_setting(config, method, values, seeds):
     generation = dict(method=method, model=dict(init_from=c['init_from'], dtype=c['dtype']),
                       prompt=prompt_text(c['start']), seeds=seeds, sampling=asdict(sampling), context=context,
                       memory=source.as_dict() if source else None,
-                      retrieval=retrieval.as_dict() if retrieval else None, search=c['search'] if retrieval else None)
+                      retrieval=retrieval.as_dict() if retrieval else None, search=search.search if retrieval else None)
     if actadd:  # only here, so the other methods' ids stay what they were before ActAdd existed
         generation['actadd'] = actadd.as_dict()
     if readout:  # likewise: settings that read the ordinary output keep their ids
         generation['readout'] = asdict(readout)
-    if retrieval and (c['knn_index'] or index_params(c)):  # and those that search the memory's own index
-        generation['index'] = dict(knn_index=c['knn_index'], **index_params(c))
+    if retrieval and not search.is_default():  # and those that search the memory's own index
+        generation['index'] = dict(knn_index=search.knn_index, **search.params())
     columns = {k: None if (method != 'memory' and k in RETRIEVAL_KEYS) or (method != 'actadd' and k in ACTADD_KEYS)
                else jsonable(v) for k, v in c.items() if k != 'grid'}
     label = setting_label(method, values, c['method_text'], actadd)
     return dict(id=digest(dict(generation, metric=c['metric'], answers=answers)), generation_id=digest(generation),
                 method=method, values=values, label=label,
                 setting=dict(method=method, **jsonable(values)), config=c, sampling=sampling, memory=source,
-                retrieval=retrieval, context=context, actadd=actadd, readout=readout, answers=answers, columns=columns)
+                retrieval=retrieval, search=search if retrieval else None, context=context, actadd=actadd, readout=readout, answers=answers, columns=columns)
 
 
 def expand(config):
@@ -353,9 +353,7 @@ class Runner:
         if s['memory'] not in self.memories:
             layers = sorted(self.layers.get(s['memory'], set()) | set(s['retrieval'].layers))
             self.memories[s['memory']] = s['memory'].load(self.model, self.enc, layers, mmap=s['config']['mmap'])
-        c = s['config']
-        return self.memories[s['memory']].retrieving_layers(s['retrieval'], c['device'], c['search'],
-                                                            c['knn_index'] or None, index_params(c))
+        return self.memories[s['memory']].retrieving_layers(s['retrieval'], s['config']['device'], s['search'])
 
     def steering_for(self, s):
         """The activation addition of actadd setting s (actadd.Steering), made once per ActAdd."""
@@ -402,10 +400,10 @@ class Runner:
                     model=dict(name=model.name, fingerprint=model.fingerprint()), device=c['device'],
                     produced_by=dict(sampling=asdict(sampling), memory=memory,
                                      retrieval=s['retrieval'].as_dict() if memory else None,
-                                     search=(c['search'] or default_search(c['device'])) if memory else None,
-                                     **(dict(knn_index=c['knn_index'] or self.memories[s['memory']].knn_index,
-                                             index_params=index_params(c))
-                                        if memory and (c['knn_index'] or index_params(c)) else {}),
+                                     search=s['search'].backend(c['device']) if memory else None,
+                                     **(dict(knn_index=s['search'].index_for(self.memories[s['memory']].knn_index),
+                                             index_params=s['search'].params())
+                                        if memory and not s['search'].is_default() else {}),
                                      actadd=s['actadd'].as_dict() if s['actadd'] else None,
                                      readout=asdict(s['readout']) if s['readout'] else None,
                                      context=s['context']),

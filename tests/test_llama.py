@@ -7,12 +7,15 @@ import os
 import pytest
 import torch
 
+from build import build_from_text
 from configurator import UserError
 from conftest import make_llama_checkpoint, run_script
-from llama import Llama, unpermute
-from memory import LayerMemory, Memory, RetrievalSettings
-from model import Decoder, sample_next
+from decoding import Decoder, generate, sample_next
+from gguf_file import unpermute
+from llama import Llama
+from memory import LayerMemory, RetrievalSettings
 from run import load_pretrained
+from store import load_memory, save_memory
 
 TEXT = "\nCats are curious animals that sleep for most of the day and play at night."
 SETTINGS = dict(mem_frac=5.0, bookkeeping_frac=0.1, knn_softmax_influence=0.01, resid_frac=0.33)
@@ -83,7 +86,7 @@ def test_gqa_update_values_by_hand():
     mem_k, mem_v = torch.randn(1, 3, d), torch.randn(1, 3, d)
     q, k, v = torch.randn(1, 2, 3, d), torch.randn(1, 1, 3, d), torch.randn(1, 1, 3, d)
     att = torch.tensor([[[0.9, 0.05, 0.05]], [[0.05, 0.05, 0.9]]]).unsqueeze(0)  # (1, 2, 1, 3): last rows
-    from memory import KNNIndex
+    from knn_index import KNNIndex
     lm = LayerMemory(mem_k, mem_v, KNNIndex(mem_k, 'torch'), 2, RetrievalSettings([2], mem_frac=1.0, resid_frac=0.5))
     out = lm.update_values(q, k, v, att)
     assert out.shape == (1, 2, 3, d)
@@ -99,7 +102,7 @@ def test_gqa_update_values_by_hand():
 
 def memory_for(model, enc, knn_num, memory_keys='unrotated'):
     layers = [i for i, k in enumerate(knn_num) if k]
-    memory = Memory.build(model, enc, TEXT, layers=layers, memory_keys=memory_keys)
+    memory = build_from_text(model, enc, TEXT, layers=layers, memory_keys=memory_keys)
     return memory, memory.retrieving_layers(RetrievalSettings(knn_num, **SETTINGS))
 
 
@@ -113,7 +116,7 @@ def test_exact_decoding_equals_a_naive_full_recompute(tiny_llama, knn_num, memor
     try:
         x = torch.randint(0, 473, (1, 118), generator=torch.Generator().manual_seed(0))
         gens = [torch.Generator().manual_seed(s) for s in (5, 6)]
-        fast = model.generate(x.repeat(2, 1), 14, 0.8, 200, generators=gens)  # crosses block_size 128
+        fast = generate(model, x.repeat(2, 1), 14, 0.8, 200, generators=gens)  # crosses block_size 128
         gens = [torch.Generator().manual_seed(s) for s in (5, 6)]
         idx = x.repeat(2, 1)
         with torch.no_grad():
@@ -125,7 +128,7 @@ def test_exact_decoding_equals_a_naive_full_recompute(tiny_llama, knn_num, memor
         # and the memory changes what is generated
         model.attach_memory(None)
         gens = [torch.Generator().manual_seed(s) for s in (5, 6)]
-        assert not torch.equal(model.generate(x.repeat(2, 1), 14, 0.8, 200, generators=gens), fast)
+        assert not torch.equal(generate(model, x.repeat(2, 1), 14, 0.8, 200, generators=gens), fast)
     finally:
         model.attach_memory(None)
 
@@ -149,7 +152,7 @@ def test_batch_equals_one_by_one_and_cached_mode_invariants(tiny_llama):
     _, retrieval = memory_for(model, enc, [0, 3, 3, 0])
     x = torch.tensor([enc.encode("\nCats are horrible")])
     seeds = [1337, 1338, 2658]
-    gen = lambda s, mode: model.generate(x.repeat(len(s), 1), 12, 0.8, 200, mode=mode,
+    gen = lambda s, mode: generate(model, x.repeat(len(s), 1), 12, 0.8, 200, mode=mode,
                                          generators=[torch.Generator().manual_seed(i) for i in s])
     model.attach_memory(retrieval)
     try:
@@ -169,24 +172,24 @@ def test_batch_equals_one_by_one_and_cached_mode_invariants(tiny_llama):
 def test_memory_round_trip_and_refusals(tiny_llama, tmp_path):
     model, enc, path = tiny_llama
     memory, _ = memory_for(model, enc, [0, 3, 0, 0], 'rotated')
-    saved = memory.save(tmp_path / 'mem')
+    saved = save_memory(memory, tmp_path / 'mem')
     manifest = json.loads((tmp_path / 'mem' / 'memory.json').read_text())
     assert manifest['memory_keys'] == 'rotated' and manifest['n_kv_head'] == 2
     assert manifest['model']['arch'] == 'llama' and manifest['model']['n_head'] == 6
-    loaded = Memory.load(saved, model, enc)
+    loaded = load_memory(saved, model, enc)
     assert loaded.memory_keys == 'rotated' and torch.equal(loaded.keys[1], memory.keys[1])
     other_dir = tmp_path / 'other'
     make_llama_checkpoint(other_dir, 'llama', seed=4)
     other, _ = load_pretrained(str(other_dir))
     with pytest.raises(UserError, match='memory was made by model llama'):
-        Memory.load(saved, other, enc)
+        load_memory(saved, other, enc)
     from conftest import TINY
     from model import GPT
     gpt2, gpt2_enc = GPT.from_pretrained(TINY)
     with pytest.raises(UserError, match=r"memory was made with arch=llama"):
-        Memory.load(saved, gpt2, gpt2_enc)
+        load_memory(saved, gpt2, gpt2_enc)
     with pytest.raises(UserError, match="memory_keys='rotated' needs a model with rotary position embeddings"):
-        Memory.build(gpt2, gpt2_enc, TEXT, layers=[1], memory_keys='rotated')
+        build_from_text(gpt2, gpt2_enc, TEXT, layers=[1], memory_keys='rotated')
 
 
 def test_sample_and_sweep_run_unchanged_on_a_llama(tiny_llama, tmp_path):
@@ -209,7 +212,7 @@ def smollm2():
 
 @pytest.fixture(scope='module')
 def smollm2_gguf():
-    from llama import gguf_path
+    from checkpoint import gguf_path
     path = gguf_path('smollm2-135m')
     return os.path.dirname(path), os.path.basename(path)
 

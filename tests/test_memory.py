@@ -5,10 +5,15 @@ import os
 import pytest
 import torch
 
+from build import build_from_text, memory_token_windows
 from configurator import UserError
 from conftest import REF, make_random_checkpoint
-from memory import KNNIndex, LayerMemory, Memory, RetrievalSettings, memory_token_windows
-from model import GPT, encode
+from decoding import generate
+from knn_index import KNNIndex, SearchSettings
+from memory import LayerMemory, RetrievalSettings
+from model import GPT
+from store import load_memory, save_memory
+from tokenizer import encode
 
 TEXT = "\nCats are curious animals that sleep for most of the day and play at night."
 
@@ -17,7 +22,7 @@ def test_long_text_is_split_into_windows_each_with_its_bookkeeping_token(tmp_pat
     make_random_checkpoint(tmp_path, seed=3, n_positions=16)
     model, enc = GPT.from_pretrained(str(tmp_path))
     text = "Dogs and cats can live together when they are introduced slowly and kindly. " * 3
-    memory = Memory.build(model, enc, '\n' + text, layers=[0, 2])
+    memory = build_from_text(model, enc, '\n' + text, layers=[0, 2])
     ids = encode(enc, '\n' + text)
     windows = memory.meta['token_windows']
     assert all(w[0] == ids[0] and len(w) <= 16 for w in windows)
@@ -41,13 +46,13 @@ def test_windows_without_bookkeeping_token():
 
 def test_save_load_round_trip(tiny, tmp_path, reference):
     model, enc = tiny
-    memory = Memory.build(model, enc, TEXT, layers=[1, 2])
-    path = memory.save(tmp_path / 'mem')
+    memory = build_from_text(model, enc, TEXT, layers=[1, 2])
+    path = save_memory(memory, tmp_path / 'mem')
     manifest = json.load(open(os.path.join(path, 'memory.json')))
     assert manifest['format_version'] == 2 and manifest['layers'] == [1, 2]
     assert manifest['model']['fingerprint'] == model.fingerprint()
     assert manifest['token_windows'] == [encode(enc, TEXT)] and manifest['text'] == TEXT
-    loaded = Memory.load(path, model, enc)
+    loaded = load_memory(path, model, enc)
     for l in (1, 2):
         assert torch.equal(loaded.keys[l], memory.keys[l]) and torch.equal(loaded.values[l], memory.values[l])
     x = torch.tensor([reference['prompt_ids']])
@@ -56,7 +61,7 @@ def test_save_load_round_trip(tiny, tmp_path, reference):
         model.attach_memory(m.retrieving_layers(RetrievalSettings([0, 3, 3, 0], mem_frac=5.0, bookkeeping_frac=0.1,
                                                                   knn_softmax_influence=0.01, resid_frac=0.33)))
         torch.manual_seed(1)
-        outs.append(model.generate(x, 10, 0.8, 200).tolist())
+        outs.append(generate(model, x, 10, 0.8, 200).tolist())
         model.attach_memory(None)
     assert outs[0] == outs[1]
     assert os.listdir(tmp_path) == ['mem']  # nothing left beside it
@@ -64,9 +69,9 @@ def test_save_load_round_trip(tiny, tmp_path, reference):
 
 def test_interrupted_save_keeps_the_old_memory(tiny, tmp_path, monkeypatch):
     model, enc = tiny
-    old = Memory.build(model, enc, TEXT, layers=[1])
-    path = old.save(tmp_path / 'mem')
-    new = Memory.build(model, enc, TEXT + " More.", layers=[2])
+    old = build_from_text(model, enc, TEXT, layers=[1])
+    path = save_memory(old, tmp_path / 'mem')
+    new = build_from_text(model, enc, TEXT + " More.", layers=[2])
     import safetensors.torch
 
     def crash(tensors, filename, *a, **k):
@@ -75,29 +80,29 @@ def test_interrupted_save_keeps_the_old_memory(tiny, tmp_path, monkeypatch):
         raise KeyboardInterrupt
     monkeypatch.setattr(safetensors.torch, 'save_file', crash)
     with pytest.raises(KeyboardInterrupt):
-        new.save(path)
+        save_memory(new, path)
     assert os.listdir(tmp_path) == ['mem']
-    assert Memory.load(path, model, enc).stored_layers == [1]
+    assert load_memory(path, model, enc).stored_layers == [1]
 
 
 def test_refuses_memory_of_another_model(tiny, tmp_path):
     model, enc = tiny
     make_random_checkpoint(tmp_path / 'other', seed=5, n_embd=64, n_layer=4, n_head=4, n_positions=256)
     other, _ = GPT.from_pretrained(str(tmp_path / 'other'))
-    path = Memory.build(other, enc, TEXT, layers=[1]).save(tmp_path / 'mem')
+    path = save_memory(build_from_text(other, enc, TEXT, layers=[1]), tmp_path / 'mem')
     with pytest.raises(UserError, match=r'memory was made by model other \(weights [0-9a-f]+\), not by tiny-gpt2'):
-        Memory.load(path, model, enc)
+        load_memory(path, model, enc)
     make_random_checkpoint(tmp_path / 'small', seed=5)
     small, _ = GPT.from_pretrained(str(tmp_path / 'small'))
-    path = Memory.build(small, enc, TEXT, layers=[1]).save(tmp_path / 'mem2')
+    path = save_memory(build_from_text(small, enc, TEXT, layers=[1]), tmp_path / 'mem2')
     with pytest.raises(UserError, match=r'n_layer=3 \(small\), this model has n_layer=4 \(tiny-gpt2\)'):
-        Memory.load(path, model, enc)
+        load_memory(path, model, enc)
 
 
 @pytest.mark.parametrize('damage', ['truncate', 'flip', 'manifest', 'missing'])
 def test_refuses_corrupted_memory(tiny, tmp_path, damage):
     model, enc = tiny
-    path = Memory.build(model, enc, TEXT, layers=[1]).save(tmp_path / 'mem')
+    path = save_memory(build_from_text(model, enc, TEXT, layers=[1]), tmp_path / 'mem')
     tensors = os.path.join(path, *json.load(open(os.path.join(path, 'memory.json')))['tensors'])
     if damage == 'truncate':
         data = open(tensors, 'rb').read()
@@ -111,19 +116,19 @@ def test_refuses_corrupted_memory(tiny, tmp_path, damage):
     else:
         os.remove(tensors)
     with pytest.raises(UserError, match='rebuild'):
-        Memory.load(path, model, enc)
+        load_memory(path, model, enc)
 
 
 def test_refuses_legacy_memory_of_another_shape(tmp_path):
     make_random_checkpoint(tmp_path / 'm', seed=1, n_embd=32, n_head=4, n_layer=4)
     model, enc = GPT.from_pretrained(str(tmp_path / 'm'))
     with pytest.raises(UserError, match=r'expected \(N\+1, 8\)'):
-        Memory.load(os.path.join(REF, 'legacy-memstores', 'type2_recall_one_layer', 'memstore'), model, enc)
+        load_memory(os.path.join(REF, 'legacy-memstores', 'type2_recall_one_layer', 'memstore'), model, enc)
 
 
 def test_retrieval_settings_are_checked(tiny):
     model, enc = tiny
-    memory = Memory.build(model, enc, TEXT, layers=[1])
+    memory = build_from_text(model, enc, TEXT, layers=[1])
     with pytest.raises(UserError, match='knn_num has 3 entries, the model has 4 layers'):
         memory.retrieving_layers(RetrievalSettings([0, 1, 0]))
     with pytest.raises(UserError, match=r'knn_num\[1\]=-1'):
@@ -136,7 +141,7 @@ def test_retrieval_settings_are_checked(tiny):
     with pytest.raises(UserError, match=r'asks for layers \[2\] but the memory holds layers \[1\]'):
         memory.retrieving_layers(RetrievalSettings([0, 1, 1, 0]))
     with pytest.raises(UserError, match=r"search='fiass' must be one of 'faiss', 'torch'"):
-        memory.retrieving_layers(RetrievalSettings([0, 1, 0, 0]), search='fiass')
+        memory.retrieving_layers(RetrievalSettings([0, 1, 0, 0]), 'cpu', SearchSettings(search='fiass'))
 
 
 def test_selection_rules():
@@ -178,8 +183,8 @@ def test_faiss_and_torch_search_agree(tiny, reference):
     x = torch.tensor([reference['prompt_ids']])
     logits = []
     for search in ('faiss', 'torch'):
-        memory = Memory.build(model, enc, reference['memory_text'], layers=[0, 1, 2, 3])
-        model.attach_memory(memory.retrieving_layers(RetrievalSettings([2, 2, 2, 2], mem_frac=1.0), search=search))
+        memory = build_from_text(model, enc, reference['memory_text'], layers=[0, 1, 2, 3])
+        model.attach_memory(memory.retrieving_layers(RetrievalSettings([2, 2, 2, 2], mem_frac=1.0), 'cpu', SearchSettings(search)))
         logits.append(model(x)[0])
         model.attach_memory(None)
     torch.testing.assert_close(logits[0], logits[1])
@@ -187,9 +192,9 @@ def test_faiss_and_torch_search_agree(tiny, reference):
 
 def test_what_the_memory_retrieved_can_be_inspected(tiny, reference):
     model, enc = tiny
-    memory = Memory.build(model, enc, reference['memory_text'], layers=[1])
+    memory = build_from_text(model, enc, reference['memory_text'], layers=[1])
     assert memory.stored_token_ids() == reference['memory_ids'][1:]
-    legacy = Memory.load(os.path.join(REF, 'legacy-memstores', 'type3_sentiment_two_layers', 'memstore'), model, enc)
+    legacy = load_memory(os.path.join(REF, 'legacy-memstores', 'type3_sentiment_two_layers', 'memstore'), model, enc)
     assert legacy.stored_token_ids() == reference['memory_ids'][1:]
     retrieval = memory.retrieving_layers(RetrievalSettings([0, 3, 0, 0], mem_frac=5.0))
     model.attach_memory(retrieval)
@@ -200,13 +205,13 @@ def test_what_the_memory_retrieved_can_be_inspected(tiny, reference):
     lm = retrieval[1]
     r = lm.last_retrieval
     n = int(lm.last_selection.sum())
-    assert n > 0 and r['neighbours'].shape == (n, 3) and r['weights'].shape == (n, 4)
-    torch.testing.assert_close(r['weights'].sum(-1), torch.ones(n))
+    assert n > 0 and r.neighbours.shape == (n, 3) and r.weights.shape == (n, 4)
+    torch.testing.assert_close(r.weights.sum(-1), torch.ones(n))
     k = kv[1][0]
     for i in range(n):
-        key = k[r['b'][i], r['h'][i], r['j'][i]]
-        dist = (memory.keys[1][r['h'][i]] - key).pow(2).sum(-1)
-        assert set(r['neighbours'][i].tolist()) == set(dist.topk(3, largest=False).indices.tolist())
+        key = k[r.b[i], r.h[i], r.j[i]]
+        dist = (memory.keys[1][r.h[i]] - key).pow(2).sum(-1)
+        assert set(r.neighbours[i].tolist()) == set(dist.topk(3, largest=False).indices.tolist())
     # a call that selects nothing leaves no stale retrieval from the call before
     q = torch.randn(1, 4, 5, 16)
     lm.update_values(q, q, q, torch.zeros(1, 4, 5, 5))

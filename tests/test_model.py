@@ -6,9 +6,12 @@ import shutil
 import pytest
 import torch
 
+from checkpoint import gpt2_checkpoint
 from configurator import UserError
 from conftest import TINY, make_random_checkpoint, run_script
-from model import GPT, encode, load_tokenizer, resolve_checkpoint
+from decoding import generate
+from model import GPT
+from tokenizer import encode, load_tokenizer
 
 
 @pytest.mark.parametrize('shape', [dict(n_embd=32, n_layer=3, n_head=4), dict(n_embd=48, n_layer=2, n_head=3, n_positions=40)])
@@ -60,7 +63,7 @@ def test_plain_generation_equals_full_recompute(tiny):
     model, _ = tiny
     x = torch.randint(0, 474, (1, 250), generator=torch.Generator().manual_seed(4))
     torch.manual_seed(5)
-    fast = model.generate(x, 12, temperature=0.8, top_k=200)
+    fast = generate(model, x, 12, temperature=0.8, top_k=200)
     torch.manual_seed(5)
     idx = x
     with torch.no_grad():
@@ -146,10 +149,10 @@ def test_no_cache_and_no_network_fails_fast(tmp_path):
 
 def test_bad_checkpoints(tmp_path):
     with pytest.raises(UserError, match='neither a directory nor a hub id'):
-        resolve_checkpoint('gpt3')
+        gpt2_checkpoint('gpt3')
     (tmp_path / 'config.json').write_text('{}')
     with pytest.raises(UserError, match='lacks model.safetensors'):
-        resolve_checkpoint(str(tmp_path))
+        gpt2_checkpoint(str(tmp_path))
 
 
 def test_fingerprint_tells_weights_apart(tmp_path):
@@ -164,10 +167,11 @@ def test_fingerprint_tells_weights_apart(tmp_path):
 def test_top_layer_on_the_last_position_only_changes_nothing(tiny, reference):
     """forward() runs the top layer for the last position only unless every position's logits
     are asked for; with and without a memory (a memory in the top layer too) it is the same."""
-    from memory import Memory, RetrievalSettings
+    from build import build_from_text
+    from memory import RetrievalSettings
     model, enc = tiny
     idx = torch.randint(0, 474, (2, 33), generator=torch.Generator().manual_seed(8))
-    memory = Memory.build(model, enc, reference['memory_text'], layers=[2, 3])
+    memory = build_from_text(model, enc, reference['memory_text'], layers=[2, 3])
     for mem in (None, memory.retrieving_layers(RetrievalSettings([0, 0, 3, 3], mem_frac=5.0, resid_frac=0.33))):
         model.attach_memory(mem)
         with torch.no_grad():

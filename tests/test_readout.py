@@ -15,9 +15,10 @@ sys.path.insert(0, ROOT)
 
 import sweep
 from configurator import UserError
+from decoding import Decoder, Readout, contrast
 from memory import RetrievalSettings
-from model import Decoder, Readout, contrast, encode
 from run import RUN_DEFAULTS, MemorySource, Sampling, continuations, load_model, readout_of
+from tokenizer import encode
 
 PROMPT = "\nCats are horrible"
 MEMORY = "\nCats are lovely, kind and gentle companions."

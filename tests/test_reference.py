@@ -5,9 +5,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from build import build_from_text
 from conftest import REF
-from memory import Memory, RetrievalSettings
-from model import encode
+from decoding import generate
+from memory import RetrievalSettings
+from store import load_memory
+from tokenizer import encode
 
 CASES = ['type1_all_layers', 'type2_recall_one_layer', 'type3_sentiment_two_layers']
 
@@ -25,7 +28,7 @@ def use(memory, case):
 def build(tiny, reference, case):
     model, enc = tiny
     layers = [i for i, k in enumerate(case['knn_num']) if k > 0]
-    return Memory.build(model, enc, reference['memory_text'], layers=layers,
+    return build_from_text(model, enc, reference['memory_text'], layers=layers,
                         remove_bookkeeping_token_mem_size=reference['bookkeeping_tokens_removed'])
 
 
@@ -50,7 +53,7 @@ def test_stored_keys_values_match_reference(tiny, reference, name):
 def generate_single(model, x, seed, n):
     """The reference's way: global seed, one sequence."""
     torch.manual_seed(seed)
-    return model.generate(x, n, temperature=0.8, top_k=200)[0, x.size(1):].tolist()
+    return generate(model, x, n, temperature=0.8, top_k=200)[0, x.size(1):].tolist()
 
 
 @pytest.mark.parametrize('source', ['built', 'legacy'])
@@ -61,7 +64,7 @@ def test_memory_generation_matches_reference(tiny, reference, name, source):
     if source == 'built':
         memory = build(tiny, reference, case)
     else:
-        memory = Memory.load(os.path.join(REF, 'legacy-memstores', name, 'memstore'), model, enc)
+        memory = load_memory(os.path.join(REF, 'legacy-memstores', name, 'memstore'), model, enc)
     model.attach_memory(use(memory, case))
     try:
         x = torch.tensor([reference['prompt_ids']])
@@ -74,7 +77,7 @@ def test_memory_generation_matches_reference(tiny, reference, name, source):
         # all seeds as one batch, one generator per row
         seeds = reference['seeds']
         gens = [torch.Generator().manual_seed(s) for s in seeds]
-        y = model.generate(x.repeat(len(seeds), 1), n, temperature=0.8, top_k=200, generators=gens)
+        y = generate(model, x.repeat(len(seeds), 1), n, temperature=0.8, top_k=200, generators=gens)
         for row, seed in zip(y, seeds):
             assert row[x.size(1):].tolist() == case['continuations'][str(seed)], seed
     finally:
@@ -101,7 +104,7 @@ def test_the_memory_changes_something(tiny, reference):
 
 def test_legacy_import_reads_text_and_drops_sentinel(tiny, reference):
     model, enc = tiny
-    memory = Memory.load(os.path.join(REF, 'legacy-memstores', 'type3_sentiment_two_layers', 'memstore'), model, enc)
+    memory = load_memory(os.path.join(REF, 'legacy-memstores', 'type3_sentiment_two_layers', 'memstore'), model, enc)
     assert memory.stored_layers == [1, 2]
     assert memory.meta['text'].startswith('\nCats are curious')
     assert memory.keys[1].shape == (4, len(reference['memory_ids']) - 1, 16)

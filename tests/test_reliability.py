@@ -11,10 +11,11 @@ import textwrap
 import pytest
 import torch
 
+from build import build_from_text
 from configurator import UserError
 from conftest import REF, ROOT, TINY, make_random_checkpoint, run_script
-from memory import Memory
 from model import GPT
+from store import load_memory, save_memory
 
 TEXT = "\nCats are curious animals that sleep for most of the day and play at night."
 TINY_ARG = f'--init_from={TINY}'
@@ -35,7 +36,7 @@ def one_line_error(r, *fragments):
 def test_a_memory_is_refused_by_a_model_differing_in_any_one_weight(tmp_path):
     make_random_checkpoint(tmp_path / 'ckpt', seed=4, n_embd=64, n_positions=128)
     model, enc = GPT.from_pretrained(str(tmp_path / 'ckpt'))
-    path = Memory.build(model, enc, TEXT, layers=[1]).save(tmp_path / 'mem')
+    path = save_memory(build_from_text(model, enc, TEXT, layers=[1]), tmp_path / 'mem')
     g = torch.Generator().manual_seed(0)
     for name in ('transformer.h.2.mlp.c_fc.weight', 'transformer.wpe.weight', 'transformer.h.0.ln_1.bias'):
         other, _ = GPT.from_pretrained(str(tmp_path / 'ckpt'))
@@ -49,8 +50,8 @@ def test_a_memory_is_refused_by_a_model_differing_in_any_one_weight(tmp_path):
         if step > 1:  # what the old fingerprint missed
             assert other.fingerprint_sampled() == model.fingerprint_sampled(), name
         with pytest.raises(UserError, match='memory was made by model ckpt'):
-            Memory.load(path, other, enc)
-    assert Memory.load(path, model, enc).num_entries() > 0
+            load_memory(path, other, enc)
+    assert load_memory(path, model, enc).num_entries() > 0
 
 
 def test_fingerprint_follows_in_place_changes_and_format_1_memories_still_load(tiny, tmp_path):
@@ -67,7 +68,7 @@ def test_fingerprint_follows_in_place_changes_and_format_1_memories_still_load(t
             w[3, 5] = original
     assert model.fingerprint() == before
     # a memory saved by the previous format: sampled fingerprint, memory.safetensors, no scheme
-    path = Memory.build(model, enc, TEXT, layers=[1]).save(tmp_path / 'mem')
+    path = save_memory(build_from_text(model, enc, TEXT, layers=[1]), tmp_path / 'mem')
     manifest = json.loads((tmp_path / 'mem' / 'memory.json').read_text())
     (name, checksum), = manifest['tensors'].items()
     os.rename(os.path.join(path, name), os.path.join(path, 'memory.safetensors'))
@@ -76,15 +77,15 @@ def test_fingerprint_follows_in_place_changes_and_format_1_memories_still_load(t
     manifest['model']['fingerprint'] = model.fingerprint_sampled()
     (tmp_path / 'mem' / 'memory.json').write_text(json.dumps(manifest))
     with pytest.warns(UserWarning, match='checked against one weight in ~4096 only'):
-        assert Memory.load(path, model, enc).num_entries() == len(enc.encode(TEXT)) - 1
+        assert load_memory(path, model, enc).num_entries() == len(enc.encode(TEXT)) - 1
 
 
 # --- saves ------------------------------------------------------------------------
 
 def test_a_save_killed_at_any_step_of_an_overwrite_leaves_a_loadable_memory(tiny, tmp_path, monkeypatch):
     model, enc = tiny
-    old = Memory.build(model, enc, TEXT, layers=[1])
-    new = Memory.build(model, enc, TEXT + " More.", layers=[1, 2])
+    old = build_from_text(model, enc, TEXT, layers=[1])
+    new = build_from_text(model, enc, TEXT + " More.", layers=[1, 2])
     import safetensors.torch
     steps = []
     primitives = {'safetensors.torch.save_file': (safetensors.torch, 'save_file'), 'os.replace': (os, 'replace'),
@@ -102,26 +103,26 @@ def test_a_save_killed_at_any_step_of_an_overwrite_leaves_a_loadable_memory(tiny
             monkeypatch.setattr(mod, attr, step)
 
     path = str(tmp_path / 'mem')
-    old.save(path)
+    save_memory(old, path)
     instrument(kill_at=None)
-    new.save(path)
+    save_memory(new, path)
     n_steps = len(steps)
     monkeypatch.undo()
     assert n_steps >= 5
     for kill_at in range(1, n_steps + 1):
         shutil.rmtree(path)
-        old.save(path)
+        save_memory(old, path)
         steps.clear()
         instrument(kill_at)
         with pytest.raises(KeyboardInterrupt):
-            new.save(path)
+            save_memory(new, path)
         monkeypatch.undo()
-        loaded = Memory.load(path, model, enc)  # the old memory or the new one, never neither
+        loaded = load_memory(path, model, enc)  # the old memory or the new one, never neither
         assert loaded.stored_layers in ([1], [1, 2]), kill_at
         for l in loaded.stored_layers:
             source = old if loaded.stored_layers == [1] else new
             assert torch.equal(loaded.keys[l], source.keys[l])
-        new.save(path)  # the next save cleans up what the killed one left
+        save_memory(new, path)  # the next save cleans up what the killed one left
         assert sorted(f for f in os.listdir(path) if not f.endswith('.lock')) == \
             sorted(['memory.json', *json.loads(open(os.path.join(path, 'memory.json')).read())['tensors']])
 
@@ -129,19 +130,20 @@ def test_a_save_killed_at_any_step_of_an_overwrite_leaves_a_loadable_memory(tiny
 def test_concurrent_saves_to_one_path_are_serialised(tmp_path):
     script = textwrap.dedent(f"""
         import sys; sys.path.insert(0, {ROOT!r})
-        from memory import Memory
+        from build import build_from_text
         from model import GPT
+        from store import save_memory
         model, enc = GPT.from_pretrained({TINY!r})
-        memory = Memory.build(model, enc, {TEXT!r} * int(sys.argv[1]), layers=[1])
+        memory = build_from_text(model, enc, {TEXT!r} * int(sys.argv[1]), layers=[1])
         for _ in range(6):
-            memory.save({str(tmp_path / 'mem')!r})
+            save_memory(memory, {str(tmp_path / 'mem')!r})
     """)
     procs = [subprocess.Popen([sys.executable, '-c', script, str(n)], stderr=subprocess.PIPE, text=True)
              for n in (1, 2, 3)]
     errors = [p.communicate(timeout=300)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], errors
     model, enc = GPT.from_pretrained(TINY)
-    n = Memory.load(str(tmp_path / 'mem'), model, enc).num_entries()
+    n = load_memory(str(tmp_path / 'mem'), model, enc).num_entries()
     assert n in {len(enc.encode(TEXT * k)) - 1 for k in (1, 2, 3)}
     assert sorted(os.listdir(tmp_path / 'mem'))[0] == 'memory-' + json.loads(
         (tmp_path / 'mem' / 'memory.json').read_text())['tensors'].popitem()[1][:16] + '.safetensors'
@@ -150,11 +152,11 @@ def test_concurrent_saves_to_one_path_are_serialised(tmp_path):
 
 def test_overwriting_a_memory_keeps_other_files_and_follows_the_umask(tiny, tmp_path):
     model, enc = tiny
-    path = Memory.build(model, enc, TEXT, layers=[1]).save(tmp_path / 'mem')
+    path = save_memory(build_from_text(model, enc, TEXT, layers=[1]), tmp_path / 'mem')
     (tmp_path / 'mem' / 'notes.txt').write_text('mine')
     old = os.umask(0o022)
     try:
-        Memory.build(model, enc, TEXT, layers=[2]).save(path)
+        save_memory(build_from_text(model, enc, TEXT, layers=[2]), path)
     finally:
         os.umask(old)
     assert (tmp_path / 'mem' / 'notes.txt').read_text() == 'mine'
@@ -230,7 +232,7 @@ def test_damaged_memories_are_refused(tiny, tmp_path, damage, fragment):
 
     from files import sha256_file
     model, enc = tiny
-    path = Memory.build(model, enc, TEXT, layers=[1]).save(tmp_path / 'mem')
+    path = save_memory(build_from_text(model, enc, TEXT, layers=[1]), tmp_path / 'mem')
     mf = tmp_path / 'mem' / 'memory.json'
     manifest = json.loads(mf.read_text())
     if damage == 'manifest_list':
@@ -243,7 +245,7 @@ def test_damaged_memories_are_refused(tiny, tmp_path, damage, fragment):
         mf.write_text(json.dumps(dict(manifest, tensors={'../../etc/passwd': 'x'})))
     else:
         (name, _), = manifest['tensors'].items()
-        keys = memory_keys = Memory.load(path, model, enc).keys[1]
+        keys = memory_keys = load_memory(path, model, enc).keys[1]
         if damage == 'rank':
             keys, values = memory_keys[0], memory_keys[0].clone()
         else:
@@ -252,7 +254,7 @@ def test_damaged_memories_are_refused(tiny, tmp_path, damage, fragment):
         save_file({'layer1.keys': keys.contiguous(), 'layer1.values': values.contiguous()}, str(tmp_path / 'mem' / name))
         mf.write_text(json.dumps(dict(manifest, tensors={name: sha256_file(tmp_path / 'mem' / name)})))
     with pytest.raises(UserError, match=fragment.replace('(', r'\(').replace(')', r'\)')):
-        Memory.load(path, model, enc)
+        load_memory(path, model, enc)
 
 
 def test_legacy_memories_of_another_model_or_damaged_are_refused(tiny, tmp_path):
@@ -263,13 +265,13 @@ def test_legacy_memories_of_another_model_or_damaged_are_refused(tiny, tmp_path)
     for store in ('keyStore', 'valueStore'):  # a fifth head: made by a model with more heads
         shutil.copy(extra / store / '2' / '0.pt', extra / store / '2' / '4.pt')
     with pytest.raises(UserError, match=r'holds 5 head files, this model has 4 heads'):
-        Memory.load(str(extra), model, enc)
+        load_memory(str(extra), model, enc)
     rows = tmp_path / 'rows'
     shutil.copytree(src, rows)
     t = torch.load(rows / 'valueStore' / '2' / '1.pt', weights_only=True)
     torch.save(t[:-3].clone(), rows / 'valueStore' / '2' / '1.pt')
     with pytest.raises(UserError, match=r'layer 2 head 1: \d+ stored keys but \d+ values'):
-        Memory.load(str(rows), model, enc)
+        load_memory(str(rows), model, enc)
 
 
 # --- bad values and environment faults through the command line -------------------------

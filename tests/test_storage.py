@@ -10,9 +10,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from conftest import TINY, run_script
-from memory import Memory, RetrievalSettings
+from memory import RetrievalSettings
 from model import GPT
 from run import Sampling, continuations, prompt_ids
+from store import load_memory, save_memory
 
 TYPE3 = RetrievalSettings([0, 3, 3, 0], 5.0, 0.1, 0.01, False, 0.33)
 
@@ -37,15 +38,15 @@ def test_float16_round_trip(tmp_path):
     assert 'in float16' in out and json.loads(open(os.path.join(half, 'memory.json')).read())['dtype'] == 'float16'
     size = lambda d: sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d) if f.endswith('.safetensors'))
     assert size(half) < 0.55 * size(full)
-    m32, m16 = Memory.load(full, model, enc), Memory.load(half, model, enc)
+    m32, m16 = load_memory(full, model, enc), load_memory(half, model, enc)
     for layer in (1, 2):
         assert m16.values[layer].dtype == torch.float16
         assert torch.equal(m16.keys[layer], m32.keys[layer].half())  # rounded once, to the nearest float16
         assert torch.equal(m16.values[layer], m32.values[layer].half())
     assert m16.identity() != m32.identity()
     # saving again keeps float16, and the memory still retrieves and generates
-    m16.save(str(tmp_path / 'again'))
-    assert Memory.load(str(tmp_path / 'again'), model, enc).identity() == m16.identity()
+    save_memory(m16, str(tmp_path / 'again'))
+    assert load_memory(str(tmp_path / 'again'), model, enc).identity() == m16.identity()
     assert len(generate(model, enc, m16)) == 3
 
 
@@ -66,7 +67,7 @@ def test_memory_mapped_values_give_the_same_continuations(tmp_path):
     model, enc = GPT.from_pretrained(TINY)
     for dtype in ('float32', 'float16'):
         path, _ = build(tmp_path, dtype, f'--store_dtype={dtype}')
-        in_ram, mapped = Memory.load(path, model, enc), Memory.load(path, model, enc, mmap=True)
+        in_ram, mapped = load_memory(path, model, enc), load_memory(path, model, enc, mmap=True)
         tensor_file = next(f for f in os.listdir(path) if f.endswith('.safetensors'))
         for layer in (1, 2):
             # the values' memory is a mapping of the tensor file (Linux: /proc/self/maps), not a copy

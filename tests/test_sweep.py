@@ -360,9 +360,9 @@ def test_sweep_with_a_file_memory_builds_what_sample_py_builds(tmp_path, monkeyp
     real_load = sweep.MemorySource.load
     monkeypatch.setattr(sweep.MemorySource, 'load', lambda self, *a, **k: built.append(real_load(self, *a, **k)) or built[-1])
     sweep.main([*common, f'--out_dir={tmp_path / "sweep"}', '--plots=False'])
-    from memory import Memory
+    from store import load_memory
     model, enc = load_model(dict(RUN_DEFAULTS, init_from=TINY))
-    stored = Memory.load(str(tmp_path / 'sample_mem'), model, enc)
+    stored = load_memory(str(tmp_path / 'sample_mem'), model, enc)
     assert len(built) == 1 and built[0].meta['text'] == stored.meta['text'] == MEMORY
     assert built[0].meta['token_windows'] == stored.meta['token_windows']
     for layer in (1, 2):

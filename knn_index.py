@@ -1,0 +1,321 @@
+"""
+The FAISS index of a memory layer's stored keys, kept apart from the method's arithmetic
+(memory.py): which index (knn_index: a short name or a FAISS factory string), how an
+approximate one is calibrated (the smallest nprobe / efSearch that finds the neighbours),
+and the search itself (KNNIndex: one index per key/value head, FAISS or exact torch).
+SearchSettings is a run's search choice, made and checked once from its config.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from configurator import UserError
+
+SEARCHES = ('faiss', 'torch')
+# index choices by short name (FAISS factory strings are taken as they are): 'flat' is the
+# reference's exact IndexFlatL2; the others are approximate: a graph, inverted lists over full
+# keys, over keys quantised to 8 bits per dimension (a quarter of the memory), or product-
+# quantised to d/4 bytes. IVF's nlist grows as ~4 sqrt(N) (at most N/39, so each list trains
+# on 39 points)
+KNN_INDEXES = {'flat': 'Flat', 'hnsw': 'HNSW32', 'ivf': 'IVF{nlist},Flat', 'ivfsq': 'IVF{nlist},SQ8',
+               'ivfpq': 'IVF{nlist},PQ{m}'}
+# an approximate index's search parameter (IVF's nprobe, HNSW's efSearch), where none is given,
+# is calibrated when the index is built: the smallest value on SEARCH_LADDERS whose recall@10 on
+# stored keys (each searched for its 10 nearest others) reaches SEARCH_RECALL; store.py saves it
+# with the index. FAISS's own defaults (nprobe 1, efSearch 16) miss many neighbours, and no fixed
+# value suits every size: 16 lists of 25 are needed at 10^3 keys, 6 of 4,000 at 10^6 (clustered
+# random keys; 16 of 4,000 on SmolLM2's)
+SEARCH_RECALL = 0.98
+SEARCH_LADDERS = dict(nprobe=[1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256],
+                      efSearch=[16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024])
+CALIBRATION_QUERIES, CALIBRATION_K = 256, 10
+SEARCH_PLATEAU = 0.002  # a doubling of the parameter that gains less recall than this ends the calibration
+
+
+def faiss_message(e: Exception) -> str:
+    """FAISS's own reason, without its C++ source location."""
+    text = ' '.join(str(e).split())
+    return re.sub(r"^Error in .*? at \S+:\d+: ", '', text).split('Error: ')[-1].strip(" '")[:160]
+
+
+def index_factory(knn_index: str, n: int, d: int) -> str:
+    """The FAISS factory string for a knn_index choice: a short name of KNN_INDEXES, sized for n
+    stored keys of size d, or a factory string as given ('' means 'flat')."""
+    spec = knn_index or 'flat'
+    if spec not in KNN_INDEXES:
+        return spec
+    nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))
+    m = next(m for m in range(max(1, d // 4), 0, -1) if d % m == 0)
+    return KNN_INDEXES[spec].format(nlist=nlist, m=m)
+
+
+def tuned_parameter(index) -> str | None:
+    """The search parameter of a FAISS index that trades speed for recall and is calibrated
+    (SEARCH_LADDERS): 'nprobe' for IVF indexes, 'efSearch' for HNSW, None for the others."""
+    import faiss
+    space = faiss.ParameterSpace()
+    space.initialize(index)
+    names = {space.parameter_ranges.at(i).name for i in range(space.parameter_ranges.size())}
+    return next((name for name in SEARCH_LADDERS if name in names), None)
+
+
+def set_search_parameter(index, name: str, value: int, factory: str) -> None:
+    import faiss
+    try:
+        faiss.ParameterSpace().set_index_parameter(index, name, value)
+    except RuntimeError:
+        option = dict(nprobe='nprobe', efSearch='ef_search')[name]
+        raise UserError(f"{option}={value}: the {factory!r} index has no {name}; nprobe is for IVF indexes, "
+                        f"ef_search for HNSW: leave {option} unset") from None
+
+
+def calibrate(index, keys: np.ndarray, factory: str) -> dict:
+    """The search parameter an approximate index is searched with when none is given: the
+    smallest on SEARCH_LADDERS (nprobe up to the index's number of lists) at which its
+    recall@CALIBRATION_K reaches SEARCH_RECALL. Short of that (a doubling of the parameter gained
+    less than SEARCH_PLATEAU, or the ladder ended), the smallest value tried whose recall is
+    within SEARCH_PLATEAU of the best. Recall is measured
+    leave-one-out: CALIBRATION_QUERIES stored keys (a fixed sample), each searched for its
+    nearest other stored keys, against exact search; a result counts if it is no farther than
+    the k-th exact neighbour (ties are neighbours too). Returns {name: value, 'recall': r}."""
+    import faiss
+    n = keys.shape[0]
+    rows = np.sort(np.random.default_rng(0).choice(n, min(CALIBRATION_QUERIES, n), replace=False))
+    queries, k = keys[rows], min(CALIBRATION_K, n - 1)
+    if k < 1:
+        return dict(recall=1.0)
+    exact_d, exact_i = faiss.knn(queries, keys, k + 1)
+    # leave the query's own row out; where a duplicate stood in for it, the last neighbour goes
+    kth = np.array([d[i != r][k - 1] for d, i, r in zip(exact_d, exact_i, rows)])
+    # a found key counts up to this distance: float32 rounding differs between the two searches
+    farthest = kth + 1e-5 * (kth + (queries ** 2).sum(1))
+
+    def recall():
+        found_d, found_i = index.search(queries, k + 1)
+        others = (found_i != rows[:, None]) & (found_i >= 0)
+        hits = ((found_d <= farthest[:, None]) & others).sum(1)
+        return float(np.minimum(hits, k).mean() / k)
+
+    name = tuned_parameter(index)
+    if name is None:
+        return dict(recall=recall())
+    ladder = SEARCH_LADDERS[name]
+    if name == 'nprobe':
+        nlist = faiss.extract_index_ivf(index).nlist
+        ladder = [v for v in ladder if v < nlist] + [nlist]
+    tried = {}  # value: recall, in ladder order
+    for value in ladder:
+        set_search_parameter(index, name, value, factory)
+        tried[value] = recall()
+        if tried[value] >= SEARCH_RECALL:
+            break
+        half = [v for v in tried if 2 * v <= value]
+        if half and tried[value] < tried[half[-1]] + SEARCH_PLATEAU:
+            break  # twice the search found no more: the index's codes (SQ, PQ) limit its recall
+    if tried[value] < SEARCH_RECALL:
+        # not reached: the cheapest value within SEARCH_PLATEAU of the best recall found
+        best = max(tried.values())
+        value = min(v for v, r in tried.items() if r >= best - SEARCH_PLATEAU)
+        set_search_parameter(index, name, value, factory)
+    return {name: value, 'recall': tried[value]}
+
+
+def check_index_params(params: dict | None) -> dict:
+    """Search parameters for approximate indexes: nprobe (IVF lists visited), efSearch (HNSW)."""
+    params = {k: v for k, v in (params or {}).items() if v is not None}
+    for k, v in params.items():
+        if k not in ('nprobe', 'efSearch') or not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise UserError(f"{k}={v!r}: the search parameters are nprobe and ef_search, whole numbers >= 1")
+    return params
+
+
+def check_knn_index(knn_index: str, d: int) -> None:
+    """A one-line error for an index choice FAISS cannot make (before anything is built)."""
+    factory = index_factory(knn_index, 10_000, d)
+    if factory != 'Flat':
+        import faiss
+        try:
+            faiss.index_factory(d, factory, faiss.METRIC_L2)
+        except RuntimeError as e:
+            raise UserError(f"knn_index={knn_index!r}: FAISS cannot make a {factory!r} index "
+                            f"({faiss_message(e)}); use one of {', '.join(KNN_INDEXES)} "
+                            f"or a FAISS factory string") from None
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """A run's search choice (the config keys search, knn_index, nprobe, ef_search), checked
+    when made. search: 'faiss' or 'torch' (exact, on the keys' device); None = FAISS on the
+    CPU, torch on CUDA (backend). knn_index: the index searched; '' = the memory's own.
+    nprobe / ef_search: an approximate index's search parameter; None = its calibrated one."""
+    search: str | None = None
+    knn_index: str = ''
+    nprobe: int | None = None
+    ef_search: int | None = None
+
+    def __post_init__(self):
+        check_search(self.search)
+        if not isinstance(self.knn_index, str):
+            raise UserError(f"knn_index={self.knn_index!r} must be a short name ({', '.join(KNN_INDEXES)}) "
+                            f"or a FAISS factory string")
+        check_index_params(self.params())
+
+    @classmethod
+    def from_config(cls, config: dict) -> SearchSettings:
+        return cls(config['search'], config['knn_index'] or '', config['nprobe'], config['ef_search'])
+
+    def backend(self, device) -> str:
+        """The search that runs on `device`: the one asked for, else default_search."""
+        return self.search or default_search(device)
+
+    def params(self) -> dict:
+        """The search parameters that are set, under FAISS's names (nprobe, efSearch)."""
+        return {k: v for k, v in (('nprobe', self.nprobe), ('efSearch', self.ef_search)) if v is not None}
+
+    def index_for(self, own: str) -> str:
+        """The index searched in a memory whose own index is `own`."""
+        return self.knn_index or own
+
+    def is_default(self) -> bool:
+        """True when the memory's own index is searched with its own parameters."""
+        return not self.knn_index and not self.params()
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class KNNIndex:
+    """Squared-L2 nearest-neighbour search over one layer's stored keys (H, N, d), one index per
+    head: FAISS (IndexFlatL2, exact, the reference's, on the GPU with faiss-gpu; or an
+    approximate index chosen by knn_index) or an exact torch search on the keys' device.
+    An approximate index is searched with `params` (nprobe, efSearch) where given, else with
+    each head's calibrated value (calibrate), kept in `calibration`. saved: the index as
+    serialized() gave it, to use instead of building it again (checked against the keys)."""
+
+    def __init__(self, keys, kind, knn_index='flat', params=None, saved=None):
+        self.kind, self.n_entries = kind, keys.size(1)
+        self.factory = index_factory(knn_index, keys.size(1), keys.size(2))
+        self.given = params = check_index_params(params)
+        self.calibration = None  # per head: {parameter: value, 'recall': recall@10} of an approximate index
+        self.calibrated_now = False  # calibration measured here, not read from `saved`
+        self.from_saved = saved is not None  # read from saved bytes, not trained here
+        if kind == 'faiss':
+            import faiss
+            gpu = keys.is_cuda and hasattr(faiss, 'StandardGpuResources') and self.factory == 'Flat'
+            self.faiss_gpu = faiss.StandardGpuResources() if gpu else None
+            self.heads = []
+            head_keys = lambda h: np.ascontiguousarray(keys[h].detach().to('cpu', torch.float32).numpy())  # noqa: E731
+            for h in range(keys.size(0)):
+                if saved is not None:
+                    index = faiss.deserialize_index(saved[0][f'head{h}'])
+                    if index.ntotal != keys.size(1) or index.d != keys.size(2):
+                        raise ValueError(f"a saved index holds {index.ntotal} keys of size {index.d}, not "
+                                         f"{keys.size(1)} of size {keys.size(2)}")
+                    self.heads.append(index)
+                    continue
+                x = head_keys(h)
+                if self.factory == 'Flat':
+                    index = faiss.IndexFlatL2(keys.size(2))
+                else:
+                    try:
+                        index = faiss.index_factory(keys.size(2), self.factory, faiss.METRIC_L2)
+                    except RuntimeError as e:
+                        raise UserError(f"knn_index={knn_index!r}: FAISS cannot make a {self.factory!r} index "
+                                        f"({faiss_message(e)}); use one of "
+                                        f"{', '.join(KNN_INDEXES)} or a FAISS factory string") from None
+                    if not index.is_trained:
+                        try:
+                            index.train(x)
+                        except RuntimeError as e:
+                            raise UserError(f"knn_index={knn_index!r}: FAISS cannot train {self.factory!r} on "
+                                            f"{x.shape[0]} keys ({faiss_message(e)}); an IVF "
+                                            f"index needs at least 39 keys per list: use fewer lists") from None
+                index.add(x)
+                if gpu:
+                    index = faiss.index_cpu_to_gpu(self.faiss_gpu, keys.device.index or 0, index)
+                self.heads.append(index)
+            for index in self.heads:  # given parameters first: one the index lacks fails at once
+                for name, value in params.items():
+                    set_search_parameter(index, name, value, self.factory)
+            if self.factory != 'Flat' and tuned_parameter(self.heads[0]) not in params:
+                # saved with the index, or measured now (calibrate leaves the index set to its choice)
+                stored = json.loads(saved[1].get('calibration') or 'null') if saved is not None else None
+                if stored is not None and not (isinstance(stored, list) and len(stored) == len(self.heads)
+                                               and all(isinstance(found, dict) for found in stored)):
+                    raise ValueError(f"a saved index's calibration is not one entry per head: {str(stored)[:60]}")
+                self.calibrated_now = not stored
+                self.calibration = stored or [calibrate(index, head_keys(h), self.factory)
+                                              for h, index in enumerate(self.heads)]
+                for index, found in zip(self.heads, self.calibration):
+                    for name, value in found.items():
+                        if name != 'recall':
+                            set_search_parameter(index, name, value, self.factory)
+        else:
+            if self.factory != 'Flat':
+                raise UserError(f"search='torch' is exact; the approximate index knn_index={knn_index!r} needs "
+                                f"search='faiss'")
+            self.keys = keys.float()
+            self.key_sqnorms = self.keys.pow(2).sum(-1)  # (H, N)
+
+    def serialized(self) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+        """The index as safetensors stores it, for KNNIndex(..., saved=...): each head's FAISS
+        index as bytes (uint8 tensors 'head0', 'head1', ...) and, as metadata, the heads'
+        calibrated search parameters (JSON)."""
+        import faiss
+        heads = {f'head{h}': faiss.serialize_index(index) for h, index in enumerate(self.heads)}
+        return heads, dict(calibration=json.dumps(self.calibration))
+
+    def describe(self) -> str:
+        """The index and how it searches, in words: 'IVF4000,Flat, nprobe 8-16 (calibrated:
+        recall@10 >= 0.990)', or 'HNSW32, efSearch 64 (given)'."""
+        values = {name: [value] for name, value in self.given.items()}
+        for found in self.calibration or []:
+            for name, value in found.items():
+                if name != 'recall':
+                    values.setdefault(name, []).append(value)
+        searched = ''.join(f", {name} {min(v)}" + (f"-{max(v)}" if max(v) != min(v) else '') for name, v in values.items())
+        if self.calibration:
+            searched += f" (calibrated: recall@{CALIBRATION_K} >= {min(f['recall'] for f in self.calibration):.3f})"
+        return self.factory + searched + (' (given)' if self.given else '')
+
+    def search(self, queries: torch.Tensor, heads: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k nearest stored keys of each query (n, d) in its head's index: one search per head
+        for all of that head's queries. Returns indices (n, k), -1 where there are fewer than k."""
+        n = queries.size(0)
+        found = torch.full((n, k), -1, dtype=torch.long, device=queries.device)
+        q32 = queries.detach().float()
+        kk = min(k, self.n_entries)
+        for h in heads.unique().tolist():
+            rows = (heads == h).nonzero(as_tuple=True)[0]
+            if self.kind == 'faiss':
+                _, I = self.heads[h].search(np.ascontiguousarray(q32[rows].cpu().numpy()), kk)
+                found[rows, :kk] = torch.from_numpy(I).to(found.device)
+            else:
+                qh = q32[rows]
+                dist = qh.pow(2).sum(-1, keepdim=True) - 2 * qh @ self.keys[h].T + self.key_sqnorms[h]
+                found[rows, :kk] = dist.topk(kk, dim=-1, largest=False).indices
+        return found
+
+
+def check_search(search: str | None) -> None:
+    if search is not None and search not in SEARCHES:
+        raise UserError(f"search={search!r} must be one of {', '.join(map(repr, SEARCHES))} "
+                        f"(or None: faiss on the CPU, torch on CUDA)")
+
+
+def default_search(device) -> str:
+    """FAISS on the CPU; on CUDA the exact torch search keeps everything on the GPU."""
+    if str(device).startswith('cuda'):
+        return 'torch'
+    try:
+        import faiss  # noqa: F401
+        return 'faiss'
+    except ImportError:
+        return 'torch'

@@ -1,0 +1,107 @@
+"""
+Tokenizers: GPT-2's byte-level BPE through tiktoken (from a checkpoint's vocab.json and
+merges.txt), and Hugging Face `tokenizers` tokenizers for the Llama family (tokenizer.json,
+or a GGUF file's own vocabulary, see gguf_file.py). `encode` is the one way the project turns
+text into ids, whichever tokenizer a model has.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import tiktoken
+
+from checkpoint import read_json
+from configurator import UserError
+
+EOT = '<|endoftext|>'
+# GPT-2's pre-tokenisation pattern (the same one tiktoken's "gpt2" encoding uses)
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def _byte_decoder():
+    """GPT-2's vocab.json spells bytes as printable characters; map them back to byte values."""
+    bs = list(range(ord('!'), ord('~') + 1)) + list(range(ord('¡'), ord('¬') + 1)) + list(range(ord('®'), ord('ÿ') + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def load_tokenizer(ckpt_dir: str) -> tiktoken.Encoding:
+    """A tiktoken Encoding built from the checkpoint's vocab.json and merges.txt.
+
+    In GPT-2's byte-level BPE a token's id is also its merge rank, which is exactly what
+    tiktoken's mergeable_ranks are, so the vocabulary can be used as it is.
+    """
+    with open(os.path.join(ckpt_dir, 'vocab.json'), encoding='utf-8') as f:
+        vocab = json.load(f)
+    decoder = _byte_decoder()
+    ranks, special = {}, {}
+    for token, idx in vocab.items():
+        if token == EOT:
+            special[token] = idx
+        else:
+            ranks[bytes(decoder[ch] for ch in token)] = idx
+    # merges.txt must agree with the ids: the n-th merge makes token 256 + n
+    with open(os.path.join(ckpt_dir, 'merges.txt'), encoding='utf-8') as f:
+        merges = [line.split() for line in f.read().split('\n')[1:] if line.strip()]
+    for n, (a, b) in enumerate(merges[:8]):
+        if vocab.get(a + b) != 256 + n:
+            raise UserError(f"{ckpt_dir}: merges.txt and vocab.json disagree at merge {n} ({a} {b}); "
+                            f"the tokenizer files are not a GPT-2 byte-level BPE pair")
+    name = 'gpt2-' + os.path.basename(os.path.normpath(ckpt_dir))
+    return tiktoken.Encoding(name, pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens=special)
+
+
+def encode(enc, text: str) -> list[int]:
+    """Token ids of text: GPT-2's tiktoken Encoding ('<|endoftext|>' allowed), or a tokenizer
+    with its own encode (llama.HFTokenizer, which adds BOS where its configuration says so)."""
+    if hasattr(enc, 'special_tokens_set'):
+        return enc.encode(text, allowed_special={EOT} & enc.special_tokens_set)
+    return enc.encode(text)
+
+
+
+class HFTokenizer:
+    """A `tokenizers` tokenizer with what the scripts use: encode (adding BOS only where the
+    tokenizer's own configuration says so) and decode."""
+
+    def __init__(self, tokenizer, bos_id=None):
+        self.tokenizer, self.bos_id = tokenizer, bos_id
+        self.n_vocab = tokenizer.get_vocab_size()
+
+    def encode(self, text):
+        ids = self.tokenizer.encode(text, add_special_tokens=True).ids
+        return [self.bos_id] + ids if self.bos_id is not None and ids[:1] != [self.bos_id] else ids
+
+    def decode(self, ids):
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+
+def load_hf_tokenizer(ckpt_dir):
+    """tokenizer.json through the `tokenizers` library: its own pre-tokenizer, special tokens
+    and post-processor; BOS added also where tokenizer_config.json says add_bos_token."""
+    from tokenizers import Tokenizer
+    path = os.path.join(ckpt_dir, 'tokenizer.json')
+    if not os.path.isfile(path):
+        raise UserError(f"{ckpt_dir} lacks tokenizer.json, which Llama-family checkpoints here are read with")
+    try:
+        tok = Tokenizer.from_file(path)
+    except Exception as e:
+        raise UserError(f"{path} cannot be read as a tokenizer ({e})") from None
+    bos_id = None
+    cfg_path = os.path.join(ckpt_dir, 'tokenizer_config.json')
+    if os.path.isfile(cfg_path):
+        cfg = read_json(cfg_path)
+        bos = cfg.get('bos_token')
+        bos = bos.get('content') if isinstance(bos, dict) else bos
+        if cfg.get('add_bos_token') and bos is not None:
+            bos_id = tok.token_to_id(bos)
+    return HFTokenizer(tok, bos_id)
+
