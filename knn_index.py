@@ -285,7 +285,7 @@ class KNNIndex:
             searched += f" (calibrated: recall@{CALIBRATION_K} >= {min(f['recall'] for f in self.calibration):.3f})"
         return self.factory + searched + (' (given)' if self.given else '')
 
-    def search(self, queries: torch.Tensor, heads: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def search(self, queries: torch.Tensor, heads: torch.Tensor, k: int) -> torch.Tensor:
         """The k nearest stored keys of each query (n, d) in its head's index: one search per head
         for all of that head's queries. Returns indices (n, k), -1 where there are fewer than k."""
         n = queries.size(0)

@@ -145,7 +145,7 @@ class LayerMemory:
             s[:, :, 1:] = 0
         return s != 0
 
-    def search(self, queries: torch.Tensor, heads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def search(self, queries: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
         """Step 2: the k nearest stored keys (squared L2) of each query (n, d) in its head's
         memory. Returns indices (n, k), -1 where the memory holds fewer than k entries."""
         return self.index.search(queries, heads, self.k)
@@ -232,8 +232,9 @@ class LayerMemory:
 class Memory:
     """Stored keys and values of the memory layers, {layer: (H_kv, N, d)}, with their provenance
     (meta: the model, text, token windows, bookkeeping settings, documents, index choice).
-    saved_index(layer, factory): the saved bytes of an approximate index, or None (store.py
-    gives it to a memory loaded from a directory); nothing here writes a file."""
+    saved_index(layer, factory) -> (saved, where): an approximate index's saved bytes (None if
+    there are none) and where they are; store.py gives it to a memory loaded from a directory.
+    Nothing here writes a file."""
 
     def __init__(self, keys, values, meta, saved_index=None):
         self.keys, self.values = keys, values  # {layer: (H, N, d)}
@@ -295,10 +296,11 @@ class Memory:
         return self.meta.get('knn_index') or 'flat'
 
     def retrieving_layers(self, settings: RetrievalSettings, device='cpu',
-                          search: SearchSettings = SearchSettings()) -> dict[int, LayerMemory]:
+                          search: SearchSettings | str | None = SearchSettings()) -> dict[int, LayerMemory]:
         """{layer: LayerMemory} for the layers that retrieve under `settings`, to give to
         model.attach_memory. The memory itself is not changed: each layer's keys, values and
-        search index on a device are made once and shared by every settings value."""
+        search index on a device are made once and shared by every settings value. search: a
+        SearchSettings, or just its backend ('faiss', 'torch', None)."""
         settings.check_layers(self.meta['model']['n_layer'])
         missing = [i for i in settings.layers if i not in self.keys]
         if missing:
@@ -312,10 +314,12 @@ class Memory:
                                     self.memory_keys)
         return layers
 
-    def layer_index(self, layer: int, device='cpu', search: SearchSettings = SearchSettings()):
+    def layer_index(self, layer: int, device='cpu', search: SearchSettings | str | None = SearchSettings()):
         """(keys, values, KNNIndex) of one stored layer on `device`, made once per search choice.
         An approximate FAISS index is read from saved_index where it has one (a damaged one
         is built again, with a warning), else trained here."""
+        if not isinstance(search, SearchSettings):  # 'faiss', 'torch' or None, as a shorthand
+            search = SearchSettings(search)
         backend, knn_index, params = search.backend(device), search.index_for(self.knn_index), search.params()
         key = (layer, str(device), backend, knn_index, tuple(sorted(params.items())))
         if key not in self._in_use:

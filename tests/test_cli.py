@@ -1,12 +1,15 @@
-"""The scripts as a user runs them: main jobs, and one-line errors for bad input."""
+"""The scripts as a user runs them (in this process, through their main): main jobs, and
+one-line errors for bad values, damaged files, a full disk and a read-only folder."""
 import json
 import os
+import subprocess
 
 import pytest
 
-from conftest import REF, TINY, run_script
-
-TINY_ARG = f'--init_from={TINY}'
+from configurator import UserError
+from conftest import REF, TINY, TINY_ARG, make_random_checkpoint, one_line_error, run_script
+from model import GPT
+from store import load_memory
 
 
 def assert_one_line_error(r, *fragments):
@@ -37,8 +40,6 @@ def test_build_memory_then_sample_from_it(tmp_path, reference):
     assert r.returncode == 0, r.stderr
     records = [json.loads(l) for l in out.read_text().splitlines()]
     assert len(records) == 6
-    from model import GPT
-    from store import load_memory
     model = GPT.from_pretrained(TINY)[0]
     stored = load_memory(str(store), model)
     for rec in records:
@@ -85,11 +86,11 @@ mem_frac = 1.0
 start = {reference['prompt']!r}
 seeds = [8932]
 max_new_tokens = 24
-out_jsonl = "/dev/stdout"
+out_jsonl = {str(tmp_path / 'records.jsonl')!r}
 """)
     r = run_script('sample.py', str(cfg))
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout.strip().splitlines()[-1])['tokens'] == case['continuations']['8932']
+    assert json.loads((tmp_path / 'records.jsonl').read_text())['tokens'] == case['continuations']['8932']
 
 
 def test_long_prompt_is_cropped_with_a_warning():
@@ -146,7 +147,6 @@ def test_build_memory_bad_arguments(tmp_path):
 
 
 def test_sample_refuses_memory_of_another_model_and_corrupted_memory(tmp_path):
-    from conftest import make_random_checkpoint
     make_random_checkpoint(tmp_path / 'other', seed=9, n_embd=64, n_layer=4, n_head=4, n_positions=256)
     f = tmp_path / 't.txt'
     f.write_text('Cats are nice.')
@@ -187,3 +187,126 @@ def test_cached_decoding_from_the_command_line(reference):
     assert r.returncode == 0, r.stderr
     assert len(json.loads(r.stdout.strip().splitlines()[-1])['tokens']) == 5
     assert_one_line_error(run_script('sample.py', TINY_ARG, '--decoding=fast'), "decoding='fast' must be 'exact' or 'cached'")
+
+
+# --- failures: bad values, damaged files, a full disk, a read-only folder
+
+
+
+# --- fingerprints -------------------------------------------------------------
+
+
+# --- saves ------------------------------------------------------------------------
+
+
+# --- appends ----------------------------------------------------------------------
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 KiB tmpfs, where this machine lets the test mount one (root)."""
+    d = tmp_path / 'disk'
+    d.mkdir()
+    r = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=64k', 'tmpfs', str(d)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({r.stderr.strip() or 'mount failed'}); "
+                    f"the full-disk append is not tested")
+    yield d
+    subprocess.run(['umount', str(d)], check=True)
+
+
+def test_an_append_on_a_full_disk_lands_whole_or_not_at_all(small_disk):
+    from run import append_jsonl
+    out = small_disk / 'samples.jsonl'
+    record = dict(seed=1, text='x' * 3000)
+    written = 0
+    with pytest.raises(UserError, match=r'cannot write .*samples.jsonl: No space left on device \(the disk is full\)'):
+        for _ in range(100):
+            append_jsonl(str(out), [record, record])
+            written += 2
+    lines = out.read_text().splitlines()
+    assert written > 0 and len(lines) == written and all(json.loads(l) == record for l in lines)
+
+
+def test_sample_on_a_full_disk_is_one_line_and_keeps_earlier_records(small_disk, reference):
+    out = small_disk / 'samples.jsonl'
+    out.write_text('{"kept": true}\n' + 'x' * 60000 + '\n')
+    r = run_script('sample.py', TINY_ARG, '--seeds=40', '--max_new_tokens=40', f'--out_jsonl={out}')
+    one_line_error(r, f'cannot write {out}', 'disk is full')
+    assert out.read_text().splitlines()[0] == '{"kept": true}' and len(out.read_text().splitlines()) == 2
+
+
+# --- damaged inputs -----------------------------------------------------------------
+
+
+# --- bad values and environment faults through the command line -------------------------
+
+@pytest.mark.parametrize('args,fragments', [
+    (['--temperature=None'], ['temperature=None is not allowed']),
+    (['--max_new_tokens=None'], ['max_new_tokens=None is not allowed']),
+    (['--temperature=nan'], ["temperature='nan' should be a float"]),
+    (['--seed=18446744073709551616'], ['from 0 to 2**63 - 1']),
+    (['--seeds=[1, 99999999999999999999999]'], ['from 0 to 2**63 - 1']),
+    (['--seeds=1000000000000'], ['seeds=1000000000000 must be a count from 1 to 1000000']),
+    (['--num_samples=0'], ['num_samples=0 must be a count from 1']),
+    (['--knn_num=[0,1.5,0,0]', '--memory=\nCats'], ['knn_num[1]=1.5: each k must be a whole number']),
+    (['--knn_num=[0,1,0,0]', '--memory=\nCats', '--remove_bookkeeping_token_mem_size=0.5'],
+     ['remove_bookkeeping_token_mem_size=0.5 must be a whole number']),
+    (['--max_new_tokens=2.5'], ["max_new_tokens=2.5 should be a int"]),
+    (['--device=gpu'], ["device='gpu' is not a device this code runs on"]),
+    (['--device=tpu:0'], ["device='tpu:0' is not a device"]),
+    (['--search=fiass'], ["search='fiass' must be one of 'faiss', 'torch'"]),
+])
+def test_bad_values_are_one_line_errors(args, fragments):
+    one_line_error(run_script('sample.py', TINY_ARG, '--max_new_tokens=2', *args), *fragments)
+
+
+@pytest.mark.parametrize('line,fragment', [
+    ('temperature = float("nan")', 'temperature a finite number > 0'),
+    ('temperature = float("inf")', 'temperature a finite number > 0'),
+    ('knn_softmax_influence = float("nan")', 'knn_softmax_influence=nan must be a number >= 0'),
+    ('mem_frac = float("inf")', 'mem_frac=inf must be a number >= 0'),
+    ('bookkeeping_frac = float("nan")', 'bookkeeping_frac=nan must be a number >= 0'),
+    ('resid_frac = float("nan")', 'resid_frac=nan must be between 0 and 1'),
+    ('top_k = None\nseed = 2 ** 64', 'from 0 to 2**63 - 1'),
+    ('memory = None', 'memory=None is not allowed'),
+])
+def test_bad_values_in_config_files_are_one_line_errors(tmp_path, line, fragment):
+    cfg = tmp_path / 'cfg.py'
+    cfg.write_text(f"knn_num = [0, 1, 0, 0]\nmemory = '\\nCats'\nmax_new_tokens = 2\n{line}\n")
+    one_line_error(run_script('sample.py', TINY_ARG, str(cfg)), fragment)
+
+
+def test_environment_faults_are_one_line_errors(tmp_path, reference):
+    blocker = tmp_path / 'file.txt'
+    blocker.write_text('a regular file')
+    mem = ['--knn_num=[0,1,0,0]', f'--memory={reference["memory_text"]}', '--store_mem=True']
+    one_line_error(run_script('sample.py', TINY_ARG, *mem, f'--mem_store={blocker}/mem', '--max_new_tokens=2'),
+                   f'cannot create folder {blocker}/mem')
+    one_line_error(run_script('sample.py', TINY_ARG, '--max_new_tokens=2', f'--out_jsonl={tmp_path}'),
+                   f'cannot append to {tmp_path}: it is a folder')
+    one_line_error(run_script('sample.py', TINY_ARG, '--max_new_tokens=2', f'--out_jsonl={blocker}/x.jsonl'),
+                   f'cannot create folder {blocker}')
+    one_line_error(run_script('build_memory.py', str(blocker), TINY_ARG, f'--mem_store={blocker}'),
+                   'exists and is not a memory directory')
+    assert blocker.read_text() == 'a regular file'
+
+
+def test_a_read_only_folder_is_a_one_line_error(tmp_path, reference):
+    ro = tmp_path / 'ro'
+    ro.mkdir()
+    r = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'ro,size=64k', 'tmpfs', str(ro)], capture_output=True, text=True)
+    if r.returncode != 0:
+        os.chmod(ro, 0o500)
+        if os.access(ro, os.W_OK):  # root ignores permissions
+            pytest.skip(f"cannot make a read-only folder here ({r.stderr.strip()}); not tested")
+    try:
+        one_line_error(run_script('sample.py', TINY_ARG, '--max_new_tokens=2', f'--out_jsonl={ro}/s.jsonl'),
+                       f'cannot write {ro}/s.jsonl', 'Read-only file system' if r.returncode == 0 else 'ermission')
+        one_line_error(run_script('sample.py', TINY_ARG, '--knn_num=[0,1,0,0]', f'--memory={reference["memory_text"]}',
+                                  '--store_mem=True', f'--mem_store={ro}/mem', '--max_new_tokens=2'), f'{ro}/mem')
+    finally:
+        if r.returncode == 0:
+            subprocess.run(['umount', str(ro)], check=True)
+
+
+# --- sweeps ---------------------------------------------------------------------------

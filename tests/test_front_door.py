@@ -88,7 +88,7 @@ def test_a_config_runs_from_another_directory(tmp_path):
                    "start = 'FILE:data/cats.txt'\nmax_new_tokens = 3\nseeds = [1]\n", encoding='utf-8')
     elsewhere = tmp_path / 'elsewhere'
     elsewhere.mkdir()
-    r = run_script(os.path.join(ROOT, 'sample.py'), str(cfg), cwd=str(elsewhere))
+    r = run_script(os.path.join(ROOT, 'sample.py'), str(cfg), cwd=str(elsewhere), fresh=True)
     assert r.returncode == 0, r.stderr
     assert open(os.path.join(ROOT, 'data', 'cats.txt'), encoding='utf-8').read().strip() in r.stdout
     # the repository's own configs too: config/type_1.py reads data/cats.txt

@@ -48,7 +48,7 @@ def test_exact_indexes_agree(data):
 
 @pytest.mark.parametrize('knn_index,params,at_least', [('hnsw', dict(efSearch=64), 0.95), ('ivf', dict(nprobe=8), 0.95),
                                                        ('ivf', dict(nprobe=1000), 1.0), ('IVF16,Flat', {}, 0.98),
-                                                       ('ivfpq', dict(nprobe=8), 0.3), ('hnsw', {}, 0.95),
+                                                       pytest.param('ivfpq', dict(nprobe=8), 0.3, marks=pytest.mark.slow), ('hnsw', {}, 0.95),
                                                        ('ivf', {}, 0.95), ('ivfsq', {}, 0.9)])
 def test_approximate_indexes_recall(data, knn_index, params, at_least):
     keys, queries, heads = data

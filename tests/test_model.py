@@ -1,17 +1,12 @@
-"""The hand-written GPT-2 against transformers' GPT2LMHeadModel, the KV cache, the tokenizer, loading."""
-import json
-import os
-import shutil
+"""The hand-written GPT-2 against transformers' GPT2LMHeadModel: logits, attention weights, the
+KV cache, generation against full recomputation, fingerprints."""
 
 import pytest
 import torch
 
-from checkpoint import gpt2_checkpoint
-from configurator import UserError
-from conftest import TINY, make_random_checkpoint, run_script
+from conftest import make_random_checkpoint
 from decoding import generate
 from model import GPT
-from tokenizer import encode, load_tokenizer
 
 
 @pytest.mark.parametrize('shape', [dict(n_embd=32, n_layer=3, n_head=4), dict(n_embd=48, n_layer=2, n_head=3, n_positions=40)])
@@ -73,86 +68,6 @@ def test_plain_generation_equals_full_recompute(tiny):
                                               -float('inf'), logits[:, -1] / 0.8), -1)
             idx = torch.cat((idx, torch.multinomial(probs, 1)), 1)
     assert fast.tolist() == idx.tolist()
-
-
-def test_tokenizer_matches_transformers():
-    from transformers import GPT2Tokenizer
-    hf = GPT2Tokenizer(os.path.join(TINY, 'vocab.json'), os.path.join(TINY, 'merges.txt'))
-    enc = load_tokenizer(TINY)
-    for text in ["\nCats are horrible", "Hello world!  It's 2021, isn't it?\n\n\tTabs", "naïve café — ünïcödé 😀",
-                 "the third-largest metropolitan area in Canada is", "   leading spaces", "x<|endoftext|>y"]:
-        assert encode(enc, text) == hf.encode(text), text
-        assert enc.decode(encode(enc, text)) == text
-    assert enc.n_vocab == 474 and enc.eot_token == 473
-
-
-def hub_cache(root, repo_id, files=None, revision='a' * 40):
-    """A Hugging Face cache (hub layout) holding the fixture's files (or some of them) for repo_id."""
-    repo = root / ('models--' + repo_id.replace('/', '--'))
-    snap = repo / 'snapshots' / revision
-    snap.mkdir(parents=True)
-    for f in files or os.listdir(TINY):
-        shutil.copy(os.path.join(TINY, f), snap / f)
-    (repo / 'refs').mkdir()
-    (repo / 'refs' / 'main').write_text(revision)
-    return root
-
-
-SAMPLE_ARGS = ('--start=\nCats are horrible', '--seeds=[1337]', '--max_new_tokens=24')
-
-
-@pytest.mark.parametrize('cached_as,init_from', [('gpt2', 'gpt2'),  # a cache from before the hub's rename
-                                                 ('openai-community/gpt2', 'gpt2'),
-                                                 ('openai-community/gpt2', 'openai-community/gpt2'),
-                                                 ('openai-community/gpt2', 'openai-community/gpt2@' + 'a' * 40),
-                                                 ('someone/tiny-gpt2', 'someone/tiny-gpt2')])
-def test_hub_ids_load_from_the_cache_offline(tmp_path, cached_as, init_from):
-    """A GPT-2 short name, an organisation's id and an id with a revision go through
-    huggingface_hub's cache (hub layout), with HF_HUB_OFFLINE=1."""
-    env = dict(HF_HUB_CACHE=str(hub_cache(tmp_path / 'hub', cached_as)), HF_HUB_OFFLINE='1')
-    r = run_script('sample.py', f'--init_from={init_from}', *SAMPLE_ARGS, env=env)
-    assert r.returncode == 0, r.stderr
-    # the same continuation as the fixture's plain model (reference_outputs.json)
-    ref = json.load(open(os.path.join(TINY, '..', 'reference_outputs.json')))
-    model, enc = GPT.from_pretrained(TINY)
-    assert ('\nCats are horrible' + enc.decode(ref['unadulterated']['1337'])) in r.stdout
-
-
-def test_a_partial_cache_names_the_missing_files(tmp_path):
-    """A nanoGPT user's cache: the weights and config, not the tokenizer files."""
-    env = dict(HF_HUB_CACHE=str(hub_cache(tmp_path / 'hub', 'openai-community/gpt2',
-                                          ['config.json', 'model.safetensors'])), HF_HUB_OFFLINE='1')
-    r = run_script('sample.py', '--init_from=gpt2', *SAMPLE_ARGS, env=env)
-    assert r.returncode == 2 and r.stderr.count('\n') == 1 and 'Traceback' not in r.stderr
-    assert 'holds config.json, model.safetensors but not vocab.json, merges.txt' in r.stderr
-    assert 'HF_HUB_OFFLINE=1' in r.stderr
-
-
-def test_uncached_hub_name_offline_is_a_clear_error(tmp_path):
-    r = run_script('sample.py', '--init_from=gpt2-medium', env=dict(HF_HUB_CACHE=str(tmp_path), HF_HUB_OFFLINE='1'))
-    assert r.returncode == 2
-    assert r.stderr.count('\n') == 1 and 'Traceback' not in r.stderr
-    assert 'gpt2-medium is not in the Hugging Face cache' in r.stderr and '--init_from=DIR' in r.stderr
-
-
-def test_no_cache_and_no_network_fails_fast(tmp_path):
-    """Without HF_HUB_OFFLINE and with the hub unreachable (a closed local port stands in for
-    no network), the error comes at once and says so, instead of after minutes of retries."""
-    import time
-    env = dict(HF_HUB_CACHE=str(tmp_path), HF_HUB_OFFLINE='', HF_ENDPOINT='http://127.0.0.1:9')
-    t0 = time.time()
-    r = run_script('sample.py', '--init_from=openai-community/gpt2', env=env)
-    assert r.returncode == 2 and r.stderr.count('\n') == 1
-    assert '127.0.0.1 cannot be reached (offline?)' in r.stderr and 'not in the Hugging Face cache' in r.stderr
-    assert time.time() - t0 < 30  # the model load itself takes seconds; retries would take minutes
-
-
-def test_bad_checkpoints(tmp_path):
-    with pytest.raises(UserError, match='neither a directory nor a hub id'):
-        gpt2_checkpoint('gpt3')
-    (tmp_path / 'config.json').write_text('{}')
-    with pytest.raises(UserError, match='lacks model.safetensors'):
-        gpt2_checkpoint(str(tmp_path))
 
 
 def test_fingerprint_tells_weights_apart(tmp_path):

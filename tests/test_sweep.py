@@ -18,6 +18,7 @@ sys.path.insert(0, ROOT)
 import scores  # noqa: E402
 import sweep  # noqa: E402
 from configurator import UserError, configure  # noqa: E402
+from conftest import TEXT, one_line_error, run_script
 from memory import RetrievalSettings  # noqa: E402
 from run import RUN_DEFAULTS, Sampling, continuations, load_model, prepare_memory, prompt_ids  # noqa: E402
 
@@ -141,43 +142,6 @@ def test_batch_equals_one_by_one(tiny, kind, decoding):
 
 
 # --- scores ---------------------------------------------------------------------
-
-def test_recall_rule():
-    a = ['Vancouver']
-    assert scores.recall_answer(' Vancouver is', a) == 'Vancouver'
-    assert scores.recall_answer('\n\n  vancouver.', a) == 'Vancouver'
-    assert scores.recall_answer(" VANCOUVER's", a) == 'Vancouver'
-    assert scores.recall_answer(' Vancouver', a) == 'Vancouver'
-    assert scores.recall_answer(' Vancouverite', a) is None       # word boundary after the answer
-    assert scores.recall_answer(' the city of Vancouver', a) is None  # must start with it
-    assert scores.recall_answer(' Toronto', ['Vancouver', ' toronto ']) == 'toronto'
-    assert scores.recall_answer(' New York City', ['New York', 'New York City']) == 'New York City'
-
-
-def test_distinct_and_vader():
-    assert scores.distinct_n([1, 2, 1, 2], 1) == 0.5
-    assert scores.distinct_n([1, 2, 1, 2], 2) == 2 / 3
-    assert scores.distinct_n([1, 2, 1, 2], 3) == 1.0
-    assert np.isnan(scores.distinct_n([1], 2))
-    s = scores.vader_scores('Cats are absolutely wonderful and lovely.')
-    assert set(s) == {'compound', 'pos', 'neu', 'neg'} and s['compound'] > 0.5
-    rows = scores.score_rows('vader', None, ['I love it', 'I hate it'], [[1, 2], [3, 4]], [2.0, 3.0])
-    assert [r['positive'] for r in rows] == [1, 0]
-
-
-def test_perplexity_batched_equals_single(tiny):
-    model, enc = tiny
-    prompt = enc.encode('\nCats are horrible')
-    conts = continuations(model, prompt, [1, 2, 3], Sampling.from_config(dict(RUN_DEFAULTS, max_new_tokens=12)))
-    batched = scores.perplexities(model, prompt, conts)
-    for c, p in zip(conts, batched):
-        x = torch.tensor([prompt + c])
-        logits, _, _ = model(x, all_logits=True)
-        logp = torch.log_softmax(logits[0, :-1].float(), -1)
-        nll = -logp[torch.arange(len(prompt) - 1, x.size(1) - 1), x[0, len(prompt):]].mean()
-        assert abs(p - torch.exp(nll).item()) < 1e-3 * p
-    # small chunks give the same numbers
-    assert np.allclose(scores.perplexities(model, prompt, conts, max_logit_floats=1), batched, rtol=1e-5)
 
 
 # --- configs and settings -----------------------------------------------------------
@@ -384,3 +348,49 @@ def test_settings_of_one_memory_share_its_search_indexes(tmp_path, monkeypatch):
                 "'knn_num': [[0, 3, 3, 0], [0, 2, 0, 0]]}"])
     assert len(read_csv(tmp_path / 'out' / 'summary.csv')) == 1 + 2 * 2 * 2
     assert built == ['faiss', 'faiss']  # layers 1 and 2, once each
+
+
+SWEEP = f"""
+init_from = {TINY!r}
+memory = {TEXT!r}
+start = "\\nCats are horrible"
+knn_num = [0, 3, 3, 0]
+mem_frac = 5.0
+seeds = 2
+max_new_tokens = 4
+baselines = ['plain']
+plots = False
+"""
+
+
+def sweep_cli(*args):
+    return run_script('sweep.py', *args)
+
+
+def test_a_bad_grid_setting_stops_the_sweep_before_anything_runs(tmp_path):
+    cfg = tmp_path / 'sweep_bad.py'
+    cfg.write_text(SWEEP + "grid = {'knn_num': [[0, 3, 3, 0], [0, 3, 3]]}\n")
+    one_line_error(sweep_cli(str(cfg), f'--out_dir={tmp_path / "out"}'), 'knn_num has 3 entries, the model has 4 layers')
+    assert not (tmp_path / 'out' / 'settings').exists()
+    cfg.write_text(SWEEP + "grid = {'mem_frac': [1.0, float('nan')]}\n")
+    one_line_error(sweep_cli(str(cfg), f'--out_dir={tmp_path / "out"}'), 'mem_frac=nan must be a number >= 0')
+    assert not (tmp_path / 'out' / 'settings').exists()
+
+
+def test_a_settings_file_that_lost_rows_is_rerun_and_a_merge_with_missing_shards_fails(tmp_path):
+    cfg = tmp_path / 'sweep_rows.py'
+    cfg.write_text(SWEEP + "grid = {'mem_frac': [1.0, 5.0]}\n")
+    out = tmp_path / 'out'
+    assert sweep_cli(str(cfg), f'--out_dir={out}').returncode == 0
+    files = sorted((out / 'settings').glob('*.json'))
+    rec = json.loads(files[0].read_text())
+    rec['rows'] = rec['rows'][:1]
+    files[0].write_text(json.dumps(rec))
+    r = sweep_cli(str(cfg), f'--out_dir={out}')
+    assert r.returncode == 0 and 'does not hold one complete row per seed' in r.stderr
+    assert '2 already finished, 1 to run' in r.stderr
+    assert len(json.loads(files[0].read_text())['rows']) == 2
+    sharded = tmp_path / 'sharded'
+    assert sweep_cli(str(cfg), f'--out_dir={sharded}', '--shard=0/3').returncode == 0
+    r = sweep_cli(str(cfg), f'--out_dir={sharded}', '--merge=True')
+    one_line_error(r, 'missing 2 of 3 settings (shards i/3: 1/3, 2/3)', 'run them, then merge again')

@@ -1,7 +1,7 @@
-"""Memories built from many documents in a stream (memory.build_documents, build_memory.py):
-windows and bookkeeping per document, the same rows as the in-memory build, document spans,
+"""build.py: windows and bookkeeping tokens, memories built from many documents in a stream
+(build_documents, build_memory.py) with the same rows as the in-memory build, document spans,
 appending equal to building everything at once, and interrupted builds that leave the
-directory as it was."""
+memory as it was."""
 import json
 import os
 import sys
@@ -13,26 +13,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import build as build_module
-from build import build_documents, build_from_text, read_documents
-from conftest import TINY, run_script
+from build import build_documents, build_from_text, memory_token_windows, read_documents
+from conftest import TINY, make_random_checkpoint, run_script, write_docs
 from model import GPT
 from store import load_memory
 from tokenizer import encode
-
-WORDS = "cats are kind and the city of Vancouver is large while dogs play in the park every day ".split()
 
 
 @pytest.fixture(scope='module')
 def tiny():
     torch.set_num_threads(1)
     return GPT.from_pretrained(TINY)
-
-
-def write_docs(folder, lengths):
-    folder.mkdir()
-    for i, n in enumerate(lengths):
-        (folder / f"doc{i}.txt").write_text(' '.join(WORDS[(i + j) % len(WORDS)] for j in range(n)), encoding='utf-8')
-    return folder
 
 
 def test_windows_and_bookkeeping_per_document(tmp_path, tiny):
@@ -113,42 +104,27 @@ def test_an_interrupted_build_leaves_the_memory_as_it_was(tmp_path, tiny, monkey
     assert load_memory(path).identity() == before
 
 
-def test_bench_memory_runs_and_judges_its_target():
-    # the benchmark's every part on small sizes: the model pass, the search-alone figures, the
-    # decoding measurements and the verdict line (its timings are not asserted: noisy)
-    r = run_script('bench_memory.py', '--sizes=[400,800]', "--indexes=['flat','ivf']", '--queries=64',
-                   '--prompt_len=8', '--new_tokens=2', '--repeat=1', '--build_tokens=1024')
-    assert r.returncode == 0, r.stderr
-    lines = r.stdout.splitlines()
-    assert any(l.startswith('building: the model pass') and 'tokens/s' in l for l in lines)
-    rows = {(int(l.split()[0]), l.split()[1]): l.split() for l in lines if l.split() and l.split()[0].isdigit()}
-    assert set(rows) == {(400, 'flat'), (400, 'ivf'), (800, 'flat'), (800, 'ivf')}
-    # a row: tokens, index, build s, rows/s, load s, searched with, recall@k, us/query, search ms/tok
-    # cached and exact, +ms/tok cached and exact, own ms/tok cached and exact, lookups, index MB,
-    # disk MB, peak GB
-    assert rows[(400, 'flat')][6] == rows[(800, 'flat')][6] == '1.000'  # exact search is exact
-    assert rows[(400, 'ivf')][4] != 'nan' and rows[(400, 'flat')][4] == 'nan'  # an approximate index's reload
-    assert rows[(400, 'ivf')][5].startswith('nprobe=') and rows[(400, 'flat')][5] == '-'  # calibrated
-    assert all(row[10] != 'nan' and row[11] != 'nan' for row in rows.values())  # decoding measured for each
-    assert all(float(row[12]) > 0 and float(row[13]) > 0 for row in rows.values())  # the memory's own time too
-    verdict = next(l for l in lines if l.strip().startswith('ivf at 800:'))
-    assert 'cached' in verdict and 'exact' in verdict and 'recall@5' in verdict and "the memory's own time" in verdict
+def test_long_text_is_split_into_windows_each_with_its_bookkeeping_token(tmp_path):
+    make_random_checkpoint(tmp_path, seed=3, n_positions=16)
+    model, enc = GPT.from_pretrained(str(tmp_path))
+    text = "Dogs and cats can live together when they are introduced slowly and kindly. " * 3
+    memory = build_from_text(model, enc, '\n' + text, layers=[0, 2])
+    ids = encode(enc, '\n' + text)
+    windows = memory.meta['token_windows']
+    assert all(w[0] == ids[0] and len(w) <= 16 for w in windows)
+    assert [t for w in windows for t in w[1:]] == ids[1:]
+    assert memory.num_entries() == len(ids) - 1
+    # each window's stored keys are what the plain model computes on that window alone
+    offset = 0
+    for w in windows:
+        _, kv, _ = model(torch.tensor([w]), use_memory=False)
+        for layer in (0, 2):
+            k, v = kv[layer]
+            torch.testing.assert_close(memory.keys[layer][:, offset:offset + len(w) - 1], k[0, :, 1:])
+            torch.testing.assert_close(memory.values[layer][:, offset:offset + len(w) - 1], v[0, :, 1:])
+        offset += len(w) - 1
 
 
-def test_bench_memory_on_a_built_memorys_keys(tmp_path, tiny):
-    # keys_from: the rows of a built memory, not random ones; the queries are held-out rows,
-    # and a size the memory cannot fill is skipped, not measured on fewer keys
-    model, enc = tiny
-    path = build_documents(model, enc, read_documents(str(write_docs(tmp_path / 'docs', [900]))),
-                           str(tmp_path / 'mem'), layers=[2], progress=False)
-    rows, head_size = load_memory(path).num_entries(), model.config.head_dim
-    r = run_script('bench_memory.py', f'--keys_from={path}', '--keys_head=1', '--sizes=[300,5000]',
-                   "--indexes=['flat','hnsw']", '--queries=32', '--decode=False', '--build_tokens=0',
-                   f'--head_size={head_size + 1}')  # the keys' size wins over head_size
-    assert r.returncode == 0, r.stderr
-    assert f"keys: {rows} stored keys of {path}, layer 2, head 1; queries: 32" in r.stdout
-    measured = [l.split() for l in r.stdout.splitlines() if l.split() and l.split()[0].isdigit()]
-    assert [(row[0], row[1]) for row in measured[:2]] == [('300', 'flat'), ('300', 'hnsw')]
-    assert measured[0][6] == '1.000' and measured[2][:2] == ['5000', 'skipped:']
-    bad = run_script('bench_memory.py', f'--keys_from={path}', '--keys_head=99', '--decode=False')
-    assert bad.returncode != 0 and 'keys_head=99' in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+def test_windows_without_bookkeeping_token():
+    assert memory_token_windows(list(range(10)), 0, 4) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert memory_token_windows(list(range(8)), 1, 4) == [[0, 1, 2, 3], [0, 4, 5, 6], [0, 7]]
