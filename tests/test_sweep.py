@@ -18,7 +18,7 @@ sys.path.insert(0, ROOT)
 import scores  # noqa: E402
 import sweep  # noqa: E402
 from configurator import UserError, configure  # noqa: E402
-from conftest import TEXT, one_line_error, run_script
+from conftest import one_line_error, run_script
 from memory import RetrievalSettings  # noqa: E402
 from run import RUN_DEFAULTS, Sampling, continuations, load_model, prepare_memory, prompt_ids  # noqa: E402
 
@@ -350,17 +350,8 @@ def test_settings_of_one_memory_share_its_search_indexes(tmp_path, monkeypatch):
     assert built == ['faiss', 'faiss']  # layers 1 and 2, once each
 
 
-SWEEP = f"""
-init_from = {TINY!r}
-memory = {TEXT!r}
-start = "\\nCats are horrible"
-knn_num = [0, 3, 3, 0]
-mem_frac = 5.0
-seeds = 2
-max_new_tokens = 4
-baselines = ['plain']
-plots = False
-"""
+# a small sweep for the failure tests; each appends its own grid
+SWEEP = VADER_SWEEP.replace('seeds = 3', 'seeds = 2').replace('max_new_tokens = 16', 'max_new_tokens = 4') + "plots = False\n"
 
 
 def sweep_cli(*args):
