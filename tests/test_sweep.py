@@ -338,10 +338,10 @@ def test_sweep_with_a_file_memory_builds_what_sample_py_builds(tmp_path, monkeyp
 
 def test_settings_of_one_memory_share_its_search_indexes(tmp_path, monkeypatch):
     """A sweep over MF, TS, k and layers of one memory builds each layer's search index once."""
-    import memory
+    import knn_index
     built = []
-    real_init = memory.KNNIndex.__init__
-    monkeypatch.setattr(memory.KNNIndex, '__init__', lambda self, keys, kind, *a: built.append(kind) or real_init(self, keys, kind, *a))
+    real_init = knn_index.KNNIndex.__init__
+    monkeypatch.setattr(knn_index.KNNIndex, '__init__', lambda self, keys, kind, *a: built.append(kind) or real_init(self, keys, kind, *a))
     cfg = write_config(tmp_path, 'share', VADER_SWEEP.replace('seeds = 3', 'seeds = 2').replace('max_new_tokens = 16', 'max_new_tokens = 4'))
     sweep.main([cfg, f'--out_dir={tmp_path / "out"}', '--plots=False', '--search=faiss',
                 "--grid={'mem_frac': [1.0, 5.0], 'knn_softmax_influence': [0.01, 1.0], "
