@@ -20,6 +20,7 @@ import hashlib
 import itertools
 import json
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -481,18 +482,25 @@ def main(argv):
         return merge(config, name, out_dir, settings, seeds)
     run_dir = os.path.join(out_dir, 'shards', f"{shard[0]}-of-{shard[1]}") if shard else out_dir
     mine = [s for s in settings if shard is None or s['index'] % shard[1] == shard[0]]
-    write_whole(os.path.join(run_dir, 'sweep.json'),
-                json.dumps(dict(name=name, shard=config['shard'] or None, seeds=seeds, config=jsonable(config),
-                                settings=[dict(index=s['index'], id=s['id'], label=s['label'], setting=s['setting'])
-                                          for s in settings]), indent=1, ensure_ascii=False))
-    finished = load_finished([run_dir], {s['id'] for s in settings}, seeds)
-    todo = [s for s in mine if s['id'] not in finished]
-    print(f"sweep {name}: {len(settings)} settings x {len(seeds)} seeds"
-          + (f", shard {shard[0]}/{shard[1]}: {len(mine)} settings" if shard else '')
-          + f"; {len(mine) - len(todo)} already finished, {len(todo)} to run; output in {run_dir}", file=sys.stderr)
-    wb = report.WandbLog(config, config['wandb_run_name'] or name + (f"-shard{shard[0]}of{shard[1]}" if shard else '')) \
-        if config['wandb_log'] else None
-    run_settings(todo, config, name, run_dir, mine, seeds, finished, wb)
+    # a run that fails before any setting is finished (a model that cannot load, say) leaves nothing behind
+    fresh = out_dir if not os.path.exists(out_dir) else run_dir if not os.path.exists(run_dir) else None
+    try:
+        write_whole(os.path.join(run_dir, 'sweep.json'),
+                    json.dumps(dict(name=name, shard=config['shard'] or None, seeds=seeds, config=jsonable(config),
+                                    settings=[dict(index=s['index'], id=s['id'], label=s['label'], setting=s['setting'])
+                                              for s in settings]), indent=1, ensure_ascii=False))
+        finished = load_finished([run_dir], {s['id'] for s in settings}, seeds)
+        todo = [s for s in mine if s['id'] not in finished]
+        print(f"sweep {name}: {len(settings)} settings x {len(seeds)} seeds"
+              + (f", shard {shard[0]}/{shard[1]}: {len(mine)} settings" if shard else '')
+              + f"; {len(mine) - len(todo)} already finished, {len(todo)} to run; output in {run_dir}", file=sys.stderr)
+        wb = report.WandbLog(config, config['wandb_run_name'] or name + (f"-shard{shard[0]}of{shard[1]}" if shard else '')) \
+            if config['wandb_log'] else None
+        run_settings(todo, config, name, run_dir, mine, seeds, finished, wb)
+    except BaseException:
+        if fresh and not glob.glob(os.path.join(run_dir, 'settings', '*.json')):
+            shutil.rmtree(fresh, ignore_errors=True)
+        raise
     summary, text, plots, table = report.write_outputs(run_dir, config, name, mine, seeds, finished, fixed_settings(config))
     print(text, end='')
     print(f"wrote {', '.join(os.path.join(run_dir, f) for f in ['results.csv', 'samples.jsonl', 'summary.csv', 'summary.txt'])}"

@@ -385,3 +385,11 @@ def test_a_settings_file_that_lost_rows_is_rerun_and_a_merge_with_missing_shards
     assert sweep_cli(str(cfg), f'--out_dir={sharded}', '--shard=0/3').returncode == 0
     r = sweep_cli(str(cfg), f'--out_dir={sharded}', '--merge=True')
     one_line_error(r, 'missing 2 of 3 settings (shards i/3: 1/3, 2/3)', 'run them, then merge again')
+
+
+def test_a_sweep_that_fails_before_finishing_a_setting_leaves_nothing_behind(tmp_path):
+    cfg = tmp_path / 'sweep_fails.py'
+    cfg.write_text(SWEEP + f"init_from = {str(tmp_path / 'no_such_model')!r}\n")
+    out = tmp_path / 'out'
+    one_line_error(sweep_cli(str(cfg), f'--out_dir={out}'), 'no_such_model')
+    assert not out.exists()
