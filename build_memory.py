@@ -82,7 +82,8 @@ def main(argv):
           f"in {len(m['token_windows'])} window(s) of {len(m['documents'])} document(s)"
           + (f" ({len(documents)} appended)" if config['append'] else f" of {texts[0]}"))
     print(f"model {m['model']['name']} (weights {m['model']['fingerprint']}), layers {memory.stored_layers}, "
-          f"{m['model']['n_head']} heads of size {m['model']['head_size']}; {tokens / max(seconds, 1e-9):.0f} tokens/s")
+          f"{memory.keys[memory.stored_layers[0]].size(0)} key/value heads (of {m['model']['n_head']} query heads) of size "
+          f"{m['model']['head_size']}; {tokens / max(seconds, 1e-9):.0f} tokens/s")
     print(f"{size / 1e6:.2f} MB on disk at {path} (keys and values in {str(memory.values[memory.stored_layers[0]].dtype).removeprefix('torch.')})")
     save_index(memory, path)
 

@@ -200,6 +200,10 @@ def test_sample_and_sweep_run_unchanged_on_a_llama(tiny_llama, tmp_path):
     assert len([l for l in r.stdout.splitlines() if l.startswith('{')]) == 2
     r = run_script('build_memory.py', str(tmp_path / 'nothing.txt'), f'--init_from={path}')
     assert r.returncode == 2 and 'does not exist' in r.stderr
+    (tmp_path / 'text.txt').write_text(TEXT, encoding='utf-8')
+    r = run_script('build_memory.py', str(tmp_path / 'text.txt'), f'--init_from={path}', f'--mem_store={tmp_path / "m"}',
+                   '--layers=[1]')
+    assert r.returncode == 0 and '2 key/value heads (of 6 query heads) of size 8' in r.stdout, r.stdout + r.stderr
 
 
 # --- SmolLM2-135M from its GGUF file ------------------------------------------------
