@@ -94,7 +94,7 @@ def save_index(memory, path):
     factory = index_factory(memory.knn_index, memory.num_entries(), memory.keys[layer].size(-1))
     if factory != 'Flat':
         t0 = time.time()
-        n = save_indexes(memory, path)
+        n = save_indexes(memory)
         print(f"search index {memory.knn_index} (FAISS {factory}) for {n} layer(s) x {memory.keys[layer].size(0)} "
               f"heads, trained and saved in {path} in {time.time() - t0:.1f} s")
 

@@ -129,7 +129,6 @@ class LayerMemory:
         # (B, H, T) and what they looked up (a Retrieval; None when nothing was selected)
         self.last_selection = None
         self.last_retrieval = None
-        self._found = None  # the latest memory_values' neighbours and candidate weights
         self.group = 1  # query heads per key/value head, as the latest call saw them
 
     def select(self, att: torch.Tensor) -> torch.Tensor:
@@ -151,10 +150,11 @@ class LayerMemory:
         return self.index.search(queries, heads, self.k)
 
     def memory_values(self, query_j: torch.Tensor, key_j: torch.Tensor, value_j: torch.Tensor,
-                      heads: torch.Tensor) -> torch.Tensor:
+                      heads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Steps 2-6 for n selected token-heads: each one's own query (n, d), the key and value
         (n, d) of its key/value head, and that key/value head (n,), whose memory is searched.
-        Returns the new values v' (n, d). A token-head's v' depends on nothing but these."""
+        Returns the new values v' (n, d), and for inspection the rows found (n, k; -1: none)
+        and the candidates' weights. A token-head's v' depends on nothing but these inputs."""
         d = key_j.size(-1)
         # 2. neighbours of the token's own key
         found = self.search(key_j, heads)  # (n, k), -1: none
@@ -171,12 +171,11 @@ class LayerMemory:
         scores = (cand_k @ query_j[:, :, None]).squeeze(-1) * (1.0 / math.sqrt(d))
         scores = (scores * self.settings.knn_softmax_influence).masked_fill(~valid, float('-inf'))
         w = F.softmax(scores, dim=-1)
-        self._found = (found, w)
         # 5. memory vector
         m = (w[:, :, None] * cand_v).sum(dim=1)
         # 6. new value
         r = self.settings.resid_frac
-        return (1 - r) * m + r * value_j if r != 0 else m
+        return ((1 - r) * m + r * value_j if r != 0 else m), found, w
 
     @torch.no_grad()
     def update_values(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, att: torch.Tensor) -> torch.Tensor:
@@ -192,8 +191,8 @@ class LayerMemory:
             return v
         v = v.clone()
         g = h // group
-        new = self.memory_values(q[b, h, j], k[b, g, j], v[b, h, j], g)
-        self.record(b, h, j, att, k[b, g, j], g, new, v[b, h, j])
+        new, found, w = self.memory_values(q[b, h, j], k[b, g, j], v[b, h, j], g)
+        self.record(b, h, j, att, k[b, g, j], g, found, w, new, v[b, h, j])
         v[b, h, j] = new
         return v  # 7. the caller finishes attention: y = att @ v'
 
@@ -212,14 +211,13 @@ class LayerMemory:
         b, h, j = (selected & ~done).nonzero(as_tuple=True)
         if b.numel():
             g = h // group
-            v_mem[b, h, j] = self.memory_values(q[b, h, j], k[b, g, j], v[b, g, j], g)
-            self.record(b, h, j, att, k[b, g, j], g, v_mem[b, h, j], v[b, g, j])
+            v_mem[b, h, j], found, w = self.memory_values(q[b, h, j], k[b, g, j], v[b, g, j], g)
+            self.record(b, h, j, att, k[b, g, j], g, found, w, v_mem[b, h, j], v[b, g, j])
             done[b, h, j] = True
         return torch.where(selected[..., None], v_mem, expand_kv(v, group))
 
-    def record(self, b, h, j, att, key_j, heads, new, old) -> None:
-        """Keep what the latest memory_values looked up as last_retrieval (for inspection)."""
-        found, w = self._found
+    def record(self, b, h, j, att, key_j, heads, found, w, new, old) -> None:
+        """Keep what memory_values looked up for token-heads (b, h, j) as last_retrieval."""
         stored = self.keys[heads[:, None], found.clamp(min=0)].float()
         distances = (stored - key_j.float()[:, None]).pow(2).sum(-1).masked_fill(found < 0, float('nan'))
         self.last_retrieval = Retrieval(b, h, j, att[b, h, -1, j], found, distances, w,

@@ -23,7 +23,7 @@ import torch
 
 from build import build_from_text
 from checkpoint import GGUF_PACKAGES, LLAMA_FAMILIES, family_of, gguf_path, llama_checkpoint
-from configurator import UserError
+from configurator import REPOSITORY, UserError, configure
 from decoding import Readout, generate
 from files import append_whole, read_text_file
 from knn_index import SearchSettings
@@ -301,7 +301,6 @@ def prepare_run(config: dict, progress: bool = True) -> Run:
 def settings_of(config_file: str, n_layer: int) -> RetrievalSettings:
     """The retrieval settings of a run config file, for a model of n_layer layers (the
     benchmarks take Table 1's from config/type_3.py)."""
-    from configurator import REPOSITORY, configure
     path = config_file if os.path.isabs(config_file) else os.path.join(REPOSITORY, config_file)
     return RetrievalSettings.from_config(configure(RUN_DEFAULTS, [path]), n_layer)
 

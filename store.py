@@ -127,7 +127,7 @@ def _load_ours(path, tries=3, mmap=False):
     for l in keys:
         check_stored(keys[l], values[l], f"{tensor_path} layer {l}", rebuild)
     meta = {k: found[k] for k in META_FIELDS if k in found}
-    return Memory(keys, values, meta, saved_index=saved_indexes(os.path.abspath(path), expected))
+    return Memory(keys, values, meta, saved_index=SavedIndexes(os.path.abspath(path), expected))
 
 
 def read_manifest(path: str) -> dict:
@@ -261,11 +261,19 @@ def is_own_file(name):
         name.startswith(SPOOL_PREFIX)
 
 
-def saved_indexes(directory: str, checksum: str):
-    """Memory.saved_index for a memory loaded from `directory` with tensor checksum `checksum`:
-    (layer, factory) -> ((heads' bytes, metadata) or None, the file's path). Only reads."""
-    def read(layer, factory):
-        file = os.path.join(directory, index_file_name(checksum, layer, factory))
+class SavedIndexes:
+    """Memory.saved_index of a memory loaded from `directory` with tensor checksum `checksum`:
+    (layer, factory) -> ((heads' bytes, metadata) or None, the file's path). Only reads; the
+    files it names are those save_indexes writes."""
+
+    def __init__(self, directory: str, checksum: str):
+        self.directory, self.checksum = directory, checksum
+
+    def file(self, layer: int, factory: str) -> str:
+        return os.path.join(self.directory, index_file_name(self.checksum, layer, factory))
+
+    def __call__(self, layer: int, factory: str):
+        file = self.file(layer, factory)
         if not os.path.isfile(file):
             return None, file
         from safetensors import SafetensorError, safe_open
@@ -275,21 +283,23 @@ def saved_indexes(directory: str, checksum: str):
         except (SafetensorError, OSError, ValueError) as e:
             warnings.warn(f"{file} is unreadable ({faiss_message(e)}); building the index again", stacklevel=3)
             return None, file
-    return read
 
 
-def save_indexes(memory: Memory, path: str) -> int:
+def save_indexes(memory: Memory) -> int:
     """Train (or read) every stored layer's approximate index for the memory's own knn_index and
-    save those not already saved whole, calibration included, in the directory `path` it was
-    loaded from (FAISS on the CPU). The explicit step that build_memory.py takes, so that
-    later loads read the index instead of training it. Returns the number of layers indexed."""
+    save those not already saved whole, calibration included, in the directory the memory was
+    loaded from, named by the checksum of the tensors it was loaded with (FAISS on the CPU).
+    The explicit step that build_memory.py takes, so that later loads read the index instead
+    of training it. Returns the number of layers indexed."""
     from safetensors.numpy import save
-    checksum = next(iter(read_manifest(path)['tensors'].values()))
+    saved = memory.saved_index
+    if not isinstance(saved, SavedIndexes):
+        raise UserError("only a memory loaded from its directory (load_memory) can save its search indexes there")
     for layer in memory.stored_layers:
         _, _, index = memory.layer_index(layer, 'cpu', SearchSettings(search='faiss'))
         if index.factory == 'Flat' or (index.from_saved and not index.calibrated_now):
             continue
-        write_whole(os.path.join(path, index_file_name(checksum, layer, index.factory)), save(*index.serialized()))
+        write_whole(saved.file(layer, index.factory), save(*index.serialized()))
     return len(memory.stored_layers)
 
 

@@ -203,7 +203,7 @@ def test_an_approximate_index_is_trained_once_and_saved_with_the_memory(tmp_path
         damaged = load_memory(str(store), model, enc)
         damaged.retrieving_layers(settings)
     assert (store / saved[0]).read_bytes() == b'not an index'
-    save_indexes(damaged, str(store))
+    save_indexes(damaged)
     assert len(index_files(store)) == 2 and (store / saved[0]).stat().st_size > 100
     # an index file saved without its calibration (e.g. built under a given --nprobe) is
     # calibrated on load, and saved with it only when asked
@@ -215,7 +215,7 @@ def test_an_approximate_index_is_trained_once_and_saved_with_the_memory(tmp_path
     assert again.retrieving_layers(settings)[1].index.calibration == calibration
     with safe_open(str(store / saved[0]), 'np') as f:
         assert not f.metadata()
-    save_indexes(again, str(store))
+    save_indexes(again)
     with safe_open(str(store / saved[0]), 'np') as f:
         assert json.loads(f.metadata()['calibration']) == calibration
     # re-indexing saves the new index beside the old (the tensors are the same); a new version of
