@@ -17,20 +17,24 @@ import json
 import os
 import sys
 
-import torch
-
-import run
-from configurator import UserError, configure, run_cli
-from files import write_whole
-from report import plot_setup, save_png
-from run import RUN_DEFAULTS, plain_and_memory, prepare_run
+import run_config
+from configurator import UserError, answer_help, configure, run_cli
+from run_config import RUN_DEFAULTS
 
 DEFAULTS = dict(
-    RUN_DEFAULTS,          # the model, prompt and memory keys of sample.py (see run.py)
+    RUN_DEFAULTS,          # the model, prompt and memory keys of sample.py (see run_config.py)
     layers=None,           # layers to draw (0-based); None = the memory layers and the one above each
     heads=None,            # heads to draw; None = all
     out_dir='out/attention',  # where the PNGs, attention.safetensors and tokens.json go
 )
+if __name__ == '__main__':  # --help answers here, before torch and FAISS are imported (seconds)
+    answer_help(DEFAULTS, __doc__, [__file__, run_config])
+
+import torch
+
+from files import write_whole
+from report import plot_setup, save_png
+from run import plain_and_memory, prepare_run
 
 
 def attention(model, ids, retrieval):
@@ -48,24 +52,26 @@ def heatmap(path, labels, maps, layer, head, title):
                                                  ('memory - plain', maps['memory'] - maps['plain'])]
                                                 if 'memory' in maps else [])
     fig, axes = plt.subplots(1, len(panels), figsize=(size * len(panels), size + 0.6), squeeze=False, layout='constrained')
-    for ax, (name, m) in zip(axes[0], panels):
+    for n, (ax, (name, m)) in enumerate(zip(axes[0], panels)):
         diff = name.startswith('memory -')
         lim = float(m.abs().max()) or 1.0
         im = ax.imshow(m.numpy(), cmap='RdBu_r' if diff else 'viridis', vmin=-lim if diff else 0,
                        vmax=lim if diff else 1, interpolation='nearest')
         ax.set_xticks(range(T), labels, rotation=90, fontsize=max(4, 9 - T // 12))
-        ax.set_yticks(range(T), labels, fontsize=max(4, 9 - T // 12))
+        ax.set_yticks(range(T), labels if n == 0 else [''] * T, fontsize=max(4, 9 - T // 12))
         ax.set_xlabel('attended position (key)', fontsize=8)
-        ax.set_ylabel('position (query)', fontsize=8)
+        if n == 0:
+            ax.set_ylabel('position (query)', fontsize=8)
         ax.set_title(name, fontsize=9)
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+        bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+        bar.set_label('change in attention weight' if diff else 'attention weight', fontsize=8)
     fig.suptitle(f"{title}: layer {layer} (0-based), head {head}", fontsize=10)
     save_png(fig, path)
     plt.close(fig)
 
 
 def main(argv):
-    config = configure(DEFAULTS, argv, __doc__, [sys.modules[__name__], run])
+    config = configure(DEFAULTS, argv, __doc__, [sys.modules[__name__], run_config])
     r = prepare_run(config, progress=False)
     n_layer, n_head = r.model.config.n_layer, r.model.config.n_head
     layers = config['layers']

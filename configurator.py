@@ -63,7 +63,7 @@ def key_meanings(*modules):
     column. The first module that describes a key wins."""
     meanings = {}
     for module in modules:
-        with open(module.__file__, encoding='utf-8') as f:
+        with open(module if isinstance(module, str) else module.__file__, encoding='utf-8') as f:
             lines = f.read().splitlines()
         key = col = None
         for line in lines:
@@ -86,6 +86,14 @@ def print_help(defaults, usage, modules):
     for key, value in defaults.items():
         shown = f"--{key}={value!r}"
         print(f"  {shown:<34} {meanings.get(key, '')}" if len(shown) <= 34 else f"  {shown}\n  {'':<34} {meanings.get(key, '')}")
+
+
+def answer_help(defaults, usage, described_in):
+    """--help (or -h) on the command line: print the script's help and exit. Scripts call it
+    before they import torch and FAISS, which take seconds, so help answers at once."""
+    if '--help' in sys.argv[1:] or '-h' in sys.argv[1:]:
+        print_help(defaults, usage, described_in)
+        raise SystemExit(0)
 
 
 REPOSITORY = os.path.dirname(os.path.abspath(__file__))
@@ -114,7 +122,7 @@ def resolve_files(value, config_file, key):
 def configure(defaults, argv, usage=None, described_in=()):
     """Return a copy of `defaults` updated by the config files and --key=value overrides in argv.
     --help (or -h) prints `usage` and the keys, with meanings from the comments in the
-    `described_in` modules' sources, and exits."""
+    `described_in` modules' (or files') sources, and exits."""
     if '--help' in argv or '-h' in argv:
         print_help(defaults, usage, described_in)
         raise SystemExit(0)

@@ -2,7 +2,7 @@
 Decoding, as gpt-fast names its phases: Decoder.prefill(prompt), then Decoder.step(token)
 once per new token, each returning the next token's logits; generate() samples on top of it
 with nanoGPT's semantics (temperature, top-k) and one random generator per row. Readout
-chooses which logits are sampled from (an exit layer, or a contrast of two, METHOD.md
+chooses which logits are sampled from (an exit layer, or a contrast of two, docs/method.md
 section 6).
 """
 
@@ -25,7 +25,7 @@ class Decoder:
     mode='exact' (the default) is the method's decoding: a memory layer changes the values of
     past tokens, and its selection depends on the newest token, so every layer from the first
     memory layer on (the first rerun layer) is rerun over the whole sequence for each new
-    token (METHOD.md section 2). Layers below it are unaffected and keep a KV cache; the first
+    token (docs/method.md section 2). Layers below it are unaffected and keep a KV cache; the first
     rerun layer's input never changes either, so it projects q, k, v for the new token only.
 
     mode='cached' is an approximation whose cost per token does not grow with the context:
@@ -91,7 +91,7 @@ class Decoder:
 
 @dataclass(frozen=True)
 class Readout:
-    """Which logits decoding samples from (METHOD.md section 6, seed 004's shared-head mode).
+    """Which logits decoding samples from (docs/method.md section 6; the shared-head mode of auto-contrastive-generation).
     Exit i's logits are head(h_i), h_i the residual stream after the first i blocks (1 <= i <=
     n_layer; i = n_layer is the ordinary output). exit_layer reads one exit; contrast_layers
     (U, L) reads log p of the auto-contrast of exit U against exit L with contrast_alpha.
@@ -118,6 +118,13 @@ class Readout:
         """True when this reads the ordinary output (nothing set, or exit_layer = n_layer)."""
         return self.contrast_layers is None and self.exit_layer in (None, n_layer)
 
+    def describe(self) -> str:
+        """'exit 20' or 'exit 30 contrasted with exit 20 (alpha 0.1)', for labels."""
+        if self.exit_layer is not None:
+            return f"exit {self.exit_layer}"
+        upper, lower = self.contrast_layers
+        return f"exit {upper} contrasted with exit {lower} (alpha {self.contrast_alpha})"
+
     def layers(self) -> list[int]:
         return [self.exit_layer] if self.exit_layer is not None else list(dict.fromkeys(self.contrast_layers))
 
@@ -133,7 +140,7 @@ class Readout:
 
 
 def contrast(logits_upper: torch.Tensor, logits_lower: torch.Tensor, alpha: float = 0.1) -> torch.Tensor:
-    """Auto-contrastive log-probabilities (METHOD.md section 6): p_U, p_L = softmax; the tokens
+    """Auto-contrastive log-probabilities (docs/method.md section 6): p_U, p_L = softmax; the tokens
     with p_U >= alpha * max(p_U) (the top one at least) share their total p_U in proportion to
     softmax(log p_U - log p_L) over them; the others keep p_U. Returns the log of that."""
     log_pu = F.log_softmax(logits_upper.float(), dim=-1)
@@ -186,7 +193,7 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, temperature: float =
     its own would; None uses torch's global generator (as nanoGPT). Sampling happens on
     the CPU, so a CUDA run draws the same tokens as a CPU run from the same probabilities.
     mode: 'exact' (the method) or 'cached' (an approximation); see Decoder. readout: which
-    logits are sampled from (an exit layer or a contrast of two, METHOD.md section 6).
+    logits are sampled from (an exit layer or a contrast of two, docs/method.md section 6).
     """
     if idx.size(1) > model.config.block_size:
         warnings.warn(f"prompt of {idx.size(1)} tokens is longer than block_size {model.config.block_size}; "

@@ -5,7 +5,7 @@ Logit lens, with and without the memory: the next token read out after every blo
     python logit_lens.py config/smollm2_type_3.py --top=3
 
 For the config's prompt, exit i's next-token distribution is softmax(head(h_i)), h_i the
-residual stream at the last position after the first i blocks (METHOD.md section 6: the
+residual stream at the last position after the first i blocks (docs/method.md section 6: the
 final norm, then the LM head; i = n_layer is the model's output). It is computed for the
 plain model and with the config's memory, and shown side by side: the top tokens per exit,
 and the KL divergence of the memory's distribution from the plain one, which says where in
@@ -16,22 +16,26 @@ and rank) and lens.png (probability of the tracked tokens per exit, and the KL) 
 import os
 import sys
 
-import torch
-import torch.nn.functional as F
-
-import run
-from configurator import UserError, configure, run_cli
-from files import write_whole
-from report import csv_text, plot_setup, save_png
-from run import RUN_DEFAULTS, plain_and_memory, prepare_run
-from tokenizer import encode
+import run_config
+from configurator import UserError, answer_help, configure, run_cli
+from run_config import RUN_DEFAULTS
 
 DEFAULTS = dict(
-    RUN_DEFAULTS,          # the model, prompt and memory keys of sample.py (see run.py)
+    RUN_DEFAULTS,          # the model, prompt and memory keys of sample.py (see run_config.py)
     top=5,                 # tokens shown per exit and variant
     track=[],              # tokens whose probability is plotted per exit, e.g. [' Vancouver']; [] = the top ones at the output
     out_dir='out/lens',    # where lens.csv and lens.png go
 )
+if __name__ == '__main__':  # --help answers here, before torch and FAISS are imported (seconds)
+    answer_help(DEFAULTS, __doc__, [__file__, run_config])
+
+import torch
+import torch.nn.functional as F
+
+from files import write_whole
+from report import csv_text, plot_setup, save_png
+from run import plain_and_memory, prepare_run
+from tokenizer import encode
 
 
 def lens(model, ids, retrieval):
@@ -75,7 +79,10 @@ def tracked_tokens(enc, probs, track):
     return list(dict.fromkeys(int(probs[v][last].argmax()) for v in probs))
 
 
-def plot(path, enc, probs, tokens, title):
+def plot(path, enc, probs, tokens, title, memory_layers=()):
+    """The tracked tokens' probability per exit (dashed: plain, solid: memory) and the KL per
+    exit; the exits right after the memory layers are shaded (memory layer L is block L, read
+    first at exit L + 1)."""
     plt = plot_setup()
     variants = list(probs)
     fig, axes = plt.subplots(1 + (len(variants) == 2), 1, figsize=(7, 5.5 if len(variants) == 2 else 3.2), sharex=True,
@@ -93,13 +100,19 @@ def plot(path, enc, probs, tokens, title):
     if len(variants) == 2:
         axes[1, 0].plot(exits, [kl(probs['memory'][i], probs['plain'][i]) for i in exits], 'o-', ms=3, color='tab:blue')
         axes[1, 0].set_ylabel('KL(memory || plain), nats')
+    for a in axes[:, 0]:
+        for n, layer in enumerate(memory_layers):
+            a.axvspan(layer + 0.5, layer + 1.5, color='0.8', alpha=0.5, lw=0,
+                      label='after a memory layer' if n == 0 and a is axes[0, 0] else None)
+    if memory_layers:
+        ax.legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.0, 1.0))
     axes[-1, 0].set_xlabel('exit i: after the first i blocks (i = n_layer is the output)')
     save_png(fig, path)
     plt.close(fig)
 
 
 def main(argv):
-    config = configure(DEFAULTS, argv, __doc__, [sys.modules[__name__], run])
+    config = configure(DEFAULTS, argv, __doc__, [sys.modules[__name__], run_config])
     r = prepare_run(config, progress=False)
     with torch.no_grad():
         probs = lens(r.model, r.ids, r.retrieval)
@@ -113,7 +126,7 @@ def main(argv):
                 csv_text(['exit', 'variant', 'rank', 'token', 'token_id', 'prob'], rows))
     tokens = tracked_tokens(r.enc, probs, config['track'])
     plot(os.path.join(config['out_dir'], 'lens.png'), r.enc, probs, tokens,
-         f"logit lens: {r.model.name}, prompt {r.start[-40:]!r}")
+         f"logit lens: {r.model.name}, prompt {r.start[-40:]!r}", sorted(r.retrieval or ()))
     print(f"wrote {os.path.join(config['out_dir'], 'lens.csv')}, {os.path.join(config['out_dir'], 'lens.png')}")
 
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from checkpoint import gpt2_checkpoint, read_json
+from checkpoint import GGUF_PACKAGES, gpt2_checkpoint, read_json
 from configurator import UserError
 from tokenizer import load_tokenizer
 from transformer import Pass, Transformer, attend, pre_norm_block
@@ -138,7 +138,11 @@ class GPT(Transformer):
 
     @classmethod
     def from_pretrained(cls, init_from: str) -> tuple[GPT, object]:
-        """Load a GPT-2 checkpoint (hub name or directory). Returns (model, tokenizer)."""
+        """Load a GPT-2 checkpoint (hub name or directory). Returns (model, tokenizer).
+        run.load_pretrained takes every init_from (GPT-2, the Llama family, GGUF files)."""
+        if init_from in GGUF_PACKAGES or init_from.endswith('.gguf'):
+            raise UserError(f"init_from={init_from!r} is a GGUF model (Llama family), not GPT-2; load it with "
+                            f"run.load_pretrained({init_from!r}), which takes every init_from the configs take")
         from safetensors import SafetensorError
         from safetensors.torch import load_file
         ckpt_dir = gpt2_checkpoint(init_from)

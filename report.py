@@ -13,7 +13,7 @@ import numpy as np
 
 from configurator import UserError
 from files import write_whole
-from scores import QUALITY_SCORES, VADER_SCORES, summarize
+from scores import QUALITY_SCORES, VADER_SCORES, summarize, wilson_interval
 
 # columns of results.csv besides the grid keys
 CORE_COLUMNS = ['init_from', 'knn_num', 'mem_frac', 'bookkeeping_frac', 'knn_softmax_influence', 'resid_only',
@@ -123,24 +123,30 @@ def plot_setup():
 METHOD_COLOURS = dict(plain='tab:gray', context='tab:olive', actadd='tab:purple', memory='tab:blue')
 METHOD_NAMES = dict(plain='plain model (prompt alone)', context='memory text in the context', actadd='activation addition',
                     memory='the memory method')
+MANY = 12  # more settings than this: medians with intervals instead of boxes, labels upright
 LAYERS_NOTE = 'layers 0-based (the write-up counts from 1: its layer 10 is layer 9 here)'
 
 
 def setting_axis(ax, done, n_seeds=True):
-    """x positions of the finished settings, their labels (with n = seeds) set as ticks; a
-    figure width that fits them."""
+    """x positions of the finished settings, their labels set as ticks (with n = seeds, said
+    once below the axis when every setting has the same n)."""
     x = np.arange(len(done))
-    labels = [s['label'] + (f"\n(n={len(rec['rows'])})" if n_seeds else '') for s, rec in done]
+    counts = {len(rec['rows']) for _, rec in done}
+    each = n_seeds and len(counts) > 1
+    labels = [s['label'] + (f"\n(n={len(rec['rows'])})" if each else '') for s, rec in done]
     many = len(done) > 4
-    ax.set_xticks(x, labels, rotation=40 if many else 0, ha='right' if many else 'center', fontsize=8)
+    ax.set_xticks(x, labels, rotation=(90 if len(done) > MANY else 40) if many else 0,
+                  ha='right' if 4 < len(done) <= MANY else 'center', fontsize=7 if len(done) > MANY else 8)
     ax.set_xlim(-0.6, len(done) - 0.4)
-    if any('layer' in s['label'] for s, _ in done):
-        ax.set_xlabel(LAYERS_NOTE, fontsize=8)
+    notes = ([f"n = {counts.pop()} seeds per setting"] if n_seeds and not each else []) + \
+        ([LAYERS_NOTE] if any('layer' in s['label'] for s, _ in done) else [])
+    if notes:
+        ax.set_xlabel('; '.join(notes), fontsize=8)
     return x
 
 
 def figure_width(done):
-    return min(max(5.0, 0.55 * len(done) + 1.5), 30.0)
+    return min(max(5.0, 0.55 * len(done) + 1.5), 9.0) if len(done) <= MANY else min(0.22 * len(done) + 2.5, 16.0)
 
 
 def wrapped(title, width):
@@ -148,48 +154,70 @@ def wrapped(title, width):
     return '\n'.join(textwrap.wrap(title, int(width * 13)))
 
 
-def plot_vader(path, done, title):
-    """Box plots of the four VADER scores per setting, every seed a dot (boxes without fliers:
-    the dots show every seed once)."""
+def plot_vader(path, done, title, parts=('compound',)):
+    """The VADER scores of each setting's continuations (compound by default; `parts` adds
+    pos, neg, neu). Up to MANY settings: a box per setting (no fliers) with every seed a dot;
+    more (a layer scan): the median with its interquartile range. One part: colours are the
+    methods; several: colours are the parts."""
     plt = plot_setup()
-    width = figure_width(done) * 1.6
+    from matplotlib.patches import Patch
+    width = figure_width(done) * (1 + 0.3 * (len(parts) - 1) * (len(done) <= MANY))
     fig, ax = plt.subplots(figsize=(width, 4.2))
     x = setting_axis(ax, done)
-    order = ['compound', 'pos', 'neg', 'neu']
-    w = 0.8 / len(order)
+    w = 0.8 / len(parts)
     rng = np.random.default_rng(0)  # fixed jitter: the plot is the same every time
-    for j, c in enumerate(order):
+    for j, c in enumerate(parts):
         data = [[r['scores'][c] for r in rec['rows']] for _, rec in done]
         pos = x - 0.4 + w * (j + 0.5)
-        bp = ax.boxplot(data, positions=pos, widths=w * 0.85, patch_artist=True, manage_ticks=False, showfliers=False)
-        for box in bp['boxes']:
-            box.set_facecolor(COLOURS[c])
-            box.set_alpha(0.45)
-        for med in bp['medians']:
-            med.set_color('black')
-        for xi, d in zip(pos, data):
-            ax.scatter(xi + rng.uniform(-w * 0.3, w * 0.3, len(d)), d, s=7, color=COLOURS[c], alpha=0.7,
-                       linewidths=0, zorder=3)
+        colours = [COLOURS[c] if len(parts) > 1 else METHOD_COLOURS[s['method']] for s, _ in done]
+        if len(done) <= MANY:
+            bp = ax.boxplot(data, positions=pos, widths=w * 0.85, patch_artist=True, manage_ticks=False,
+                            showfliers=False)
+            for box, col in zip(bp['boxes'], colours):
+                box.set_facecolor(col)
+                box.set_alpha(0.35)
+            for med in bp['medians']:
+                med.set_color('black')
+            for xi, d, col in zip(pos, data, colours):
+                ax.scatter(xi + rng.uniform(-w * 0.3, w * 0.3, len(d)), d, s=7, color=col, alpha=0.7,
+                           linewidths=0, zorder=3)
+        else:
+            q25, med, q75 = (np.array([np.percentile(d, q) for d in data]) for q in (25, 50, 75))
+            for xi, lo, m, hi, col in zip(pos, q25, med, q75, colours):
+                ax.errorbar(xi, m, yerr=[[m - lo], [hi - m]], fmt='o', ms=4, color=col, capsize=2, lw=1.2)
     ax.set_ylim(-1.05, 1.05)
     ax.axhline(0, color='grey', lw=0.5)
-    ax.set_ylabel('VADER score of the continuation')
-    from matplotlib.patches import Patch
-    ax.legend([Patch(color=COLOURS[c], alpha=0.6) for c in order], ['compound', 'positive', 'negative', 'neutral'],
-              loc='upper left', bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    shown = 'box: quartiles, dots: seeds' if len(done) <= MANY else 'dot: median, bar: 25%-75%'
+    ax.set_ylabel(f"VADER {'compound' if parts == ('compound',) else 'scores'} of the continuation\n({shown})",
+                  fontsize=9)
+    if len(parts) > 1:
+        names = dict(compound='compound', pos='positive', neg='negative', neu='neutral')
+        ax.legend([Patch(color=COLOURS[c], alpha=0.6) for c in parts], [names[c] for c in parts],
+                  loc='upper left', bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    else:
+        method_legend(ax, done)
+    ax.grid(axis='y', alpha=0.3)
     ax.set_title(wrapped(title, width), fontsize=9)
     save_png(fig, path)
     plt.close(fig)
 
 
-def method_legend(ax, done):
+def method_legend(ax, done, extra=()):
     from matplotlib.patches import Patch
     methods = list(dict.fromkeys(s['method'] for s, _ in done))
-    ax.legend([Patch(color=METHOD_COLOURS[m]) for m in methods], [METHOD_NAMES[m] for m in methods], fontsize=8,
+    ax.legend([Patch(color=METHOD_COLOURS[m]) for m in methods] + [h for h, _ in extra],
+              [METHOD_NAMES[m] for m in methods] + [label for _, label in extra], fontsize=8,
               loc='upper left', bbox_to_anchor=(1.0, 1.0))
 
 
+def answers_label(done):
+    answers = next((s['answers'] for s, _ in done if s.get('answers')), None)
+    return ' or '.join(repr(a) for a in answers) if answers else 'an answer'
+
+
 def plot_recall(path, done, title):
-    """Bars: seeds whose continuation gives the answer, per setting, coloured by method."""
+    """Bars: seeds whose continuation starts with an answer, per setting, coloured by method,
+    with 95% Wilson intervals; the axis ends at the number of seeds."""
     plt = plot_setup()
     from matplotlib.ticker import MaxNLocator
     width = figure_width(done)
@@ -198,12 +226,19 @@ def plot_recall(path, done, title):
     succ = [sum(r['scores']['success'] for r in rec['rows']) for _, rec in done]
     n = [len(rec['rows']) for _, rec in done]
     bars = ax.bar(x, succ, color=[METHOD_COLOURS[s['method']] for s, _ in done])
-    for b, k, m in zip(bars, succ, n):
-        ax.annotate(f"{k}/{m}", (b.get_x() + b.get_width() / 2, b.get_height()), ha='center', va='bottom', fontsize=7)
-    ax.set_ylim(0, max(n) * 1.12)
-    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel('seeds that give the answer')
-    method_legend(ax, done)
+    ci = [wilson_interval(k, m) for k, m in zip(succ, n)]
+    ax.errorbar(x, succ, yerr=[[k - lo * m for k, m, (lo, _) in zip(succ, n, ci)],
+                               [hi * m - k for k, m, (_, hi) in zip(succ, n, ci)]],
+                fmt='none', ecolor='black', capsize=3, lw=1)
+    for b, m, (_, hi) in zip(bars, n, ci):
+        ax.annotate(f"{round(b.get_height())}/{m}", (b.get_x() + b.get_width() / 2, hi * m), xytext=(0, 2),
+                    textcoords='offset points', ha='center', va='bottom', fontsize=7, annotation_clip=False)
+    ax.set_ylim(0, max(n))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 2.5, 5, 10]))
+    ax.set_ylabel(f"seeds (of {max(n)}) that start with\n{answers_label(done)}", fontsize=8)
+    from matplotlib.lines import Line2D
+    method_legend(ax, done, [(Line2D([], [], color='black', lw=1, marker='|'), '95% interval (Wilson)')])
+    ax.grid(axis='y', alpha=0.3)
     ax.set_title(wrapped(title, width), fontsize=9)
     save_png(fig, path)
     plt.close(fig)
@@ -211,44 +246,53 @@ def plot_recall(path, done, title):
 
 def plot_quality(path, done, title):
     """Two stacked panels per setting: perplexity under the plain model (box per setting,
-    every seed a dot) and mean distinct-1/2/3."""
+    every seed a dot) and mean distinct-1/2/3 (hatching tells n apart; colour is the method
+    in both panels)."""
     plt = plot_setup()
+    from matplotlib.patches import Patch
     width = figure_width(done) * 1.2
     fig, (a1, a2) = plt.subplots(2, 1, figsize=(width, 6.4), sharex=True, gridspec_kw=dict(hspace=0.08))
     x = np.arange(len(done))
+    colours = [METHOD_COLOURS[s['method']] for s, _ in done]
     ppl = [[r['scores']['perplexity'] for r in rec['rows'] if not math.isnan(r['scores']['perplexity'])]
            for _, rec in done]
-    a1.boxplot(ppl, positions=x, widths=0.6, showfliers=False, manage_ticks=False)
+    a1.boxplot(ppl, positions=x, widths=0.6, showfliers=False, manage_ticks=False, medianprops=dict(color='black'))
     rng = np.random.default_rng(0)
-    for xi, p, (s, _) in zip(x, ppl, done):
-        a1.scatter(xi + rng.uniform(-0.18, 0.18, len(p)), p, s=7, alpha=0.6, linewidths=0,
-                   color=METHOD_COLOURS[s['method']], zorder=3)
+    for xi, p, col in zip(x, ppl, colours):
+        a1.scatter(xi + rng.uniform(-0.18, 0.18, len(p)), p, s=7, alpha=0.6, linewidths=0, color=col, zorder=3)
     flat = [v for p in ppl for v in p]
     if flat and min(flat) > 0 and max(flat) / min(flat) > 20:
         a1.set_yscale('log')
     a1.set_ylabel('perplexity\n(under the plain model)', fontsize=9)
     method_legend(a1, done)
     w = 0.8 / 3
-    for j, (nn, col) in enumerate(zip((1, 2, 3), ('tab:cyan', 'tab:purple', 'tab:brown'))):
+    hatches = ('', '///', 'xxx')
+    for j, nn in enumerate((1, 2, 3)):
         means = [np.nanmean([r['scores'][f'distinct_{nn}'] for r in rec['rows']]) for _, rec in done]
-        a2.bar(x - 0.4 + w * (j + 0.5), means, width=w * 0.9, color=col, label=f'distinct-{nn}')
+        a2.bar(x - 0.4 + w * (j + 0.5), means, width=w * 0.9, color=colours, alpha=0.35 + 0.2 * j,
+               hatch=hatches[j], edgecolor='white', lw=0)
     a2.set_ylim(0, 1.0)
     a2.set_ylabel('mean distinct-n\n(of tokens)', fontsize=9)
-    a2.legend(fontsize=8, loc='upper left', bbox_to_anchor=(1.0, 1.0))
+    a2.legend([Patch(facecolor='lightgrey', alpha=0.35 + 0.2 * j, hatch=h, edgecolor='black', lw=0)
+               for j, h in enumerate(hatches)], [f'distinct-{nn}' for nn in (1, 2, 3)],
+              fontsize=8, loc='upper left', bbox_to_anchor=(1.0, 1.0))
     setting_axis(a2, done)
     a1.set_title(wrapped(title + ' - text quality', width), fontsize=9)
     save_png(fig, path)
     plt.close(fig)
 
 
-def make_plots(out_dir, metric, settings, finished, title):
+def make_plots(out_dir, metric, settings, finished, title, vader_parts=('compound',)):
     """vader.png or recall.png, and quality.png, for the finished settings. Returns their paths."""
     done = [(s, finished[s['id']]) for s in settings if s['id'] in finished]
     if not done:
         return []
     paths = [os.path.join(out_dir, 'vader.png' if metric == 'vader' else 'recall.png'),
              os.path.join(out_dir, 'quality.png')]
-    (plot_vader if metric == 'vader' else plot_recall)(paths[0], done, title)
+    if metric == 'vader':
+        plot_vader(paths[0], done, title, tuple(vader_parts))
+    else:
+        plot_recall(paths[0], done, title)
     plot_quality(paths[1], done, title)
     return paths
 
@@ -279,8 +323,8 @@ def write_outputs(out_dir, config, name, settings, seeds, finished, fixed=''):
     write_whole(os.path.join(out_dir, 'summary.csv'), csv_text(scols, summary))
     text = summary_text(metric, summary, len(settings))
     write_whole(os.path.join(out_dir, 'summary.txt'), text)
-    plots = make_plots(out_dir, metric, settings, finished, default_title(config, name, seeds, finished, fixed)) \
-        if config['plots'] else []
+    plots = make_plots(out_dir, metric, settings, finished, default_title(config, name, seeds, finished, fixed),
+                       config['vader_parts']) if config['plots'] else []
     return summary, text, plots, (cols, rows)
 
 

@@ -6,7 +6,7 @@ What the memory retrieved, step by step: the write-up's Tables 2 and 3 for any c
 
 Generates the first seed's continuation of the config's prompt with its memory and, for each
 of the first `steps` generated tokens and each memory layer, lists every selected token-head
-(METHOD.md section 2, step 1): its query head, context position and token, the selecting
+(docs/method.md section 2, step 1): its query head, context position and token, the selecting
 attention weight, the stored rows found (row, stored token, squared L2 distance) and their
 weights from step 4, the token's own candidate weight (Types 1 and 3), and the size of the
 value change |v' - v|. Step t is the pass that chose generated token t (step 0: the prompt).
@@ -21,21 +21,26 @@ import os
 import sys
 from collections import Counter
 
-import torch
-
-import run
-from configurator import UserError, configure, run_cli
-from decoding import Decoder, sample_next
-from files import write_whole
-from report import csv_text
-from run import RUN_DEFAULTS, Sampling, prepare_run, seeds_of
+import run_config
+from configurator import UserError, answer_help, configure, run_cli
+from run_config import RUN_DEFAULTS
 
 DEFAULTS = dict(
-    RUN_DEFAULTS,          # the model, prompt, memory and sampling keys of sample.py (see run.py)
+    RUN_DEFAULTS,          # the model, prompt, memory and sampling keys of sample.py (see run_config.py)
     steps=3,               # generated tokens to trace (step 0 is the prompt's pass, which picks the first)
     show=12,               # token-heads printed per layer and step (all go to trace.csv)
     out_dir='out/trace',   # where trace.csv goes
 )
+if __name__ == '__main__':  # --help answers here, before torch and FAISS are imported (seconds)
+    answer_help(DEFAULTS, __doc__, [__file__, run_config])
+
+import torch
+
+from decoding import Decoder, sample_next
+from files import write_whole
+from report import csv_text
+from run import Sampling, prepare_run, seeds_of
+
 COLUMNS = ['step', 'next_token', 'layer', 'head', 'kv_head', 'position', 'token', 'attention', 'own_weight',
            'value_change', 'rank', 'row', 'stored_token', 'document', 'doc_position', 'distance', 'weight']
 
@@ -139,7 +144,7 @@ def print_summary(records, selected, out=None):
 
 
 def main(argv):
-    config = configure(DEFAULTS, argv, __doc__, [sys.modules[__name__], run])
+    config = configure(DEFAULTS, argv, __doc__, [sys.modules[__name__], run_config])
     if config['steps'] < 1:
         raise UserError(f"steps={config['steps']} must be >= 1")
     r = prepare_run(config, progress=False)

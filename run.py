@@ -30,51 +30,10 @@ from knn_index import SearchSettings
 from llama import Llama
 from memory import MEMORY_KEYS, LayerMemory, Memory, RetrievalSettings
 from model import GPT
+from run_config import RUN_DEFAULTS
 from store import load_memory, save_memory
 from tokenizer import encode
 from transformer import Transformer
-
-# a run's config keys, shared by sample.py and sweep.py: the reference code's sample.py keys
-# (same names, same meaning) plus a few of ours (seeds, search, decoding, bookkeeping_token)
-RUN_DEFAULTS = dict(
-    init_from='gpt2',      # a checkpoint directory, a hub id (owner/name[@revision]; 'gpt2'...'gpt2-xl' are
-                           # openai-community's), a .gguf file or 'smollm2-135m'
-    start='\n',            # the prompt, or "FILE:prompt.txt"
-    num_samples=3,         # number of samples to draw (when seeds is not given)
-    max_new_tokens=50,     # tokens generated per sample
-    temperature=0.8,       # 1.0 = no change, < 1.0 = less random
-    top_k=200,             # keep only the top_k most likely tokens
-    seed=1337,             # sample i uses seed + i, unless seeds is given
-    seeds=None,            # a list of seeds, one sample each, or a count n (seed, ..., seed+n-1); overrides num_samples
-    device='cpu',          # 'cpu', 'cuda', 'cuda:1', ...
-    dtype='float32',       # 'float32', 'bfloat16' or 'float16'
-    compile=False,         # accepted for the reference's configs; has no effect here
-    out_dir='out',         # accepted for the reference's configs; has no effect here
-    # --- the memory (METHOD.md) ---
-    knn_num=None,          # k per layer, one entry per layer (0 = no memory in that layer); None = all 0
-    memory='',             # the memory text, tokenized as given (starts with its bookkeeping token), or "FILE:path"
-    bookkeeping_token='\n',  # put in front of a memory read from a file
-    remove_bookkeeping_token_mem_size=None,  # leading memory tokens not stored; None = the bookkeeping token's length
-    memory_keys='unrotated',  # RoPE models: store keys before RoPE ('unrotated') or as attention sees them ('rotated')
-    mem_store='',          # a saved memory directory (ours, or the reference's layout)
-    load_mem_store=False,  # load the memory from mem_store instead of building it from `memory`
-    store_mem=False,       # save the memory built from `memory` to mem_store
-    mmap=False,            # a loaded memory's values stay on disk, memory-mapped: only retrieved rows are read
-    mem_frac=0.0,          # MF: tokens whose last-row attention is >= 1/(MF*T) look up the memory; 0 = token 0 only
-    bookkeeping_frac=0.0,  # BF: token 0 looks up the memory only if its attention is > BF
-    knn_softmax_influence=1.0,  # TS: scales q.key before the softmax over candidates
-    resid_only=False,      # True: the token's own key/value is not a candidate
-    resid_frac=0.0,        # r: v' = (1-r) m + r v; 0 = v' = m
-    decoding='exact',      # 'exact' (the method) or 'cached' (approximate, cost per token independent of context)
-    exit_layer=None,       # sample from exit i = head(h_i), h_i after the first i blocks (1..n_layer); None = the output
-    contrast_layers=None,  # [U, L]: sample from exit U auto-contrasted with exit L (METHOD.md section 6); None = off
-    contrast_alpha=0.1,    # the contrast's threshold: tokens with p_U >= alpha * max p_U are re-weighted
-    search=None,           # kNN search: 'faiss' or 'torch' (exact, on the model's device); None = faiss on CPU, torch on CUDA
-    knn_index='',          # FAISS index: 'flat' (exact), 'hnsw', 'ivf', 'ivfsq', 'ivfpq' or a factory string; '' = the memory's own
-    nprobe=None,           # IVF indexes: lists visited per search (None: calibrated when the index was built)
-    ef_search=None,        # HNSW indexes: efSearch, the candidate list's length (None: calibrated when the index was built)
-    method_text='No Memory',  # label of the method's samples (sample.py) or of a sweep's one memory setting
-)
 
 MAX_SEEDS = 1_000_000  # one run's seeds; each is a row of a batch
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
@@ -87,7 +46,7 @@ DECODINGS = ('exact', 'cached')
 def memory_text(memory: str, bookkeeping_token: str, substitute: str = '', substitute_target: str = '') -> str:
     """The memory text as the memory stores it. The `memory` config key is tokenized as given
     (it starts with its bookkeeping token, as in the reference's configs); "FILE:path" reads
-    the file and puts the bookkeeping token in front (METHOD.md section 1). Then, for the
+    the file and puts the bookkeeping token in front (docs/method.md section 1). Then, for the
     sweeps' Figure 13, every substitute_target becomes substitute."""
     text = bookkeeping_token + read_text_file(memory[5:], 'memory') if memory.startswith('FILE:') else memory
     if substitute:
@@ -179,7 +138,7 @@ def seeds_of(config: dict) -> list[int]:
 
 @dataclass(frozen=True)
 class Sampling:
-    """How continuations are drawn (METHOD.md section 3) and decoded."""
+    """How continuations are drawn (docs/method.md section 3) and decoded."""
     max_new_tokens: int
     temperature: float
     top_k: int | None
@@ -262,7 +221,7 @@ def prepare_memory(config: dict, model: Transformer, enc, settings: RetrievalSet
 
 
 def readout_of(config: dict) -> Readout | None:
-    """The config's exit layer or contrast (METHOD.md section 6), or None for the ordinary output;
+    """The config's exit layer or contrast (docs/method.md section 6), or None for the ordinary output;
     checked against the model in continuations."""
     exit_layer, contrast, alpha = config['exit_layer'], config['contrast_layers'], config['contrast_alpha']
     if exit_layer is None and contrast is None:

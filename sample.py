@@ -12,22 +12,26 @@ run with --seeds=[seeds[i]] gives.
 import sys
 from dataclasses import asdict
 
-import torch
-from tqdm import tqdm
-
-import run
-from configurator import configure, run_cli
-from run import RUN_DEFAULTS, Sampling, append_jsonl, continuations, prepare_run, readout_of, seeds_of
+import run_config
+from configurator import answer_help, configure, run_cli
+from run_config import RUN_DEFAULTS
 
 DEFAULTS = dict(
-    RUN_DEFAULTS,          # a run's keys: model, prompt, seeds, sampling, the memory (see run.py)
+    RUN_DEFAULTS,          # a run's keys: model, prompt, seeds, sampling, the memory (see run_config.py)
     unadulterated_gpt=False,  # also generate the plain model's continuation with the same seed, printed first
     out_jsonl='',          # append one JSON object per continuation to this file
 )
+if __name__ == '__main__':  # --help answers here, before torch and FAISS are imported (seconds)
+    answer_help(DEFAULTS, __doc__, [__file__, run_config])
+
+import torch
+from tqdm import tqdm
+
+from run import Sampling, append_jsonl, continuations, prepare_run, readout_of, seeds_of
 
 
 def main(argv):
-    config = configure(DEFAULTS, argv, __doc__, [sys.modules[__name__], run])
+    config = configure(DEFAULTS, argv, __doc__, [sys.modules[__name__], run_config])
     seeds = seeds_of(config)
     sampling = Sampling.from_config(config)
     readout = readout_of(config)
@@ -36,11 +40,15 @@ def main(argv):
     runs = ([('plain', None)] if config['unadulterated_gpt'] or memory is None else []) + \
            ([('memory', retrieval)] if memory is not None else [])
     outputs = {}
-    with torch.no_grad(), tqdm(total=sampling.max_new_tokens * len(runs), desc='generating', unit='tok',
+    desc = 'generating ' + ' + '.join(kind for kind, _ in runs)  # the bar counts the tokens of every run
+    with torch.no_grad(), tqdm(total=sampling.max_new_tokens * len(runs), desc=desc, unit='tok',
                                file=sys.stderr, leave=False) as bar:
         for kind, layers in runs:
             outputs[kind] = continuations(model, ids, seeds, sampling, layers, progress=bar, readout=readout)
     plain_name = 'GPT-2' if model.config.arch == 'gpt2' else model.name
+    # the reference's label for the plain model's text; read through an exit or a contrast, it is not unadulterated
+    plain_label = f'Unadulterated {plain_name} Generated Text' if readout is None else \
+        f'{plain_name} without the memory, {readout.describe()}'
     # what produced every record: the model's weights, the sampling and, for the method, the memory
     produced_by = dict(model=dict(init_from=config['init_from'], name=model.name, arch=model.config.arch,
                                   fingerprint=model.fingerprint(), dtype=config['dtype']),
@@ -58,7 +66,7 @@ def main(argv):
         for kind in outputs:
             tokens = outputs[kind][i]
             text = enc.decode(tokens)
-            label = config['method_text'] if kind == 'memory' else f'Unadulterated {plain_name} Generated Text'
+            label = config['method_text'] if kind == 'memory' else plain_label
             # the reference's sample.py heads a run without memory with method_text ('No Memory')
             print(f"{label if memory is not None else config['method_text']}\n-----")
             print(start + text)

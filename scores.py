@@ -11,6 +11,8 @@ results.
   summarize       median, IQR and mean per score; fraction positive or successes
 """
 
+import math
+
 import numpy as np
 import torch
 from torch.nn import functional as F
@@ -101,6 +103,17 @@ def score_rows(metric, answers, texts, tokens, ppl):
         s['perplexity'] = p
         rows.append(s)
     return rows
+
+
+def wilson_interval(k, n, z=1.96):
+    """The Wilson score interval (95% by default) of a proportion k/n, as fractions (lo, hi):
+    unlike k/n +- z*se it stays inside [0, 1] and is not empty at k = 0 or k = n."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def summarize(metric, rows):

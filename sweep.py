@@ -26,19 +26,50 @@ import time
 import warnings
 from dataclasses import asdict, fields
 
+import run_config
+from configurator import UserError, answer_help, check_type, configure, run_cli
+from run_config import RUN_DEFAULTS
+
+SWEEP_DEFAULTS = dict(
+    name='',               # sweep name; '' = the config file's name without "sweep_" and ".py"
+    grid={},               # key -> list of values; a tuple of keys -> list of value tuples (varied together)
+    seeds=None,            # a count n (seeds seed, seed+1, ..., seed+n-1) or an explicit list; None = 100
+    metric='vader',        # 'vader' (sentiment of the continuation) or 'recall' (does it start with an answer?)
+    answers=None,          # recall: the answer strings; None = [substitute] when substitute is set
+    baselines=[],          # any of 'plain' (no memory), 'context' (memory text before the prompt), 'actadd'
+    actadd_prompts=['Love', 'Hate'],  # ActAdd (docs/method.md section 9): the prompt pair (p+, p-)
+    actadd_layer=6,        # ActAdd: the block (0-based) whose incoming residual stream is steered
+    actadd_coeff=5.0,      # ActAdd: c, the coefficient of h+ - h-
+    out_dir='',            # '' = out/<name>
+    substitute='',         # replace every substitute_target in the memory text by this word (Figure 13)
+    substitute_target='Vancouver',  # the word that substitute replaces
+    batch_size=0,          # seeds per batch; 0 = all seeds of a setting in one batch
+    shard='',              # 'i/n': run settings i, i+n, i+2n, ... (0 <= i < n) into out_dir/shards/i-of-n
+    merge=False,           # join out_dir/shards/*/ into out_dir (no generation)
+    extend=False,          # allow adding settings to an out_dir that holds this sweep with fewer (same seeds)
+    replace=False,         # an out_dir holding another sweep: remove the files a sweep writes there, then run
+    plots=True,            # write PNG plots
+    vader_parts=['compound'],  # the VADER scores vader.png draws: any of 'compound', 'pos', 'neg', 'neu'
+    replot=False,          # redraw out_dir's plots from its samples.jsonl (no generation): after a change to the plots
+    plot_title='',         # title of the plots; '' = the sweep name, model and counts (the fixed settings follow)
+    wandb_log=False,       # log summaries, plots and tables to Weights & Biases (WANDB_MODE=offline works)
+    wandb_project='gpt2-knn-memory',  # the Weights & Biases project
+    wandb_run_name='',     # '' = the sweep name
+)
+DEFAULTS = dict(RUN_DEFAULTS, max_new_tokens=100, **SWEEP_DEFAULTS)  # 100 tokens, as in the write-up
+if __name__ == '__main__':  # --help answers here, before torch and FAISS are imported (seconds)
+    answer_help(DEFAULTS, __doc__, [__file__, run_config])
+
 import torch
 from tqdm import tqdm
 
 import report
-import run
 from actadd import ActAdd
-from configurator import UserError, check_type, configure, run_cli
 from files import write_whole
 from knn_index import SearchSettings
 from memory import RetrievalSettings
 from report import jsonable
 from run import (
-    RUN_DEFAULTS,
     MemorySource,
     Sampling,
     check_device,
@@ -50,37 +81,14 @@ from run import (
     readout_of,
     seeds_of,
 )
-from scores import perplexities, score_rows
+from scores import VADER_SCORES, perplexities, score_rows
 from tokenizer import encode
 
-SWEEP_DEFAULTS = dict(
-    name='',               # sweep name; '' = the config file's name without "sweep_" and ".py"
-    grid={},               # key -> list of values; a tuple of keys -> list of value tuples (varied together)
-    seeds=None,            # a count n (seeds seed, seed+1, ..., seed+n-1) or an explicit list; None = 100
-    metric='vader',        # 'vader' (sentiment of the continuation) or 'recall' (does it start with an answer?)
-    answers=None,          # recall: the answer strings; None = [substitute] when substitute is set
-    baselines=[],          # any of 'plain' (no memory), 'context' (memory text before the prompt), 'actadd'
-    actadd_prompts=['Love', 'Hate'],  # ActAdd (METHOD.md section 9): the prompt pair (p+, p-)
-    actadd_layer=6,        # ActAdd: the block (0-based) whose incoming residual stream is steered
-    actadd_coeff=5.0,      # ActAdd: c, the coefficient of h+ - h-
-    out_dir='',            # '' = out/<name>
-    substitute='',         # replace every substitute_target in the memory text by this word (Figure 13)
-    substitute_target='Vancouver',  # the word that substitute replaces
-    batch_size=0,          # seeds per batch; 0 = all seeds of a setting in one batch
-    shard='',              # 'i/n': run settings i, i+n, i+2n, ... (0 <= i < n) into out_dir/shards/i-of-n
-    merge=False,           # join out_dir/shards/*/ into out_dir (no generation)
-    plots=True,            # write PNG plots
-    plot_title='',         # title of the plots; '' = the sweep name, model and counts (the fixed settings follow)
-    wandb_log=False,       # log summaries, plots and tables to Weights & Biases (WANDB_MODE=offline works)
-    wandb_project='gpt2-knn-memory',  # the Weights & Biases project
-    wandb_run_name='',     # '' = the sweep name
-)
-DEFAULTS = dict(RUN_DEFAULTS, max_new_tokens=100, **SWEEP_DEFAULTS)  # 100 tokens, as in the write-up
 DEFAULT_SEED_COUNT = 100
 
 # keys that describe the sweep itself, not a setting: never in the grid
-NOT_IN_GRID = {'name', 'grid', 'seeds', 'seed', 'num_samples', 'metric', 'baselines', 'out_dir', 'shard', 'merge',
-               'plots', 'plot_title', 'wandb_log', 'wandb_project', 'wandb_run_name', 'batch_size',
+NOT_IN_GRID = {'name', 'grid', 'seeds', 'seed', 'num_samples', 'metric', 'baselines', 'out_dir', 'shard', 'merge', 'extend', 'replace',
+               'plots', 'vader_parts', 'replot', 'plot_title', 'wandb_log', 'wandb_project', 'wandb_run_name', 'batch_size',
                'method_text', 'compile'}
 # keys only the memory method reads (RetrievalSettings, its search and decoding, a saved memory):
 # the baselines do not vary with them
@@ -297,6 +305,60 @@ def parse_shard(shard):
     return i, n
 
 
+def sweep_record(name, config, seeds, settings):
+    """sweep.json: what a folder's results are a sweep of (its seeds and settings)."""
+    return json.dumps(dict(name=name, shard=config['shard'] or None, seeds=seeds, config=jsonable(config),
+                           settings=[dict(index=s['index'], id=s['id'], label=s['label'], setting=s['setting'])
+                                     for s in settings]), indent=1, ensure_ascii=False)
+
+
+def check_same_sweep(run_dir, seeds, settings, extend):
+    """Refuse to write into a folder that holds a sweep of other seeds or settings (a quick run
+    with fewer seeds or tokens would otherwise replace published summaries and plots); with
+    extend=True, settings may be added to those it holds."""
+    path = os.path.join(run_dir, 'sweep.json')
+    if not os.path.isfile(path):
+        if os.path.isfile(os.path.join(run_dir, 'summary.csv')):
+            raise UserError(f"{run_dir} holds results (summary.csv) but no sweep.json saying what they are; "
+                            f"use another out_dir, or remove it to start again")
+        return
+    try:
+        with open(path, encoding='utf-8') as f:
+            old = json.load(f)
+        old_seeds, old_ids = old['seeds'], {x['id'] for x in old['settings']}
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"{path} is not a sweep record this code wrote; use another out_dir or remove it") from None
+    ids = {s['id'] for s in settings}
+    if old_seeds != seeds:
+        raise UserError(f"{run_dir} holds this sweep with {len(old_seeds)} other seeds ({old_seeds[:3]}...), not these "
+                        f"{len(seeds)}; use another out_dir (--out_dir=out/...), or --replace=True to start it again")
+    if old_ids != ids and not (extend and old_ids <= ids):
+        dropped, added = len(old_ids - ids), len(ids - old_ids)
+        raise UserError(f"{run_dir} holds a sweep of other settings ({dropped} of its {len(old_ids)} are not in this "
+                        f"grid, {added} of this grid's are new: other tokens, sampling or grid); use another out_dir"
+                        + (", --extend=True to add the new settings," if not dropped else "") + " or --replace=True to "
+                        "start it again")
+
+
+SWEEP_FILES = ('sweep.json', 'results.csv', 'samples.jsonl', 'summary.csv', 'summary.txt', 'vader.png', 'recall.png',
+               'quality.png')
+
+
+def remove_sweep(run_dir):
+    """replace=True: remove what a sweep writes in run_dir (its files, settings/ and shards/), nothing else."""
+    for f in SWEEP_FILES:
+        if os.path.isfile(os.path.join(run_dir, f)):
+            os.remove(os.path.join(run_dir, f))
+    for d in ('settings', 'shards'):
+        for f in glob.glob(os.path.join(run_dir, d, '**', '*.json'), recursive=True) + \
+                [os.path.join(sd, f) for sd in glob.glob(os.path.join(run_dir, d, '*')) for f in SWEEP_FILES]:
+            if os.path.isfile(f):
+                os.remove(f)
+        for sub in sorted(glob.glob(os.path.join(run_dir, d, '**'), recursive=True), key=len, reverse=True):
+            if os.path.isdir(sub) and not os.listdir(sub):
+                os.rmdir(sub)
+
+
 def load_finished(dirs, ids, seeds):
     """{setting id: record} of the settings files in dirs that belong to this sweep. A file that
     is unreadable, or whose rows are not one complete row per seed, is not trusted: its
@@ -465,7 +527,7 @@ def run_settings(todo, config, name, run_dir, mine, seeds, finished, wb):
 
 
 def main(argv):
-    config = configure(DEFAULTS, argv, __doc__, [sys.modules[__name__], run])
+    config = configure(DEFAULTS, argv, __doc__, [sys.modules[__name__], run_config])
     if config['metric'] not in ('vader', 'recall'):
         raise UserError(f"metric={config['metric']!r} must be 'vader' or 'recall'")
     if config['batch_size'] < 0:
@@ -475,7 +537,12 @@ def main(argv):
     settings, seeds = expand(config)
     for s in settings:
         s['seeds'] = seeds
+    bad = [p for p in config['vader_parts'] if p not in VADER_SCORES]
+    if bad or not config['vader_parts']:
+        raise UserError(f"vader_parts={config['vader_parts']!r}: give one or more of {VADER_SCORES}")
     shard = parse_shard(config['shard'])
+    if config['replot']:
+        return replot(config, name, out_dir, settings, seeds)
     if config['merge']:
         if shard:
             raise UserError("merge=True joins the shards; give it without --shard")
@@ -484,11 +551,11 @@ def main(argv):
     mine = [s for s in settings if shard is None or s['index'] % shard[1] == shard[0]]
     # a run that fails before any setting is finished (a model that cannot load, say) leaves nothing behind
     fresh = out_dir if not os.path.exists(out_dir) else run_dir if not os.path.exists(run_dir) else None
+    if config['replace']:
+        remove_sweep(run_dir)
+    check_same_sweep(run_dir, seeds, settings, config['extend'])
     try:
-        write_whole(os.path.join(run_dir, 'sweep.json'),
-                    json.dumps(dict(name=name, shard=config['shard'] or None, seeds=seeds, config=jsonable(config),
-                                    settings=[dict(index=s['index'], id=s['id'], label=s['label'], setting=s['setting'])
-                                              for s in settings]), indent=1, ensure_ascii=False))
+        write_whole(os.path.join(run_dir, 'sweep.json'), sweep_record(name, config, seeds, settings))
         finished = load_finished([run_dir], {s['id'] for s in settings}, seeds)
         todo = [s for s in mine if s['id'] not in finished]
         print(f"sweep {name}: {len(settings)} settings x {len(seeds)} seeds"
@@ -509,6 +576,31 @@ def main(argv):
         print(f"when every shard is done, join them: python sweep.py {' '.join(a for a in argv if not a.startswith('--shard'))} --merge=True")
     if wb:
         wb.finish(summary, table, plots)
+
+
+def replot(config, name, out_dir, settings, seeds):
+    """Draw out_dir's plots again from its samples.jsonl, which holds every continuation's
+    scores (the published folders keep it; their per-setting files are not kept)."""
+    path = os.path.join(out_dir, 'samples.jsonl')
+    check_same_sweep(out_dir, seeds, settings, False)
+    if not os.path.isfile(path):
+        raise UserError(f"nothing to replot: {path} does not exist (run the sweep first)")
+    finished = {}
+    with open(path, encoding='utf-8') as f:
+        for n, line in enumerate(f, 1):
+            try:
+                r = json.loads(line)
+                rec = finished.setdefault(r['setting_id'], dict(model=r['model'], rows=[]))
+                rec['rows'].append(dict(seed=r['seed'], text=r['text'], tokens=r['tokens'], scores=r['scores']))
+            except (ValueError, KeyError, TypeError):
+                raise UserError(f"{path} line {n} is not a sample record this code wrote") from None
+    missing = [s['label'] for s in settings if s['id'] not in finished]
+    if missing:
+        raise UserError(f"{path} lacks {len(missing)} of the sweep's settings ({', '.join(missing[:5])}); "
+                        f"replot needs the sweep these samples came from")
+    title = report.default_title(config, name, seeds, finished, fixed_settings(config))
+    plots = report.make_plots(out_dir, config['metric'], settings, finished, title, config['vader_parts'])
+    print(f"wrote {', '.join(plots)}")
 
 
 def merge(config, name, out_dir, settings, seeds):

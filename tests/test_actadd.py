@@ -1,4 +1,4 @@
-"""Activation addition (METHOD.md section 9) on the tiny checkpoint: the residual stream
+"""Activation addition (docs/method.md section 9) on the tiny checkpoint: the residual stream
 entering the steered block changes by exactly c * (h+ - h-) at the front positions and
 nowhere else, in a full pass and while decoding; c = 0 is the plain model; the KV cache
 stays exact; the sweep's 'actadd' baseline."""

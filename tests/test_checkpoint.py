@@ -94,3 +94,11 @@ def test_damaged_checkpoints_are_one_line_errors(tmp_path):
             cfg.pop('n_head')
             (d / 'config.json').write_text({'json': '{"n_layer": 3,', 'field': json.dumps(cfg), 'list': '[1, 2]'}[damage])
         one_line_error(run_script('sample.py', f'--init_from={d}', '--max_new_tokens=2'), fragment)
+
+
+def test_gpt_loader_sends_gguf_names_to_the_loader_of_every_family():
+    """GPT.from_pretrained loads GPT-2 only; asked for the offline SmolLM2 it names the loader that
+    takes it (run.load_pretrained), rather than calling 'smollm2-135m' no hub id."""
+    for name in ('smollm2-135m', 'some/model.gguf'):
+        with pytest.raises(UserError, match=r"not GPT-2; load it with run.load_pretrained"):
+            GPT.from_pretrained(name)

@@ -65,7 +65,7 @@ def layer_qkv_att(model, seq, layer, retrieval):
 
 
 def expected_retrievals(q, k, v, att, keys, values, s):
-    """METHOD.md section 2, steps 1-6, with loops: {(h, j): (rows, d², weights, own w, |v'-v|, att)}."""
+    """docs/method.md section 2, steps 1-6, with loops: {(h, j): (rows, d², weights, own w, |v'-v|, att)}."""
     H, T, d = q.shape
     out = {}
     for h in range(H):

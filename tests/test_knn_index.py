@@ -1,4 +1,4 @@
-"""Index choice per memory (METHOD.md section 2 step 2 with an approximate search): exact flat
+"""Index choice per memory (docs/method.md section 2 step 2 with an approximate search): exact flat
 search equals the torch search; HNSW and IVF find the exact neighbours on small data; the
 choice is recorded in the manifest, used on load, overridden at sample time and changed by
 re-indexing without the model; bad choices are one-line errors."""

@@ -1,5 +1,5 @@
 """Llama-family models: parity with transformers (Llama, Mistral, Qwen2; SmolLM2 from its GGUF
-file), the KV cache, and the memory on RoPE and grouped-query attention (METHOD.md section 8)."""
+file), the KV cache, and the memory on RoPE and grouped-query attention (docs/method.md section 8)."""
 import importlib.util
 import json
 import os

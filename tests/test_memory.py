@@ -33,7 +33,7 @@ def test_retrieval_settings_are_checked(tiny):
 
 
 def test_selection_rules():
-    """METHOD.md section 2 step 1 on a hand-made attention row."""
+    """docs/method.md section 2 step 1 on a hand-made attention row."""
     keys = torch.randn(1, 5, 4)
     att = torch.zeros(1, 1, 4, 4)
     att[0, 0, -1] = torch.tensor([0.5, 0.3, 0.15, 0.05])  # T = 4
@@ -46,7 +46,7 @@ def test_selection_rules():
 
 @pytest.mark.parametrize('search', ['faiss', 'torch'])
 def test_update_values_by_hand(search):
-    """One selected token-head, worked through METHOD.md steps 2-6 by hand, both search kinds;
+    """One selected token-head, worked through docs/method.md steps 2-6 by hand, both search kinds;
     fewer stored entries than k: the missing neighbours take no part."""
     torch.manual_seed(0)
     d = 4

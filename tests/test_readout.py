@@ -1,7 +1,8 @@
-"""Exit layers and auto-contrastive decoding (METHOD.md section 6): the contrast formula on
+"""Exit layers and auto-contrastive decoding (docs/method.md section 6): the contrast formula on
 hand-made distributions, exits read from the residual stream after the first i blocks (with
 the memory acting inside the blocks), exit_layer = n_layer being ordinary decoding, and the
 keys in sample.py and sweeps."""
+import json
 import os
 import sys
 
@@ -15,6 +16,7 @@ sys.path.insert(0, ROOT)
 
 import sweep
 from configurator import UserError
+from conftest import TINY_ARG, run_script
 from decoding import Decoder, Readout, contrast
 from memory import RetrievalSettings
 from run import RUN_DEFAULTS, MemorySource, Sampling, continuations, load_model, readout_of
@@ -154,3 +156,15 @@ def test_contrasting_an_exit_with_itself_on_the_tiny_checkpoint(tiny):
     assert 1 < keep.sum() < p_3.numel()
     assert torch.allclose(p[keep], torch.full((int(keep.sum()),), float(p_3[keep].sum() / keep.sum())), atol=1e-6)
     assert torch.allclose(p[~keep], p_3[~keep], atol=1e-7)
+
+
+def test_sample_labels_the_plain_text_with_its_readout(tmp_path):
+    """Under contrast_layers the plain model's text is read through the contrast too, so it is
+    not labelled "Unadulterated" (the reference's label for the ordinary output)."""
+    out = tmp_path / 'samples.jsonl'
+    r = run_script('sample.py', TINY_ARG, '--knn_num=[0,5,5,0]', f'--memory={MEMORY!r}', '--contrast_layers=[4,2]',
+                   '--unadulterated_gpt=True', '--max_new_tokens=2', '--seeds=[1]', f'--out_jsonl={out}')
+    assert r.returncode == 0, r.stderr
+    labels = [json.loads(line)['label'] for line in out.read_text(encoding='utf-8').splitlines()]
+    assert labels[0] == 'GPT-2 without the memory, exit 4 contrasted with exit 2 (alpha 0.1)', labels
+    assert 'Unadulterated' not in r.stdout

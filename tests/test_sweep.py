@@ -4,6 +4,7 @@ import csv
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -27,7 +28,7 @@ MEMORY = ("\nCats are curious animals that sleep for most of the day and play at
 VANCOUVER = ("\nLocated in British Columbia, Vancouver is a major city in western Canada. "
              "The Metro Vancouver area is the third-largest metropolitan area in Canada.")
 RECALL_PROMPT = "\nThe name of the city with the third-largest metropolitan area in Canada is"
-# the method types of METHOD.md on the 4-layer tiny model (the fixture's reference cases)
+# the method types of docs/method.md on the 4-layer tiny model (the fixture's reference cases)
 TYPES = {
     'type1': dict(knn_num=[2, 2, 2, 2], mem_frac=1.0, bookkeeping_frac=0.0, knn_softmax_influence=1.0,
                   resid_only=False, resid_frac=0.0),
@@ -393,3 +394,42 @@ def test_a_sweep_that_fails_before_finishing_a_setting_leaves_nothing_behind(tmp
     out = tmp_path / 'out'
     one_line_error(sweep_cli(str(cfg), f'--out_dir={out}'), 'no_such_model')
     assert not out.exists()
+
+
+def test_a_run_of_other_seeds_or_settings_never_writes_over_a_finished_sweep(tmp_path):
+    """A quick run (fewer seeds, fewer tokens) into a folder holding a sweep is refused and
+    changes nothing; extend=True adds settings; replot redraws the plots from samples.jsonl
+    alone (the published folders keep no per-setting files), compound only by default."""
+    cfg = tmp_path / 'sweep_pub.py'
+    cfg.write_text(SWEEP.replace('plots = False', 'plots = True') + "grid = {'mem_frac': [1.0]}\n")
+    out = tmp_path / 'pub'
+    assert sweep_cli(str(cfg), f'--out_dir={out}').returncode == 0
+    files = {p: p.read_bytes() for p in out.rglob('*') if p.is_file()}
+    one_line_error(sweep_cli(str(cfg), f'--out_dir={out}', '--seeds=1'), 'holds this sweep with 2 other seeds',
+                   'use another out_dir')
+    one_line_error(sweep_cli(str(cfg), f'--out_dir={out}', '--max_new_tokens=2'), 'holds a sweep of other settings')
+    one_line_error(sweep_cli(str(cfg), f'--out_dir={out}', "--grid={'mem_frac': [1.0, 2.0]}"), '--extend=True')
+    assert {p: p.read_bytes() for p in out.rglob('*') if p.is_file()} == files
+    # a published folder: summaries, samples and plots, no per-setting files
+    shutil.rmtree(out / 'settings')
+    (out / 'results.csv').unlink()
+    (out / 'vader.png').unlink()
+    r = sweep_cli(str(cfg), f'--out_dir={out}', '--replot=True')
+    assert r.returncode == 0, r.stderr
+    assert (out / 'vader.png').read_bytes() == files[out / 'vader.png']  # the same figure, from samples.jsonl alone
+    r = sweep_cli(str(cfg), f'--out_dir={out}', '--replot=True', "--vader_parts=['compound','pos']")
+    assert r.returncode == 0 and (out / 'vader.png').read_bytes() != files[out / 'vader.png']
+    one_line_error(sweep_cli(str(cfg), f'--out_dir={out}', "--vader_parts=['joy']"), "vader_parts=['joy']")
+    # results without a sweep.json saying what they are are not written over either
+    (out / 'sweep.json').unlink()
+    one_line_error(sweep_cli(str(cfg), f'--out_dir={out}'), 'holds results (summary.csv) but no sweep.json')
+    # extend: new settings beside the finished ones, which are not run again
+    ext = tmp_path / 'ext'
+    assert sweep_cli(str(cfg), f'--out_dir={ext}').returncode == 0
+    r = sweep_cli(str(cfg), f'--out_dir={ext}', "--grid={'mem_frac': [1.0, 2.0]}", '--extend=True')
+    assert r.returncode == 0 and '2 already finished, 1 to run' in r.stderr, r.stderr
+    # replace: start the folder again with other seeds; files a sweep does not write stay
+    (ext / 'notes.txt').write_text('mine')
+    r = sweep_cli(str(cfg), f'--out_dir={ext}', '--seeds=1', '--replace=True')
+    assert r.returncode == 0 and '0 already finished, 2 to run' in r.stderr, r.stderr
+    assert len(list((ext / 'settings').glob('*.json'))) == 2 and (ext / 'notes.txt').read_text() == 'mine'
