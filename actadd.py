@@ -1,6 +1,6 @@
 """
 Activation addition (ActAdd; Turner et al. 2023), the steering method the memory is compared
-with (METHOD.md section 9). Nothing is stored and nothing is retrieved: a prompt pair
+with (docs/method.md section 9). Nothing is stored and nothing is retrieved: a prompt pair
 (p+, p-), e.g. ("Love", "Hate"), run through the plain model gives the residual streams h+
 and h- entering block `layer`; while generating, c * (h+ - h-) is added to the residual
 stream entering that block at the sequence's first n positions, and nowhere else.

@@ -1,5 +1,5 @@
 """
-Building a memory (METHOD.md section 1): the plain model runs over the memory's tokens in
+Building a memory (docs/method.md section 1): the plain model runs over the memory's tokens in
 windows of at most block_size, each starting with its bookkeeping token, and the keys and
 values of every key/value head of the chosen layers are kept, one row per stored token.
 
@@ -69,7 +69,7 @@ def memory_token_windows(ids: list[int], n_bookkeeping: int, block_size: int) ->
 
 @torch.no_grad()
 def window_rows(model, windows: list[list[int]], layers: list[int], n_skip: int, memory_keys: str, batch_size: int):
-    """The plain model over memory windows (METHOD.md section 1), consecutive windows of one
+    """The plain model over memory windows (docs/method.md section 1), consecutive windows of one
     length as one batch. Yields (windows done, {layer: (keys, values)}), each (H_kv, rows, d)
     on the CPU, one row per stored token in order (the first n_skip of each window dropped)."""
     device = next(model.parameters()).device
@@ -96,13 +96,13 @@ def window_rows(model, windows: list[list[int]], layers: list[int], n_skip: int,
 def build_from_text(model, enc, text: str, layers: list[int] | None = None, bookkeeping_token: str = '\n',
           remove_bookkeeping_token_mem_size: int | None = None, progress: bool = False, batch_size: int = 8,
           memory_keys: str = 'unrotated') -> Memory:
-    """METHOD.md section 1. `text` is tokenized as given: it starts with its bookkeeping token
+    """docs/method.md section 1. `text` is tokenized as given: it starts with its bookkeeping token
     (run.memory_text puts it in front of a text read from a file). The first
     remove_bookkeeping_token_mem_size tokens (default: the leading tokens of the bookkeeping
     token alone, a BOS token included where the tokenizer adds one) are not stored. The
     plain model runs over the tokens, retrieval off, in windows of at most block_size
     tokens. memory_keys: store keys before RoPE ('unrotated') or as attention sees them
-    at their window position ('rotated'); see METHOD.md section 8."""
+    at their window position ('rotated'); see docs/method.md section 8."""
     bk_ids = encode(enc, bookkeeping_token) if bookkeeping_token else []
     n_skip = len(bk_ids) if remove_bookkeeping_token_mem_size is None else remove_bookkeeping_token_mem_size
     return build_from_ids(model, encode(enc, text), layers, n_skip, progress=progress, batch_size=batch_size,
@@ -153,7 +153,7 @@ def build_documents(model, enc, documents: list[tuple[str, str]], path: str, lay
                     bookkeeping_token: str = '\n', n_skip: int | None = None, memory_keys: str = 'unrotated',
                     batch_size: int = 8, dtype: str = 'float32', knn_index: str = 'flat', append: bool = False,
                     progress: bool = True) -> str:
-    """METHOD.md section 1 over many documents, streamed to disk: each document gets the
+    """docs/method.md section 1 over many documents, streamed to disk: each document gets the
     bookkeeping token in front and is windowed on its own, its windows go through the plain
     model in batches, and the rows are spooled to files per layer, kind and head inside the
     memory directory, so memory use stays at one batch. The memory is then written whole

@@ -9,7 +9,7 @@ Read top to bottom:
   3. loading: a Hugging Face directory (config.json, safetensors, sharded or not,
      tokenizer.json; checkpoint.py finds them) or a GGUF file (gguf_file.py reads it)
 
-The memory on these models (METHOD.md section 8) lives in memory.py like GPT-2's: stored per
+The memory on these models (docs/method.md section 8) lives in memory.py like GPT-2's: stored per
 key/value head, keys before RoPE by default.
 """
 

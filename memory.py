@@ -1,5 +1,5 @@
 """
-The persistent attention memory of METHOD.md: the method itself, next to its equations.
+The persistent attention memory of docs/method.md: the method itself, next to its equations.
 
   RetrievalSettings  section 2's parameters (k per layer, MF, BF, TS, resid_only, r), checked
                      once when made, like GPTConfig for the model.
@@ -31,11 +31,11 @@ from configurator import UserError
 from knn_index import KNNIndex, SearchSettings, index_factory
 from transformer import FINGERPRINT_SCHEME, expand_kv
 
-MEMORY_KEYS = ('unrotated', 'rotated')  # the form keys are stored in on RoPE models (METHOD.md section 8)
+MEMORY_KEYS = ('unrotated', 'rotated')  # the form keys are stored in on RoPE models (docs/method.md section 8)
 
 
 # -----------------------------------------------------------------------------
-# the method: METHOD.md sections 2 and 8
+# the method: docs/method.md sections 2 and 8
 
 def _is_number(x):
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
@@ -43,7 +43,7 @@ def _is_number(x):
 
 @dataclass(frozen=True)
 class RetrievalSettings:
-    """The retrieval parameters of METHOD.md section 2, like GPTConfig for the model. Bad values
+    """The retrieval parameters of docs/method.md section 2, like GPTConfig for the model. Bad values
     are refused when the settings are made, with a one-line UserError."""
     knn_num: tuple                      # k per layer, one entry per layer; 0 = no memory in that layer
     mem_frac: float = 0.0               # MF
@@ -116,7 +116,7 @@ class LayerMemory:
     Memory.retrieving_layers.
 
     Token-heads are (b, h, j) with h a query head; query head h reads key/value head
-    g = h // (H / H_kv) (grouped-query attention, METHOD.md section 8; GPT-2 has H_kv = H).
+    g = h // (H / H_kv) (grouped-query attention, docs/method.md section 8; GPT-2 has H_kv = H).
     memory_keys: the form the stored keys are in, which the attention gives q and k in:
     'unrotated' (before RoPE) or 'rotated' (as attention sees them)."""
 

@@ -321,7 +321,7 @@ def record_knn_index(path: str, knn_index: str, n: int, d: int) -> None:
 # the reference code's layout
 
 def import_reference(path: str, model, enc) -> Memory:
-    """Read the reference code's saved layout (METHOD.md section 5): keyStore/<layer>/<head>.pt
+    """Read the reference code's saved layout (docs/method.md section 5): keyStore/<layer>/<head>.pt
     and valueStore/<layer>/<head>.pt, row 0 a sentinel. Only tensors are read
     (torch.load with weights_only=True); the .faiss files are not needed, since an exact
     flat index is rebuilt from the keys."""

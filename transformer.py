@@ -86,7 +86,7 @@ def attend(memory, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, rope=No
     q (B, H, T, d) and k, v (B, H_kv, T, d) are the T newest positions, q and k before RoPE;
     query head h reads key/value head h // (H / H_kv) (grouped-query attention; GPT-2 has
     H_kv = H and no RoPE). The cache keeps k before RoPE, so the memory can read keys in
-    either form (METHOD.md section 8); rope(x, start) rotates x as positions start, start+1, ...
+    either form (docs/method.md section 8); rope(x, start) rotates x as positions start, start+1, ...
     memory: the layer's memory.LayerMemory or None.
     cache: this layer's LayerCache, which holds the earlier positions and receives these.
     rerun: y for every position, the cached ones too, with their q, k, v taken from the cache
@@ -197,7 +197,7 @@ class Transformer(nn.Module):
     def memory_layers(self) -> list[int]:
         return [i for i, b in enumerate(self.blocks) if b.attn.memory is not None]
 
-    # activation addition (METHOD.md section 9, actadd.py): an object with `layer` and
+    # activation addition (docs/method.md section 9, actadd.py): an object with `layer` and
     # add(x, pos_start), which changes the residual stream entering that block; None = off
     steering = None
 
@@ -255,7 +255,7 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def exits(self, idx: torch.Tensor) -> dict[int, torch.Tensor]:
         """The logits of every exit at the last position, {i: (B, V)} for i = 1..n_layer:
-        head(h_i), h_i the residual stream after the first i blocks (METHOD.md section 6; the
+        head(h_i), h_i the residual stream after the first i blocks (docs/method.md section 6; the
         logit lens). One full pass; an attached memory acts as it does on a prompt."""
         captured = dict.fromkeys(range(1, self.config.n_layer + 1))
         self.run_blocks(self.embed(idx), 0, self.config.n_layer, capture=captured)

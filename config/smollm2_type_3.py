@@ -6,9 +6,9 @@
 SmolLM2 has 30 layers (9 query heads sharing 3 key/value heads, RoPE). GPT-2 small's memory
 layers 6, 7, 8 of 12 sit at 50-67% of its depth; the same depth here is layers 15-20
 (0-based), so those get k 5. Everything else is Table 1's: the positive cats text as memory
-(keys stored before RoPE, METHOD.md section 8), BF 0.9, MF 5, TS 0.01, r 0.33. This is a first
-setting, not a tuned one: which layers steer this model best is what
-config/sweep_smollm2_sentiment_layers.py (issue 11) is for.
+(keys stored before RoPE, docs/method.md section 8), BF 0.9, MF 5, TS 0.01, r 0.33. The layers were
+chosen by depth, not tuned; the layer scan (config/sweep_smollm2_sentiment_layers.py, results
+in docs/smollm2.md) found no single layer that steers as strongly as these six.
 """
 init_from = 'smollm2-135m'
 knn_num = [0] * 15 + [5] * 6 + [0] * 9   # k per layer, 30 layers

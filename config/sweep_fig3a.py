@@ -4,7 +4,7 @@
 
 Fixed: BF 0, TS 1, k 2 in every layer; memory stored without a bookkeeping token
 (section 2.2.1: the cats text as it is, nothing removed). Varied: MF (mem_frac). The MF
-values are ours (METHOD.md does not list the figure's); MF 0 = only token 0 looks up the
+values are ours (the write-up does not list them); MF 0 = only token 0 looks up the
 memory. For Figures 3b/3c vary knn_softmax_influence or k instead, e.g.
     --grid="{'knn_softmax_influence': [0.01, 0.1, 1, 10, 100]}"
 For 3d-f use layers 6-11: --knn_num=[0,0,0,0,0,0,2,2,2,2,2,2].

@@ -4,11 +4,11 @@
     python sweep.py config/sweep_smollm2_recall_layers.py   # -> out/smollm2_recall_layers/ (the published run: --out_dir=docs/smollm2/recall_layers)
 
 Memory: the Vancouver paragraph (data/vancouver.txt) with the bookkeeping token, not stored;
-keys stored before RoPE (METHOD.md section 8). Table 4's Type 2 settings: BF 0.9, MF 0,
+keys stored before RoPE (docs/method.md section 8). Table 4's Type 2 settings: BF 0.9, MF 0,
 TS 1000, resid_only, r 0.1, k 5, at each single layer of the 30 (0-based). Baselines: the
 question alone and the paragraph in the context before it. Score: how many of 100 seeds
 continue with "Vancouver". Recall reads only the first word, so 20 tokens are generated
-(distinct-n and perplexity are over those 20). About 25 minutes on a 2-core CPU.
+(distinct-n and perplexity are over those 20). About 35 minutes on a 2-core CPU.
 """
 
 

@@ -4,14 +4,14 @@
     python sweep.py config/sweep_smollm2_sentiment_layers.py   # -> out/smollm2_sentiment_layers/ (the published run: --out_dir=docs/smollm2/sentiment_layers)
 
 Memory: the positive cats text (data/cats.txt) with the bookkeeping token, not stored; keys
-stored before RoPE (METHOD.md section 8). Table 1's Type 3 settings (BF 0.9, MF 5, TS 0.01,
+stored before RoPE (docs/method.md section 8). Table 1's Type 3 settings (BF 0.9, MF 5, TS 0.01,
 r 0.33, k 5) at each single layer of the 30 (0-based). Baselines: the prompt alone, the cats
-text in the context, and activation addition ("Love" - "Hate", METHOD.md section 9) at a
+text in the context, and activation addition ("Love" - "Hate", docs/method.md section 9) at a
 few layers and coefficients, since nobody has tuned it for this model.
 
 A scan, smaller than the write-up's points: 50 seeds x 50 tokens (the full size, 100 x 100,
 is config/sweep_smollm2_table1.py for the settings this scan picks). Exact decoding. About
-45 minutes on a 2-core CPU.
+60 minutes on a 2-core CPU.
 """
 
 

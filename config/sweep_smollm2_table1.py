@@ -12,7 +12,7 @@ choice. Beside it: the scan's best single layer, 18 (config/sweep_smollm2_sentim
 the 15-20 memory, TS 1 (the candidates weighted by how well they match rather than almost
 evenly), to show how sharp the optimum is.
 Baselines: the prompt alone, the cats text in the context, and the scan's best activation
-addition ("Love" - "Hate" at block 10, c 5). Exact decoding. About 30 minutes on a 2-core CPU.
+addition ("Love" - "Hate" at block 10, c 5). Exact decoding. About 70 minutes on a 2-core CPU.
 """
 
 

@@ -5,12 +5,15 @@ scan, and neighbouring settings, against both baselines.
     python sweep.py config/sweep_smollm2_table4.py   # -> out/smollm2_table4/ (the published run: --out_dir=docs/smollm2/table4)
 
 Memory: the Vancouver paragraph, Type 2 (resid_only, r 0.1), keys stored before RoPE. The
-scan (config/sweep_smollm2_recall_layers.py, Table 4's BF 0.9, MF 0, TS 1000, k 5) found
-layers 18-20 the only ones that change the answers at all: with MF 0 only token 0 may look
-up the memory, and only where its attention is above BF, which in SmolLM2 happens in few
-heads below layer 18. So beside Table 4's settings at layers 18 and 20, Figure 10's MF 5
+scan (config/sweep_smollm2_recall_layers.py, Table 4's BF 0.9, MF 0, TS 1000, k 5, 100 seeds)
+found no layer that clearly changes how often the answer comes: with MF 0 only token 0 may
+look up the memory, and only where its attention is above BF, which no head of layers 0-11
+gives it at the prompt, so those layers change nothing; layers 12-17 and 21-28 change the
+text but not the count (4-5 of 100, plain 5), layers 18 and 29 give 9, layers 19-20 fewer.
+So beside Table 4's settings at layers 18 and 20, Figure 10's MF 5
 (more tokens look up the memory) at layers 18, 20 and 24, and at layer 18 the neighbours
-TS 1 and k 3 / 10. 100 seeds, 20 tokens (recall reads the first word).
+TS 1 and k 3 / 10. 100 seeds, 20 tokens (recall reads the first word). About 65 minutes on a
+2-core CPU.
 
 Answers: the write-up counts continuations that start with "Vancouver". SmolLM2 given the
 paragraph in its context mostly answers "Greater Vancouver", the paragraph's name for the
