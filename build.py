@@ -149,6 +149,80 @@ def read_documents(path: str) -> list[tuple[str, str]]:
     return [(f, os.path.join(path, f)) for f in files]
 
 
+def write_tensors(tmp, layers, H, d, rows, dtype, sources):
+    """A memory's tensor file, streamed: safetensors' 8 bytes of header length, the JSON header,
+    then layer{l}.keys and layer{l}.values (H, rows, d), each head's rows from sources(l, kind, h),
+    a list of tensors (H_i, d) or spool files of raw rows, in row order."""
+    np_dtype = np.float16 if dtype == 'float16' else np.float32
+    names = [(l, kind) for l in layers for kind in ('keys', 'values')]
+    size = H * rows * d * np.dtype(np_dtype).itemsize
+    header = {f'layer{l}.{kind}': dict(dtype='F16' if dtype == 'float16' else 'F32', shape=[H, rows, d],
+                                       data_offsets=[i * size, (i + 1) * size])
+              for i, (l, kind) in enumerate(names)}
+    text = json.dumps(header).encode()
+    text += b' ' * (-len(text) % 8)
+    with open(tmp, 'wb') as out:
+        out.write(len(text).to_bytes(8, 'little'))
+        out.write(text)
+        for l, kind in names:
+            for h in range(H):
+                for src in sources(l, kind, h):
+                    if isinstance(src, str):
+                        with open(src, 'rb') as f:
+                            shutil.copyfileobj(f, out, 1 << 24)
+                    else:
+                        out.write(np.ascontiguousarray(src.numpy()).astype(np_dtype, copy=False).tobytes())
+
+
+def shard_of(documents: list, shard: str) -> list:
+    """shard 'i/n': the i-th of n contiguous groups of the documents (in order), so that the
+    groups' memories merged in order hold the rows of one build of them all."""
+    try:
+        i, n = (int(x) for x in shard.split('/'))
+        assert 0 <= i < n
+    except (ValueError, AssertionError):
+        raise UserError(f"shard={shard!r} must be 'i/n' with 0 <= i < n, e.g. --shard=0/4") from None
+    if n > len(documents):
+        raise UserError(f"shard={shard}: {n} shards of {len(documents)} documents; use at most {len(documents)} shards")
+    return documents[i * len(documents) // n:(i + 1) * len(documents) // n]
+
+
+def merge_parts(model, enc, parts: list[str], path: str, knn_index: str | None = None) -> str:
+    """One memory at path from the memories of parts (built from consecutive groups of
+    documents, shard_of), in order: the rows, documents and windows a single build of all the
+    documents gives. Written whole (commit); the parts are left as they are. knn_index: the
+    merged memory's index choice (default: the parts')."""
+    mems = [load_memory(p, model, enc, mmap=True) for p in parts]
+    first = mems[0]
+    layers, dtype = first.stored_layers, str(first.keys[first.stored_layers[0]].dtype).removeprefix('torch.')
+    for p, m in zip(parts, mems):
+        got = (m.stored_layers, str(m.keys[m.stored_layers[0]].dtype).removeprefix('torch.'), m.memory_keys,
+               m.knn_index, m.meta.get('bookkeeping_token'), m.meta.get('remove_bookkeeping_token_mem_size'))
+        want = (layers, dtype, first.memory_keys, first.knn_index, first.meta.get('bookkeeping_token'),
+                first.meta.get('remove_bookkeeping_token_mem_size'))
+        if got != want:
+            raise UserError(f"{p} was built with other settings than {parts[0]} (layers, dtype, keys, index or "
+                            f"bookkeeping token: {got} against {want}); build the parts alike")
+    docs, windows, rows = [], [], 0
+    for m in mems:
+        for doc in m.meta['documents']:
+            docs.append(dict(doc, first_row=doc['first_row'] + rows))
+        windows += m.meta['token_windows']
+        rows += m.num_entries()
+    meta = build_meta(model, windows, first.meta['bookkeeping_token'], first.meta['remove_bookkeeping_token_mem_size'],
+                      first.memory_keys, text=first.meta.get('text') if len(mems) == 1 else None, documents=docs,
+                      knn_index=knn_index or first.knn_index)
+
+    def sources(l, kind, h):
+        return [(m.keys if kind == 'keys' else m.values)[l][h] for m in mems]
+
+    H, d = first.keys[layers[0]].shape[0], first.keys[layers[0]].shape[2]
+    path = os.path.abspath(path)
+    check_memory_path(path)
+    make_dirs(path)
+    return commit(path, lambda tmp: write_tensors(tmp, layers, H, d, rows, dtype, sources), manifest(meta, layers, dtype, rows))
+
+
 def build_documents(model, enc, documents: list[tuple[str, str]], path: str, layers: list[int] | None = None,
                     bookkeeping_token: str = '\n', n_skip: int | None = None, memory_keys: str = 'unrotated',
                     batch_size: int = 8, dtype: str = 'float32', knn_index: str = 'flat', append: bool = False,
@@ -219,31 +293,18 @@ def build_documents(model, enc, documents: list[tuple[str, str]], path: str, lay
         if rows == first:
             raise UserError("the documents hold no tokens to store after the bookkeeping token; give them some text")
 
-        def write(tmp):  # safetensors: 8 bytes of header length, the JSON header, then each tensor's bytes
-            names = [(l, kind) for l in layers for kind in ('keys', 'values')]
-            size = H * rows * d * np.dtype(np_dtype).itemsize
-            header = {f'layer{l}.{kind}': dict(dtype='F16' if dtype == 'float16' else 'F32', shape=[H, rows, d],
-                                               data_offsets=[i * size, (i + 1) * size])
-                      for i, (l, kind) in enumerate(names)}
-            text = json.dumps(header).encode()
-            text += b' ' * (-len(text) % 8)
-            with open(tmp, 'wb') as out:
-                out.write(len(text).to_bytes(8, 'little'))
-                out.write(text)
-                for l, kind in names:
-                    for h in range(H):
-                        if base is not None:
-                            old = (base.keys if kind == 'keys' else base.values)[l][h]
-                            out.write(np.ascontiguousarray(old.numpy()).astype(np_dtype, copy=False).tobytes())
-                        with open(os.path.join(spool, f"{l}.{kind}.{h}"), 'rb') as f:
-                            shutil.copyfileobj(f, out, 1 << 24)
+        def sources(l, kind, h):  # the rows of one head, in order: the memory appended to, then the new ones
+            old = [(base.keys if kind == 'keys' else base.values)[l][h]] if base is not None else []
+            return old + [os.path.join(spool, f"{l}.{kind}.{h}")]
+
         if base is not None:
             old_docs = base.meta.get('documents') or [dict(name='memory text', first_row=0, rows=first,
                                                            tokens=sum(len(w) for w in base.meta['token_windows']))]
             docs, windows_all = old_docs + docs, base.meta['token_windows'] + windows_all
         meta = build_meta(model, windows_all, bookkeeping_token, n_skip, memory_keys, text=one_text, documents=docs,
                           knn_index=knn_index)
-        path = commit(path, write, manifest(meta, layers, dtype, rows))
+        path = commit(path, lambda tmp: write_tensors(tmp, layers, H, d, rows, dtype, sources),
+                      manifest(meta, layers, dtype, rows))
         done = True
         return path
     finally:

@@ -4,6 +4,7 @@ Build a persistent memory from a text file or a folder of them and save it as a 
     python build_memory.py data/vancouver.txt --init_from=gpt2 --mem_store=out/vancouver --layers=[9]
     python build_memory.py data/ --init_from=gpt2 --mem_store=out/data --layers=[9]    # one document per .txt file
     python build_memory.py more.txt --mem_store=out/vancouver --append=True           # add to a memory
+    python build_memory.py docs/ --mem_store=out/big --launcher=slurm --shards=8      # on a cluster, merged
 
 Each document gets the bookkeeping token in front and is windowed on its own (texts longer
 than block_size go in windows, each with its own bookkeeping token); the plain model runs
@@ -19,13 +20,19 @@ Use it with: python sample.py ... --load_mem_store=True --mem_store=out/vancouve
 The index (knn_index) is recorded in the manifest; an approximate one is trained here and
 saved in the directory (index-*.safetensors), so loading the memory does not train it again.
 sample.py and sweep.py can also search another one (--knn_index, --nprobe, --ef_search).
+
+With a launcher (--launcher=slurm, or local for this machine) and --shards=n, a folder's
+documents are split into n consecutive groups, each built as a job into <mem_store>.parts/,
+and the parts are merged in order into one memory whose rows are those of a single build.
 """
 
 import os
+import shutil
 import sys
 import time
 
-from configurator import UserError, answer_help, configure, run_cli
+from configurator import REPOSITORY, UserError, answer_help, configure, run_cli
+from launch import LAUNCH_DEFAULTS
 
 DEFAULTS = dict(
     init_from='gpt2',      # as in sample.py: a GPT-2 name, hub id, checkpoint directory, GGUF file or 'smollm2-135m'
@@ -41,19 +48,23 @@ DEFAULTS = dict(
     batch_size=8,          # windows that go through the model together
     device='cpu',          # 'cpu', 'cuda', 'cuda:1', ...
     dtype='float32',       # 'float32', 'bfloat16' or 'float16'
+    shard='',              # 'i/n': build only the i-th of n consecutive groups of the folder's documents, into parts_dir
+    parts_dir='',          # with shard: where the part goes (parts_dir/i-of-n); the launcher sets it
+    **LAUNCH_DEFAULTS,     # run shards as jobs and merge them (launch.py)
 )
 if __name__ == '__main__':  # --help answers here, before torch and FAISS are imported (seconds)
-    answer_help(DEFAULTS, __doc__, [__file__])
+    answer_help(DEFAULTS, __doc__, [__file__, os.path.join(REPOSITORY, 'launch.py')])
 
-from build import build_documents, read_documents
+from build import build_documents, merge_parts, read_documents, shard_of
 from knn_index import check_knn_index, index_factory
+from launch import check_launch, launch_shards
 from run import load_model
 from store import load_memory, record_knn_index, save_indexes
 
 
 def main(argv):
     if '--help' in argv or '-h' in argv:
-        configure(DEFAULTS, argv, __doc__, [sys.modules[__name__]])
+        configure(DEFAULTS, argv, __doc__, [sys.modules[__name__], os.path.join(REPOSITORY, 'launch.py')])
     texts = [a for a in argv if not a.startswith('--') and not a.endswith('.py')]
     if not texts:
         config = configure(DEFAULTS, argv)
@@ -62,33 +73,93 @@ def main(argv):
     if len(texts) != 1:
         raise UserError("give one text file or folder: python build_memory.py FILE_OR_FOLDER [--key=value ...]")
     config = configure(DEFAULTS, [a for a in argv if a not in texts])
+    check_launch(config)
     documents = read_documents(texts[0])
     layers = config['layers']
     if layers is not None and (not isinstance(layers, (list, tuple)) or not all(isinstance(l, int) for l in layers)):
         raise UserError(f"layers={layers!r} must be a list of layer indices, e.g. --layers=[9]")
+    if config['launcher']:
+        return build_sharded(config, texts[0], documents, [a for a in argv if a not in texts])
+    if config['shard']:
+        if not config['parts_dir']:
+            raise UserError("shard=i/n builds one part of a sharded build into parts_dir; give --parts_dir=DIR "
+                            "(or let --launcher=local|slurm --shards=n do both)")
+        part = os.path.join(config['parts_dir'], config['shard'].replace('/', '-of-'))
+        documents = shard_of(documents, config['shard'])
+        if part_is_built(part, documents):
+            print(f"{part} already holds this part; nothing to do")
+            return
+        config = dict(config, mem_store=part, knn_index='flat')  # the merged memory gets the index
     mem_store = config['mem_store'] or os.path.join('out', os.path.splitext(os.path.basename(os.path.normpath(texts[0])))[0])
     if config['append'] and not os.path.isfile(os.path.join(mem_store, 'memory.json')):
         raise UserError(f"append=True adds to a memory, but {mem_store} holds none; build it first (without --append)")
     model, enc = load_model(config)
     check_knn_index(config['knn_index'], model.config.head_dim)  # a bad index choice fails before the model runs
+    if config['append'] and config['shard']:
+        raise UserError("append=True and shard are alternatives: append to a memory, or build one in parts")
     t0 = time.time()
     path = build_documents(model, enc, documents, mem_store, layers=layers, bookkeeping_token=config['bookkeeping_token'],
                            n_skip=config['remove_bookkeeping_token_mem_size'], memory_keys=config['memory_keys'],
                            batch_size=config['batch_size'], dtype=config['store_dtype'], knn_index=config['knn_index'],
                            append=config['append'])
-    seconds = time.time() - t0
+    describe(path, model, enc, documents, time.time() - t0, config['append'], texts[0])
+    if not config['shard']:
+        save_index(load_memory(path, model, enc, mmap=True), path)
+
+
+def part_is_built(part, documents):
+    """A part of a sharded build that an earlier attempt finished (its documents, in order)."""
+    from store import read_manifest
+    try:
+        meta = read_manifest(part)
+    except (UserError, OSError, ValueError):
+        return False
+    return [d.get('name') for d in meta.get('documents') or []] == [name for name, _ in documents]
+
+
+def build_sharded(config, text, documents, argv):
+    """The folder's documents in `shards` groups, each built as a job into <mem_store>.parts/,
+    then merged in order into mem_store (written whole: an interrupted merge leaves it as it was)."""
+    n = config['shards']
+    if config['append'] or config['reindex'] or config['shard']:
+        raise UserError("a launcher builds a new memory in shards; it does not combine with append, reindex or shard")
+    for i in range(n):
+        shard_of(documents, f"{i}/{n}")  # too many shards for the documents: an error before anything is submitted
+    mem_store = config['mem_store'] or os.path.join('out', os.path.splitext(os.path.basename(os.path.normpath(text)))[0])
+    parts_dir = os.path.abspath(mem_store.rstrip('/\\') + '.parts')
+    launch_keys = set(LAUNCH_DEFAULTS) | {'mem_store', 'parts_dir', 'shard'}
+    child = [text] + [a for a in argv if a.split('=', 1)[0].lstrip('-') not in launch_keys] + \
+        ['--launcher=', '--shards=0', f'--parts_dir={parts_dir}']
+    model, enc = load_model(config)  # here too: the merge needs it, and a bad model or index fails before submitting
+    check_knn_index(config['knn_index'], model.config.head_dim)
+    t0 = time.time()
+    failed = launch_shards(config, os.path.abspath(__file__), child, os.path.join(parts_dir, 'jobs'))
+    if not config['wait']:
+        print("when the jobs are done, run the same command with --wait=True to merge (finished parts are not rebuilt)")
+        return
+    if failed:
+        raise UserError(f"{len(failed)} of {n} parts failed ({', '.join(f'{i}/{n}' for i in failed)}); their logs are "
+                        f"named above; run the same command again to retry them (finished parts are kept)")
+    parts = [os.path.join(parts_dir, f"{i}-of-{n}") for i in range(n)]
+    path = merge_parts(model, enc, parts, mem_store, knn_index=config['knn_index'])
+    shutil.rmtree(parts_dir, ignore_errors=True)
+    describe(path, model, enc, documents, time.time() - t0, False, f"{text} ({n} parts merged)")
+    save_index(load_memory(path, model, enc, mmap=True), path)
+
+
+def describe(path, model, enc, documents, seconds, append, source):
+    """What was stored, printed after a build."""
     memory = load_memory(path, model, enc, mmap=True)
     size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if os.path.isfile(os.path.join(path, f)))
     m = memory.meta
     tokens = sum(d['tokens'] for d in m['documents'][-len(documents):])
     print(f"stored {memory.num_entries()} tokens per head from {sum(len(w) for w in m['token_windows'])} tokens "
           f"in {len(m['token_windows'])} window(s) of {len(m['documents'])} document(s)"
-          + (f" ({len(documents)} appended)" if config['append'] else f" of {texts[0]}"))
+          + (f" ({len(documents)} appended)" if append else f" of {source}"))
     print(f"model {m['model']['name']} (weights {m['model']['fingerprint']}), layers {memory.stored_layers}, "
           f"{memory.keys[memory.stored_layers[0]].size(0)} key/value heads (of {m['model']['n_head']} query heads) of size "
           f"{m['model']['head_size']}; {tokens / max(seconds, 1e-9):.0f} tokens/s")
     print(f"{size / 1e6:.2f} MB on disk at {path} (keys and values in {str(memory.values[memory.stored_layers[0]].dtype).removeprefix('torch.')})")
-    save_index(memory, path)
 
 
 def save_index(memory, path):

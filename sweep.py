@@ -27,7 +27,8 @@ import warnings
 from dataclasses import asdict, fields
 
 import run_config
-from configurator import UserError, answer_help, check_type, configure, run_cli
+from configurator import REPOSITORY, UserError, answer_help, check_type, configure, run_cli
+from launch import LAUNCH_DEFAULTS
 from run_config import RUN_DEFAULTS
 
 SWEEP_DEFAULTS = dict(
@@ -55,10 +56,11 @@ SWEEP_DEFAULTS = dict(
     wandb_log=False,       # log summaries, plots and tables to Weights & Biases (WANDB_MODE=offline works)
     wandb_project='gpt2-knn-memory',  # the Weights & Biases project
     wandb_run_name='',     # '' = the sweep name
+    **LAUNCH_DEFAULTS,     # run the shards as jobs (SLURM, or local subprocesses) and merge them (launch.py)
 )
 DEFAULTS = dict(RUN_DEFAULTS, max_new_tokens=100, **SWEEP_DEFAULTS)  # 100 tokens, as in the write-up
 if __name__ == '__main__':  # --help answers here, before torch and FAISS are imported (seconds)
-    answer_help(DEFAULTS, __doc__, [__file__, run_config])
+    answer_help(DEFAULTS, __doc__, [__file__, run_config, os.path.join(REPOSITORY, 'launch.py')])
 
 import torch
 from tqdm import tqdm
@@ -67,6 +69,7 @@ import report
 from actadd import ActAdd
 from files import write_whole
 from knn_index import SearchSettings
+from launch import check_launch, launch_shards
 from memory import RetrievalSettings
 from report import jsonable
 from run import (
@@ -89,7 +92,7 @@ DEFAULT_SEED_COUNT = 100
 # keys that describe the sweep itself, not a setting: never in the grid
 NOT_IN_GRID = {'name', 'grid', 'seeds', 'seed', 'num_samples', 'metric', 'baselines', 'out_dir', 'shard', 'merge', 'extend', 'replace',
                'plots', 'vader_parts', 'replot', 'plot_title', 'wandb_log', 'wandb_project', 'wandb_run_name', 'batch_size',
-               'method_text', 'compile'}
+               'method_text', 'compile'} | set(LAUNCH_DEFAULTS)
 # keys only the memory method reads (RetrievalSettings, its search and decoding, a saved memory):
 # the baselines do not vary with them
 RETRIEVAL_KEYS = {f.name for f in fields(RetrievalSettings)} | {
@@ -527,7 +530,7 @@ def run_settings(todo, config, name, run_dir, mine, seeds, finished, wb):
 
 
 def main(argv):
-    config = configure(DEFAULTS, argv, __doc__, [sys.modules[__name__], run_config])
+    config = configure(DEFAULTS, argv, __doc__, [sys.modules[__name__], run_config, os.path.join(REPOSITORY, 'launch.py')])
     if config['metric'] not in ('vader', 'recall'):
         raise UserError(f"metric={config['metric']!r} must be 'vader' or 'recall'")
     if config['batch_size'] < 0:
@@ -541,6 +544,9 @@ def main(argv):
     if bad or not config['vader_parts']:
         raise UserError(f"vader_parts={config['vader_parts']!r}: give one or more of {VADER_SCORES}")
     shard = parse_shard(config['shard'])
+    check_launch(config)
+    if config['launcher']:
+        return launch(config, name, out_dir, settings, seeds, argv)
     if config['replot']:
         return replot(config, name, out_dir, settings, seeds)
     if config['merge']:
@@ -578,6 +584,27 @@ def main(argv):
         wb.finish(summary, table, plots)
 
 
+def launch(config, name, out_dir, settings, seeds, argv):
+    """The sweep's shards as jobs (launch.py), each `python sweep.py ARGV --shard=i/n` resuming
+    from its finished settings; with wait=True, merged into out_dir when all are done."""
+    if config['shard'] or config['merge'] or config['replot']:
+        raise UserError("launcher runs the shards itself and merges them; give it without shard, merge or replot")
+    if config['replace']:
+        remove_sweep(out_dir)
+    check_same_sweep(out_dir, seeds, settings, config['extend'])
+    keys = set(LAUNCH_DEFAULTS) | {'shard', 'replace'}
+    child = [a for a in argv if a.split('=', 1)[0].lstrip('-') not in keys] + ['--launcher=', '--shards=0']
+    failed = launch_shards(config, os.path.join(REPOSITORY, 'sweep.py'), child, os.path.join(out_dir, 'jobs'))
+    if not config['wait']:
+        print(f"when the jobs are done, join them: python sweep.py {' '.join(child[:-2])} --merge=True")
+        return
+    if failed:
+        n = config['shards']
+        raise UserError(f"{len(failed)} of {n} shards failed ({', '.join(f'{i}/{n}' for i in failed)}); "
+                        f"their logs are named above; run the same command again to retry them (finished settings are kept)")
+    merge(config, name, out_dir, settings, seeds)
+
+
 def replot(config, name, out_dir, settings, seeds):
     """Draw out_dir's plots again from its samples.jsonl, which holds every continuation's
     scores (the published folders keep it; their per-setting files are not kept)."""
@@ -613,6 +640,8 @@ def merge(config, name, out_dir, settings, seeds):
     fps = {(r['model']['name'], r['model']['fingerprint']) for r in finished.values()}
     if len({n for n, _ in fps}) < len(fps):
         raise UserError(f"the shards were run with different weights of the same model ({sorted(fps)}); rerun them alike")
+    check_same_sweep(out_dir, seeds, settings, config['extend'])
+    write_whole(os.path.join(out_dir, 'sweep.json'), sweep_record(name, dict(config, shard=''), seeds, settings))
     for sid, rec in finished.items():
         path = os.path.join(out_dir, 'settings', f"{sid}.json")
         if not os.path.isfile(path):
