@@ -493,11 +493,13 @@ def sweep_name(config, argv):
     return stem[len('sweep_'):] if stem.startswith('sweep_') and len(stem) > 6 else stem
 
 
-def run_settings(todo, config, name, run_dir, mine, seeds, finished, wb):
+def run_settings(todo, config, name, run_dir, mine, seeds, finished, wb, everything):
     """Run the unfinished settings one by one, each saved whole before the next starts. Every
     memory setting is first checked against its model and memory (knn_num's length, the
-    layers the memory holds), so a bad one stops the sweep before anything is generated."""
-    runner = Runner(todo)
+    layers the memory holds), so a bad one stops the sweep before anything is generated. A
+    memory is built for the layers of all the sweep's settings that share it (everything), so
+    its record is the same in a shard, a resumed run and one whole run."""
+    runner = Runner(everything)
     for s in todo:
         if s['method'] == 'memory' and s['retrieval'].layers:
             runner.model_for(s['config'])
@@ -569,7 +571,7 @@ def main(argv):
               + f"; {len(mine) - len(todo)} already finished, {len(todo)} to run; output in {run_dir}", file=sys.stderr)
         wb = report.WandbLog(config, config['wandb_run_name'] or name + (f"-shard{shard[0]}of{shard[1]}" if shard else '')) \
             if config['wandb_log'] else None
-        run_settings(todo, config, name, run_dir, mine, seeds, finished, wb)
+        run_settings(todo, config, name, run_dir, mine, seeds, finished, wb, settings)
     except BaseException:
         if fresh and not glob.glob(os.path.join(run_dir, 'settings', '*.json')):
             shutil.rmtree(fresh, ignore_errors=True)
