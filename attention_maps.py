@@ -35,6 +35,7 @@ import torch
 from files import write_whole
 from report import plot_setup, save_png
 from run import plain_and_memory, prepare_run
+from store import check_outside_memories
 
 
 def attention(model, ids, retrieval):
@@ -72,6 +73,7 @@ def heatmap(path, labels, maps, layer, head, title):
 
 def main(argv):
     config = configure(DEFAULTS, argv, __doc__, [sys.modules[__name__], run_config])
+    check_outside_memories(config['out_dir'], 'out_dir')
     r = prepare_run(config, progress=False)
     n_layer, n_head = r.model.config.n_layer, r.model.config.n_head
     layers = config['layers']

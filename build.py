@@ -24,7 +24,7 @@ import torch
 from configurator import UserError
 from files import make_dirs, read_text_file
 from memory import MEMORY_KEYS, Memory, model_identity
-from store import SPOOL_PREFIX, STORE_DTYPES, check_memory_path, commit, load_memory, manifest
+from store import SPOOL_PREFIX, STORE_DTYPES, check_memory_path, commit, load_memory, manifest, memory_lock
 from tokenizer import encode
 from transformer import PLAIN
 
@@ -223,10 +223,19 @@ def merge_parts(model, enc, parts: list[str], path: str, knn_index: str | None =
     return commit(path, lambda tmp: write_tensors(tmp, layers, H, d, rows, dtype, sources), manifest(meta, layers, dtype, rows))
 
 
-def build_documents(model, enc, documents: list[tuple[str, str]], path: str, layers: list[int] | None = None,
-                    bookkeeping_token: str = '\n', n_skip: int | None = None, memory_keys: str = 'unrotated',
-                    batch_size: int = 8, dtype: str = 'float32', knn_index: str = 'flat', append: bool = False,
-                    progress: bool = True) -> str:
+def build_documents(model, enc, documents: list[tuple[str, str]], path: str, append: bool = False, **how) -> str:
+    """_build_documents; an append holds the memory's lock from reading it to committing the new
+    version, so two appends at once run one after the other and neither loses rows."""
+    if not append:
+        return _build_documents(model, enc, documents, path, **how)
+    with memory_lock(path):
+        return _build_documents(model, enc, documents, path, append=True, **how)
+
+
+def _build_documents(model, enc, documents: list[tuple[str, str]], path: str, layers: list[int] | None = None,
+                     bookkeeping_token: str = '\n', n_skip: int | None = None, memory_keys: str = 'unrotated',
+                     batch_size: int = 8, dtype: str = 'float32', knn_index: str = 'flat', append: bool = False,
+                     progress: bool = True) -> str:
     """docs/method.md section 1 over many documents, streamed to disk: each document gets the
     bookkeeping token in front and is windowed on its own, its windows go through the plain
     model in batches, and the rows are spooled to files per layer, kind and head inside the

@@ -26,6 +26,7 @@ documents are split into n consecutive groups, each built as a job into <mem_sto
 and the parts are merged in order into one memory whose rows are those of a single build.
 """
 
+import contextlib
 import os
 import shutil
 import sys
@@ -59,7 +60,7 @@ from build import build_documents, merge_parts, read_documents, shard_of
 from knn_index import check_knn_index, index_factory
 from launch import check_launch, launch_shards
 from run import load_model
-from store import load_memory, record_knn_index, save_indexes
+from store import check_outside_memories, load_memory, memory_lock, record_knn_index, save_indexes
 
 
 def main(argv):
@@ -91,20 +92,50 @@ def main(argv):
             return
         config = dict(config, mem_store=part, knn_index='flat')  # the merged memory gets the index
     mem_store = config['mem_store'] or os.path.join('out', os.path.splitext(os.path.basename(os.path.normpath(texts[0])))[0])
+    check_outside_memories(os.path.dirname(os.path.abspath(mem_store)), 'mem_store')
     if config['append'] and not os.path.isfile(os.path.join(mem_store, 'memory.json')):
         raise UserError(f"append=True adds to a memory, but {mem_store} holds none; build it first (without --append)")
+    if config['append']:
+        check_append(config, argv, mem_store)
     model, enc = load_model(config)
     check_knn_index(config['knn_index'], model.config.head_dim)  # a bad index choice fails before the model runs
     if config['append'] and config['shard']:
         raise UserError("append=True and shard are alternatives: append to a memory, or build one in parts")
     t0 = time.time()
-    path = build_documents(model, enc, documents, mem_store, layers=layers, bookkeeping_token=config['bookkeeping_token'],
-                           n_skip=config['remove_bookkeeping_token_mem_size'], memory_keys=config['memory_keys'],
-                           batch_size=config['batch_size'], dtype=config['store_dtype'], knn_index=config['knn_index'],
-                           append=config['append'])
-    describe(path, model, enc, documents, time.time() - t0, config['append'], texts[0])
-    if not config['shard']:
-        save_index(load_memory(path, model, enc, mmap=True), path)
+    # an append holds the memory's lock from reading it to saving its index: appends run one at a time
+    with memory_lock(mem_store) if config['append'] else contextlib.nullcontext():
+        path = build_documents(model, enc, documents, mem_store, layers=layers,
+                               bookkeeping_token=config['bookkeeping_token'],
+                               n_skip=config['remove_bookkeeping_token_mem_size'], memory_keys=config['memory_keys'],
+                               batch_size=config['batch_size'], dtype=config['store_dtype'],
+                               knn_index=config['knn_index'], append=config['append'])
+        describe(path, model, enc, documents, time.time() - t0, config['append'], texts[0])
+        if not config['shard']:
+            save_index(load_memory(path, model, enc, mmap=True), path)
+
+
+APPEND_KEYS = {  # a key of this build -> the manifest field an append must match
+    'layers': 'layers', 'store_dtype': 'dtype', 'knn_index': 'knn_index', 'bookkeeping_token': 'bookkeeping_token',
+    'memory_keys': 'memory_keys', 'remove_bookkeeping_token_mem_size': 'remove_bookkeeping_token_mem_size'}
+
+
+def check_append(config, argv, mem_store):
+    """An append keeps the memory's own settings: one given here (on the command line or in a
+    config file, or not the default) that differs from the memory's is an error naming both."""
+    from store import read_manifest
+    found = read_manifest(mem_store)
+    named = {a[2:].split('=', 1)[0] for a in argv if a.startswith('--')}
+    for key, field in APPEND_KEYS.items():
+        given = config[key]
+        if key not in named and given == DEFAULTS[key]:
+            continue  # not asked for: the memory's own applies
+        theirs = found.get(field)
+        if key == 'layers' and given is not None:
+            given = sorted(given)
+        if given is not None and given != theirs:
+            raise UserError(f"append=True: {key}={given!r} differs from the memory's {theirs!r} ({mem_store}); an append "
+                            f"keeps the memory's settings: leave {key} out, or build a new memory"
+                            + (" (or append, then --reindex to change the index)" if key == 'knn_index' else ''))
 
 
 def part_is_built(part, documents):
@@ -126,6 +157,7 @@ def build_sharded(config, text, documents, argv):
     for i in range(n):
         shard_of(documents, f"{i}/{n}")  # too many shards for the documents: an error before anything is submitted
     mem_store = config['mem_store'] or os.path.join('out', os.path.splitext(os.path.basename(os.path.normpath(text)))[0])
+    check_outside_memories(os.path.dirname(os.path.abspath(mem_store)), 'mem_store')
     parts_dir = os.path.abspath(mem_store.rstrip('/\\') + '.parts')
     launch_keys = set(LAUNCH_DEFAULTS) | {'mem_store', 'parts_dir', 'shard'}
     child = [text] + [a for a in argv if a.split('=', 1)[0].lstrip('-') not in launch_keys] + \

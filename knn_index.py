@@ -45,11 +45,51 @@ def faiss_message(e: Exception) -> str:
     return re.sub(r"^Error in .*? at \S+:\d+: ", '', text).split('Error: ')[-1].strip(" '")[:160]
 
 
+FACTORY_FORMS = ("Flat", "IVF<lists>,Flat", "IVF<lists>,SQ4|SQ6|SQ8|SQfp16", "IVF<lists>,PQ<m>[x<bits>]",
+                 "HNSW<M>[,Flat]", "and any of these after PCA<d'>, PCAR<d'>, OPQ<m>[_<d'>] or RR<d'>")
+
+
+def check_factory(factory: str, d: int) -> None:
+    """A FAISS factory string this code lets FAISS build: the forms of FACTORY_FORMS with their
+    numbers in range (FAISS itself crashes on some, e.g. HNSW1, PQ16x0, NSG0, or accepts PCA0)."""
+    bad = lambda why: UserError(f"knn_index={factory!r}: {why}; the factory strings taken are "  # noqa: E731
+                                f"{'; '.join(FACTORY_FORMS)} (or a short name: {', '.join(KNN_INDEXES)})")
+    parts, dim = factory.split(','), d
+    m = re.fullmatch(r"(PCAR?|OPQ|RR)(\d+)(?:_(\d+))?", parts[0])
+    if m and len(parts) > 1:
+        kind, a, b = m.group(1), int(m.group(2)), int(m.group(3)) if m.group(3) else None
+        out = b if kind == 'OPQ' and b is not None else (a if kind != 'OPQ' else d)
+        if not 1 <= a <= d or not 1 <= out <= d or (kind == 'OPQ' and (out % a or b is not None and b < a)):
+            raise bad(f"{parts[0]} needs sizes from 1 to the key size {d} (OPQ<m>_<d'>: m dividing d')")
+        dim, parts = out, parts[1:]
+    if parts == ['Flat']:
+        return
+    m = re.fullmatch(r"HNSW(\d+)", parts[0])
+    if m and parts[1:] in ([], ['Flat']):
+        if not 4 <= int(m.group(1)) <= 256:
+            raise bad(f"HNSW's M (neighbours per node) must be 4 to 256, not {m.group(1)}")
+        return
+    m = re.fullmatch(r"IVF(\d+)", parts[0])
+    if m and len(parts) == 2:
+        if not 1 <= int(m.group(1)) <= 1 << 20:
+            raise bad(f"IVF needs 1 to 2^20 lists, not {m.group(1)}")
+        if parts[1] in ('Flat', 'SQ4', 'SQ6', 'SQ8', 'SQfp16'):
+            return
+        pq = re.fullmatch(r"PQ(\d+)(?:x(\d+))?", parts[1])
+        if pq:
+            sub, bits = int(pq.group(1)), int(pq.group(2) or 8)
+            if not 1 <= sub <= dim or dim % sub or not 1 <= bits <= 16:
+                raise bad(f"PQ<m>x<bits> needs m dividing the key size {dim} and 1 to 16 bits, not {parts[1]}")
+            return
+    raise bad("not a form this code builds")
+
+
 def index_factory(knn_index: str, n: int, d: int) -> str:
     """The FAISS factory string for a knn_index choice: a short name of KNN_INDEXES, sized for n
-    stored keys of size d, or a factory string as given ('' means 'flat')."""
+    stored keys of size d, or a factory string as given ('' means 'flat'), checked (check_factory)."""
     spec = knn_index or 'flat'
     if spec not in KNN_INDEXES:
+        check_factory(spec, d)
         return spec
     nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))
     m = next(m for m in range(max(1, d // 4), 0, -1) if d % m == 0)
@@ -134,6 +174,53 @@ def check_index_params(params: dict | None) -> dict:
         if k not in ('nprobe', 'efSearch') or not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise UserError(f"{k}={v!r}: the search parameters are nprobe and ef_search, whole numbers >= 1")
     return params
+
+
+SELF_FOUND = 0.5  # a saved index must find at least this share of sampled stored keys themselves
+CLAIM_SLACK = 0.15  # a saved calibration's recall may exceed what a sample measures by this much
+SAMPLE_QUERIES = 32
+MAX_SEARCH_PARAMETER = 1 << 16
+
+
+def check_calibration(text, heads) -> list[dict] | None:
+    """A saved index's calibration (JSON): one {parameter: value, 'recall': r} per head, the
+    parameter the index has (nprobe up to its lists, efSearch), values in range. ValueError
+    otherwise (the index is then built again)."""
+    import faiss
+    try:
+        stored = json.loads(text) if text else None
+    except ValueError:
+        raise ValueError(f"a saved index's calibration is not JSON: {str(text)[:60]}") from None
+    if stored is None:
+        return None
+    if not (isinstance(stored, list) and len(stored) == len(heads) and all(isinstance(f, dict) for f in stored)):
+        raise ValueError(f"a saved index's calibration is not one entry per head: {str(stored)[:60]}")
+    for index, found in zip(heads, stored):
+        name = tuned_parameter(index)
+        limit = faiss.extract_index_ivf(index).nlist if name == 'nprobe' else MAX_SEARCH_PARAMETER
+        recall = found.get('recall')
+        if set(found) - {name, 'recall'} or not isinstance(recall, (int, float)) or isinstance(recall, bool) \
+                or not 0 <= recall <= 1 or (name is not None and not (
+                    isinstance(found.get(name), int) and not isinstance(found.get(name), bool) and 1 <= found[name] <= limit)):
+            raise ValueError(f"a saved index's calibration {str(found)[:60]} is not {{{name!r}: 1..{limit}, "
+                             f"'recall': 0..1}}")
+    return stored
+
+
+def sample_recall(index, keys: np.ndarray, k: int = CALIBRATION_K) -> tuple[float, float]:
+    """(share of SAMPLE_QUERIES stored keys the index finds themselves among its k + 1 nearest,
+    recall@k of their nearest other keys against exact search, by row id)."""
+    import faiss
+    n = keys.shape[0]
+    rows = np.linspace(0, n - 1, min(SAMPLE_QUERIES, n)).astype(np.int64)
+    k = min(k, n - 1)
+    if k < 1:
+        return 1.0, 1.0
+    _, exact = faiss.knn(keys[rows], keys, k + 1)
+    _, found = index.search(keys[rows], k + 1)
+    own = float(np.mean([r in f for r, f in zip(rows, found)]))
+    recall = float(np.mean([len(set(e[e != r][:k]) & set(f[f != r])) / k for r, e, f in zip(rows, exact, found)]))
+    return own, recall
 
 
 def check_knn_index(knn_index: str, d: int) -> None:
@@ -246,10 +333,7 @@ class KNNIndex:
                     set_search_parameter(index, name, value, self.factory)
             if self.factory != 'Flat' and tuned_parameter(self.heads[0]) not in params:
                 # saved with the index, or measured now (calibrate leaves the index set to its choice)
-                stored = json.loads(saved[1].get('calibration') or 'null') if saved is not None else None
-                if stored is not None and not (isinstance(stored, list) and len(stored) == len(self.heads)
-                                               and all(isinstance(found, dict) for found in stored)):
-                    raise ValueError(f"a saved index's calibration is not one entry per head: {str(stored)[:60]}")
+                stored = check_calibration(saved[1].get('calibration'), self.heads) if saved is not None else None
                 self.calibrated_now = not stored
                 self.calibration = stored or [calibrate(index, head_keys(h), self.factory)
                                               for h, index in enumerate(self.heads)]
@@ -257,12 +341,33 @@ class KNNIndex:
                     for name, value in found.items():
                         if name != 'recall':
                             set_search_parameter(index, name, value, self.factory)
+            if saved is not None:
+                self.check_saved(head_keys)
         else:
             if self.factory != 'Flat':
                 raise UserError(f"search='torch' is exact; the approximate index knn_index={knn_index!r} needs "
                                 f"search='faiss'")
             self.keys = keys.float()
             self.key_sqnorms = self.keys.pow(2).sum(-1)  # (H, N)
+
+    def check_saved(self, head_keys) -> None:
+        """A saved index must be over these keys: on a fixed sample of stored keys, each head must
+        find most of them themselves (an index over other keys, or with shifted ids, finds almost
+        none: ValueError, and the index is built again). A stored calibration claim is measured
+        again on the sample; one that falls clearly short is replaced by a new calibration."""
+        import warnings
+        for h, index in enumerate(self.heads):
+            keys = head_keys(h)
+            own, recall = sample_recall(index, keys)
+            if own < SELF_FOUND:
+                raise ValueError(f"head {h}'s saved index finds {own:.0%} of a sample of the stored keys themselves; "
+                                 f"it was not built over these keys")
+            claimed = (self.calibration or [{}] * len(self.heads))[h].get('recall')
+            if claimed is not None and recall < claimed - CLAIM_SLACK:
+                warnings.warn(f"head {h}'s saved calibration claims recall@{CALIBRATION_K} {claimed:.3f}, a sample "
+                              f"measures {recall:.3f}; calibrating it again", stacklevel=4)
+                self.calibration[h] = calibrate(index, keys, self.factory)
+                self.calibrated_now = True
 
     def serialized(self) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         """The index as safetensors stores it, for KNNIndex(..., saved=...): each head's FAISS

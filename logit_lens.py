@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from files import write_whole
 from report import csv_text, plot_setup, save_png
 from run import plain_and_memory, prepare_run
+from store import check_outside_memories
 from tokenizer import encode
 
 
@@ -113,6 +114,7 @@ def plot(path, enc, probs, tokens, title, memory_layers=()):
 
 def main(argv):
     config = configure(DEFAULTS, argv, __doc__, [sys.modules[__name__], run_config])
+    check_outside_memories(config['out_dir'], 'out_dir')
     r = prepare_run(config, progress=False)
     with torch.no_grad():
         probs = lens(r.model, r.ids, r.retrieval)

@@ -40,6 +40,7 @@ from decoding import Decoder, sample_next
 from files import write_whole
 from report import csv_text
 from run import Sampling, prepare_run, seeds_of
+from store import check_outside_memories
 
 COLUMNS = ['step', 'next_token', 'layer', 'head', 'kv_head', 'position', 'token', 'attention', 'own_weight',
            'value_change', 'rank', 'row', 'stored_token', 'document', 'doc_position', 'distance', 'weight']
@@ -145,6 +146,7 @@ def print_summary(records, selected, out=None):
 
 def main(argv):
     config = configure(DEFAULTS, argv, __doc__, [sys.modules[__name__], run_config])
+    check_outside_memories(config['out_dir'], 'out_dir')
     if config['steps'] < 1:
         raise UserError(f"steps={config['steps']} must be >= 1")
     r = prepare_run(config, progress=False)

@@ -28,10 +28,13 @@ import torch
 from tqdm import tqdm
 
 from run import Sampling, append_jsonl, continuations, prepare_run, readout_of, seeds_of
+from store import check_outside_memories
 
 
 def main(argv):
     config = configure(DEFAULTS, argv, __doc__, [sys.modules[__name__], run_config])
+    if config['out_jsonl']:
+        check_outside_memories(config['out_jsonl'], 'out_jsonl')
     seeds = seeds_of(config)
     sampling = Sampling.from_config(config)
     readout = readout_of(config)

@@ -127,7 +127,10 @@ def _load_ours(path, tries=3, mmap=False):
     for l in keys:
         check_stored(keys[l], values[l], f"{tensor_path} layer {l}", rebuild)
     meta = {k: found[k] for k in META_FIELDS if k in found}
-    return Memory(keys, values, meta, saved_index=SavedIndexes(os.path.abspath(path), expected))
+    recorded = found.get('indexes')
+    recorded = {k: v for k, v in recorded.items() if isinstance(k, str) and isinstance(v, str)} \
+        if isinstance(recorded, dict) else {}
+    return Memory(keys, values, meta, saved_index=SavedIndexes(os.path.abspath(path), expected, recorded))
 
 
 def read_manifest(path: str) -> dict:
@@ -157,6 +160,27 @@ def read_manifest(path: str) -> dict:
     return found
 
 
+def memory_lock(directory: str):
+    """The lock that serialises writers of a memory directory (memory.lock): one instance per
+    directory in a process, so it can be held across a read-modify-write (an append) and taken
+    again by the commit inside it."""
+    from filelock import FileLock
+    return FileLock(os.path.join(os.path.abspath(directory), LOCK), is_singleton=True)
+
+
+def check_outside_memories(path: str, key: str) -> None:
+    """Outputs are never written inside a memory directory (an appended record would spoil its
+    manifest or tensors): a one-line error if path or a folder above it holds a memory."""
+    d = os.path.abspath(path)
+    while True:
+        if os.path.isfile(os.path.join(d, MANIFEST)) or os.path.isdir(os.path.join(d, 'keyStore')):
+            raise UserError(f"{key}={path} is inside the memory directory {d}; write outputs elsewhere (e.g. under out/)")
+        parent = os.path.dirname(d)
+        if parent == d:
+            return
+        d = parent
+
+
 def check_memory_path(path: str) -> None:
     """A memory is written only where none is, where one is, or into a folder of this code's own files."""
     if os.path.exists(path) and not (os.path.isdir(path) and (
@@ -177,9 +201,8 @@ def commit(path: str, write_tensors, fields: dict) -> str:
     path = os.path.abspath(path)
     check_memory_path(path)
     make_dirs(path)
-    from filelock import FileLock
     try:
-        with FileLock(os.path.join(path, LOCK)):
+        with memory_lock(path):
             for f in os.listdir(path):  # left by a save that was killed
                 if is_temporary(f):
                     os.remove(os.path.join(path, f))
@@ -190,8 +213,14 @@ def commit(path: str, write_tensors, fields: dict) -> str:
             name = f"memory-{checksum[:16]}.safetensors"
             os.chmod(tmp, umask_mode())
             os.replace(tmp, os.path.join(path, name))
-            write_whole(os.path.join(path, MANIFEST),
-                        json.dumps(dict(fields, tensors={name: checksum}), indent=1, ensure_ascii=False))
+            try:  # the same tensors again: the indexes recorded for them stay recorded
+                old = read_manifest(path) if os.path.isfile(os.path.join(path, MANIFEST)) else {}
+            except UserError:
+                old = {}
+            kept = {k: v for k, v in (old.get('indexes') or {}).items() if isinstance(k, str)
+                    and k.startswith(f"{INDEX_PREFIX}{checksum[:16]}-") and os.path.isfile(os.path.join(path, k))}
+            write_whole(os.path.join(path, MANIFEST), json.dumps(dict(fields, tensors={name: checksum}, **(
+                dict(indexes=kept) if kept else {})), indent=1, ensure_ascii=False))
             for f in os.listdir(path):  # the tensors of the memory this one replaced, and their indexes
                 if (is_tensor_file(f) and f != name) or (is_index_file(f) and
                                                          not f.startswith(f"{INDEX_PREFIX}{checksum[:16]}-")):
@@ -263,11 +292,15 @@ def is_own_file(name):
 
 class SavedIndexes:
     """Memory.saved_index of a memory loaded from `directory` with tensor checksum `checksum`:
-    (layer, factory) -> ((heads' bytes, metadata) or None, the file's path). Only reads; the
-    files it names are those save_indexes writes."""
+    (layer, factory) -> ((heads' bytes, metadata) or None, the file's path). Only reads. A saved
+    index is derived data from elsewhere: it is used only if the manifest records the file's
+    SHA-256 (`indexes`, written by save_indexes), the file still has it, and its metadata names
+    these tensors, this layer and this factory; anything else is ignored with a warning and
+    the index is built again (FAISS never reads bytes this directory did not record). After
+    reading, KNNIndex checks the index finds the stored keys themselves."""
 
-    def __init__(self, directory: str, checksum: str):
-        self.directory, self.checksum = directory, checksum
+    def __init__(self, directory: str, checksum: str, recorded: dict | None = None):
+        self.directory, self.checksum, self.recorded = directory, checksum, dict(recorded or {})
 
     def file(self, layer: int, factory: str) -> str:
         return os.path.join(self.directory, index_file_name(self.checksum, layer, factory))
@@ -276,40 +309,73 @@ class SavedIndexes:
         file = self.file(layer, factory)
         if not os.path.isfile(file):
             return None, file
+        name = os.path.basename(file)
+        why = None if name in self.recorded else f"{MANIFEST} does not record it"
+        if why is None and sha256_file(file) != self.recorded[name]:
+            why = f"it does not match the checksum {MANIFEST} records (altered or replaced)"
+        if why:
+            warnings.warn(f"{file} is not the index saved for these keys ({why}); building the index again "
+                          f"(build_memory.py --reindex={self.directory} --knn_index=... saves it)", stacklevel=3)
+            return None, file
         from safetensors import SafetensorError, safe_open
         try:
             with safe_open(file, 'np') as f:
-                return ({name: f.get_tensor(name) for name in f.keys()}, f.metadata() or {}), file
+                saved = ({name: f.get_tensor(name) for name in f.keys()}, f.metadata() or {})
         except (SafetensorError, OSError, ValueError) as e:
             warnings.warn(f"{file} is unreadable ({faiss_message(e)}); building the index again", stacklevel=3)
             return None, file
+        bound = dict(tensors=self.checksum, layer=str(layer), factory=factory)
+        if any(saved[1].get(k) != v for k, v in bound.items()):
+            warnings.warn(f"{file} was saved for other keys ({ {k: saved[1].get(k) for k in bound} }); building the "
+                          f"index again", stacklevel=3)
+            return None, file
+        return saved, file
 
 
 def save_indexes(memory: Memory) -> int:
     """Train (or read) every stored layer's approximate index for the memory's own knn_index and
     save those not already saved whole, calibration included, in the directory the memory was
-    loaded from, named by the checksum of the tensors it was loaded with (FAISS on the CPU).
-    The explicit step that build_memory.py takes, so that later loads read the index instead
-    of training it. Returns the number of layers indexed."""
+    loaded from, named by the checksum of the tensors it was loaded with (FAISS on the CPU), and
+    record each file's SHA-256 in the manifest, which is what lets a later load trust it. The
+    explicit step that build_memory.py takes, so that later loads read the index instead of
+    training it. Returns the number of layers indexed."""
     from safetensors.numpy import save
     saved = memory.saved_index
     if not isinstance(saved, SavedIndexes):
         raise UserError("only a memory loaded from its directory (load_memory) can save its search indexes there")
+    written = {}
     for layer in memory.stored_layers:
         _, _, index = memory.layer_index(layer, 'cpu', SearchSettings(search='faiss'))
         if index.factory == 'Flat' or (index.from_saved and not index.calibrated_now):
             continue
-        write_whole(saved.file(layer, index.factory), save(*index.serialized()))
+        heads, meta = index.serialized()
+        data = save(heads, dict(meta, tensors=saved.checksum, layer=str(layer), factory=index.factory))
+        file = saved.file(layer, index.factory)
+        write_whole(file, data)
+        written[os.path.basename(file)] = hashlib.sha256(data).hexdigest()
+    if written:
+        try:
+            with memory_lock(saved.directory):
+                found = read_manifest(saved.directory)
+                if next(iter(found['tensors'].values())) != saved.checksum:
+                    raise UserError(f"{saved.directory} holds another version of the memory now; load it again "
+                                    f"and save its indexes then")
+                kept = {k: v for k, v in (found.get('indexes') or {}).items()
+                        if os.path.isfile(os.path.join(saved.directory, k))}
+                found['indexes'] = dict(kept, **written)
+                write_whole(os.path.join(saved.directory, MANIFEST), json.dumps(found, indent=1, ensure_ascii=False))
+        except OSError as e:
+            raise cannot_write(saved.directory, e) from None
+        saved.recorded.update(written)
     return len(memory.stored_layers)
 
 
 def record_knn_index(path: str, knn_index: str, n: int, d: int) -> None:
     """Give the memory directory at path (n stored keys of size d per head) another index
     choice: only its manifest changes (the tensors, and the indexes saved for them, stay)."""
-    from filelock import FileLock
     path = os.path.abspath(path)
     try:
-        with FileLock(os.path.join(path, LOCK)):
+        with memory_lock(path):
             found = read_manifest(path)
             found.update(knn_index=knn_index, index=index_description(knn_index, n, d))
             write_whole(os.path.join(path, MANIFEST), json.dumps(found, indent=1, ensure_ascii=False))

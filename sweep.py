@@ -85,6 +85,7 @@ from run import (
     seeds_of,
 )
 from scores import VADER_SCORES, perplexities, score_rows
+from store import check_outside_memories
 from tokenizer import encode
 
 DEFAULT_SEED_COUNT = 100
@@ -539,6 +540,7 @@ def main(argv):
         raise UserError(f"batch_size={config['batch_size']} must be >= 0 (0 = all seeds in one batch)")
     name = sweep_name(config, argv)
     out_dir = config['out_dir'] or os.path.join('out', name)
+    check_outside_memories(out_dir, 'out_dir')
     settings, seeds = expand(config)
     for s in settings:
         s['seeds'] = seeds
