@@ -187,6 +187,45 @@ def safetensors_files(ckpt_dir):
     raise UserError(f"{ckpt_dir} holds neither model.safetensors nor model.safetensors.index.json")
 
 
+def tensor_shapes(files: list[str]) -> dict[str, tuple]:
+    """{name: shape} of the tensors of safetensors files, from their headers only (nothing is
+    allocated): a config can be checked against what the files really hold before a model is built."""
+    from safetensors import SafetensorError, safe_open
+    shapes = {}
+    for f in files:
+        try:
+            with safe_open(f, framework='np') as st:
+                shapes.update({k: tuple(st.get_slice(k).get_shape()) for k in st.keys()})
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"{f} cannot be read ({e}); the checkpoint is truncated or damaged") from None
+    return shapes
+
+
+def block_indices(shapes: dict, prefix: str) -> set[int]:
+    """The block numbers i of tensor names that start with prefix + 'i.'."""
+    found = set()
+    for name in shapes:
+        if name.startswith(prefix):
+            head = name[len(prefix):].split('.', 1)[0]
+            if head.isdigit():
+                found.add(int(head))
+    return found
+
+
+def check_shape(shapes: dict, name: str, want: tuple, where: str, implied: str) -> None:
+    if name in shapes and tuple(shapes[name]) != tuple(want):
+        raise UserError(f"{where}: {name} has shape {tuple(shapes[name])}, but {implied} imply {tuple(want)}; "
+                        f"the config does not describe these weights")
+
+
+def check_finite(tensors: dict, where: str) -> None:
+    """Weights with NaN or inf are refused, naming the tensor."""
+    import torch
+    for name, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise UserError(f"{where}: tensor {name} holds NaN or infinite values; the checkpoint is damaged")
+
+
 def gguf_path(init_from):
     """The GGUF file for `init_from`: a path ending in .gguf, or a short name of GGUF_PACKAGES."""
     if init_from in GGUF_PACKAGES:

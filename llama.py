@@ -22,7 +22,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from checkpoint import LLAMA_FAMILIES as FAMILIES
-from checkpoint import read_json, safetensors_files
+from checkpoint import block_indices, check_finite, check_shape, read_json, safetensors_files, tensor_shapes
 from configurator import UserError
 from gguf_file import read_gguf
 from tokenizer import load_hf_tokenizer
@@ -48,6 +48,39 @@ class LlamaConfig:
     attention_bias: bool = False  # q, k, v biases (Qwen2; Llama's attention_bias)
     o_proj_bias: bool = False     # output projection bias (Llama's attention_bias, not Qwen2)
     tie_word_embeddings: bool = False
+
+    def check(self, shapes: dict, where: str) -> None:
+        """Every field in range, and against the tensors the files hold ({name: shape}, Hugging
+        Face names), before anything is allocated: blocks, embeddings, heads, MLP width."""
+        for name in ('block_size', 'vocab_size', 'n_layer', 'n_head', 'n_kv_head', 'n_embd', 'head_dim',
+                     'intermediate_size'):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise UserError(f"{where}: {name}={v!r} must be a whole number >= 1; the checkpoint's config is damaged")
+        for name, top in (('rope_theta', float('inf')), ('rms_norm_eps', 1.0)):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < top:
+                raise UserError(f"{where}: {name}={v!r} must be a number above 0" + (" and below 1" if top == 1 else ''))
+        if self.n_head % self.n_kv_head or self.head_dim % 2:
+            raise UserError(f"{where}: {self.n_head} query heads over {self.n_kv_head} key/value heads of size "
+                            f"{self.head_dim}: the query heads must be a multiple of the key/value heads, the size even")
+        if self.rope_scaling is not None and not (isinstance(self.rope_scaling, dict) and all(
+                isinstance(self.rope_scaling.get(k), (int, float)) and self.rope_scaling[k] > 0
+                for k in ('factor', 'original_max_position_embeddings'))):
+            raise UserError(f"{where}: rope scaling {str(self.rope_scaling)[:80]} needs positive 'factor' and "
+                            f"'original_max_position_embeddings'")
+        blocks = block_indices(shapes, 'model.layers.')
+        if blocks != set(range(self.n_layer)):
+            raise UserError(f"{where}: the config says {self.n_layer} layers, the weights hold {len(blocks)} blocks; "
+                            f"the config does not describe these weights")
+        if 'model.embed_tokens.weight' not in shapes:
+            raise UserError(f"{where}: the weights lack model.embed_tokens.weight; they are not a Llama-family model's")
+        C, d = self.n_embd, self.head_dim
+        check_shape(shapes, 'model.embed_tokens.weight', (self.vocab_size, C), where, 'vocab_size and hidden_size')
+        check_shape(shapes, 'model.layers.0.self_attn.q_proj.weight', (self.n_head * d, C), where, 'the heads and their size')
+        check_shape(shapes, 'model.layers.0.self_attn.k_proj.weight', (self.n_kv_head * d, C), where,
+                    'the key/value heads and their size')
+        check_shape(shapes, 'model.layers.0.mlp.gate_proj.weight', (self.intermediate_size, C), where, 'intermediate_size')
 
     @classmethod
     def from_hf(cls, hf, where):
@@ -246,13 +279,17 @@ class Llama(Transformer):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
         hf = read_json(os.path.join(ckpt_dir, 'config.json'))
-        model = cls(LlamaConfig.from_hf(hf, os.path.join(ckpt_dir, 'config.json')))
+        config = LlamaConfig.from_hf(hf, os.path.join(ckpt_dir, 'config.json'))
+        files = safetensors_files(ckpt_dir)
+        config.check(tensor_shapes(files), ckpt_dir)
+        model = cls(config)  # only now: the config matches the weights the files hold
         tensors = {}
-        for f in safetensors_files(ckpt_dir):
+        for f in files:
             try:
                 tensors.update(load_file(f))
             except (SafetensorError, OSError) as e:
                 raise UserError(f"{f} cannot be read ({e}); the checkpoint is truncated or damaged") from None
+        check_finite(tensors, ckpt_dir)
         model.load_weights({k: v.float() for k, v in tensors.items()}, ckpt_dir)
         model.name = name or os.path.basename(os.path.normpath(ckpt_dir))
         return model, load_hf_tokenizer(ckpt_dir)
@@ -260,7 +297,7 @@ class Llama(Transformer):
     @classmethod
     def from_gguf(cls, path, name=None):
         """Load a GGUF file (llama.cpp's format, see gguf_file.py). Returns (model, tokenizer)."""
-        fields, tensors, tokenizer = read_gguf(path)
+        fields, tensors, tokenizer = read_gguf(path, check=lambda fields, shapes: LlamaConfig(**fields).check(shapes, path))
         model = cls(LlamaConfig(**fields))
         model.load_weights(tensors, path)
         model.name = name or os.path.splitext(os.path.basename(path))[0]

@@ -21,7 +21,15 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from checkpoint import GGUF_PACKAGES, gpt2_checkpoint, read_json
+from checkpoint import (
+    GGUF_PACKAGES,
+    block_indices,
+    check_finite,
+    check_shape,
+    gpt2_checkpoint,
+    read_json,
+    tensor_shapes,
+)
 from configurator import UserError
 from tokenizer import load_tokenizer
 from transformer import Pass, Transformer, attend, pre_norm_block
@@ -157,10 +165,13 @@ class GPT(Transformer):
         if bad or hf['n_embd'] % hf['n_head']:
             raise UserError(f"{config_file} lacks or has bad values for {', '.join(bad) or 'n_embd / n_head'}; "
                             f"a GPT-2 config needs whole numbers {', '.join(fields)} (n_embd divisible by n_head)")
+        eps = hf.get('layer_norm_epsilon', 1e-5)
+        if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 < eps < 1:
+            raise UserError(f"{config_file}: layer_norm_epsilon={eps!r} must be a number between 0 and 1")
         config = GPTConfig(block_size=hf['n_positions'], vocab_size=hf['vocab_size'], n_layer=hf['n_layer'],
-                           n_head=hf['n_head'], n_embd=hf['n_embd'],
-                           layer_norm_epsilon=hf.get('layer_norm_epsilon', 1e-5))
-        model = cls(config)
+                           n_head=hf['n_head'], n_embd=hf['n_embd'], layer_norm_epsilon=float(eps))
+        check_gpt2_shapes(config, tensor_shapes([os.path.join(ckpt_dir, 'model.safetensors')]), ckpt_dir)
+        model = cls(config)  # only now: the config matches the weights the file holds
         try:
             sd_hf = load_file(os.path.join(ckpt_dir, 'model.safetensors'))
         except (SafetensorError, OSError) as e:
@@ -168,6 +179,7 @@ class GPT(Transformer):
                             f"damaged: download or copy it again") from None
         sd_hf = {k.removeprefix('transformer.'): v for k, v in sd_hf.items()
                  if not k.endswith(('.attn.bias', '.attn.masked_bias'))}
+        check_finite(sd_hf, f"{ckpt_dir}/model.safetensors")
         sd = model.state_dict()
         # the OpenAI checkpoints use a "Conv1D" module, (in, out): transpose into nn.Linear's (out, in)
         transposed = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
@@ -189,6 +201,22 @@ class GPT(Transformer):
         model.name = init_from if not os.path.isdir(init_from) else os.path.basename(os.path.normpath(init_from))
         model.eval()
         return model, load_tokenizer(ckpt_dir)
+
+
+def check_gpt2_shapes(config: GPTConfig, shapes: dict, where: str) -> None:
+    """config.json against the tensors model.safetensors holds (names and shapes from its
+    header), before anything is allocated: the number of blocks and the embeddings' sizes."""
+    shapes = {k.removeprefix('transformer.'): v for k, v in shapes.items()}
+    blocks = block_indices(shapes, 'h.')
+    if blocks != set(range(config.n_layer)):
+        raise UserError(f"{where}: config.json says n_layer={config.n_layer}, model.safetensors holds "
+                        f"{len(blocks)} blocks; the config does not describe these weights")
+    for name in ('wte.weight', 'wpe.weight'):
+        if name not in shapes:
+            raise UserError(f"{where}: model.safetensors lacks {name}; it does not hold GPT-2 weights")
+    check_shape(shapes, 'wte.weight', (config.vocab_size, config.n_embd), where, 'vocab_size and n_embd')
+    check_shape(shapes, 'wpe.weight', (config.block_size, config.n_embd), where, 'n_positions and n_embd')
+    check_shape(shapes, 'h.0.attn.c_attn.weight', (config.n_embd, 3 * config.n_embd), where, 'n_embd')
 
 
 def random_gpt2(config: GPTConfig | None = None, seed: int = 0, sharpen: float = 1.0) -> GPT:

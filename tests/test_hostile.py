@@ -223,3 +223,195 @@ def test_two_appends_at_once_keep_both_documents(small_memory, tmp_path):
     manifest = json.loads((store / 'memory.json').read_text())
     assert sorted(d['name'] for d in manifest['documents']) == ['a.txt', 'b.txt', 'c.txt']
     assert manifest['num_entries'] == sum(d['rows'] for d in manifest['documents'])
+
+
+# -----------------------------------------------------------------------------
+# checkpoint metadata, checked before anything is allocated
+
+def gpt2_dir(tmp_path, edit=None, weights=None):
+    from conftest import make_random_checkpoint
+    d = tmp_path / 'gpt2'
+    make_random_checkpoint(str(d))
+    if edit:
+        cfg = json.loads((d / 'config.json').read_text())
+        edit(cfg)
+        (d / 'config.json').write_text(json.dumps(cfg))
+    if weights:
+        from safetensors.torch import load_file, save_file
+        sd = load_file(str(d / 'model.safetensors'))
+        weights(sd)
+        save_file(sd, str(d / 'model.safetensors'))
+    return d
+
+
+def nan_weight(sd):
+    sd['transformer.h.1.mlp.c_fc.weight'][3, 4] = float('nan')
+
+
+GPT2_CASES = {
+    'n_layer 10^6': (lambda c: c.update(n_layer=10 ** 6), None, 'config.json says n_layer=1000000, model.safetensors holds 3 blocks'),
+    'n_embd 2^20': (lambda c: c.update(n_embd=2 ** 20, n_head=4), None, 'wte.weight has shape (474, 32)'),
+    'n_positions 10^9': (lambda c: c.update(n_positions=10 ** 9), None, 'wpe.weight has shape (64, 32)'),
+    'vocab as a string': (lambda c: c.update(vocab_size='474'), None, 'lacks or has bad values for vocab_size'),
+    'negative n_head': (lambda c: c.update(n_head=-4), None, 'bad values for n_head'),
+    'layer-norm epsilon negative': (lambda c: c.update(layer_norm_epsilon=-1e-5), None, 'layer_norm_epsilon=-1e-05 must be'),
+    'layer-norm epsilon a string': (lambda c: c.update(layer_norm_epsilon='small'), None, "layer_norm_epsilon='small' must be"),
+    'a NaN weight': (None, nan_weight, 'tensor h.1.mlp.c_fc.weight holds NaN'),
+}
+
+
+@pytest.mark.parametrize('case', sorted(GPT2_CASES))
+def test_gpt2_checkpoints_that_lie_about_their_weights(tmp_path, case):
+    edit, weights, message = GPT2_CASES[case]
+    d = gpt2_dir(tmp_path, edit, weights)
+    r, peak_mb = run_measured(tmp_path, 'sample.py', f'--init_from={d}', '--max_new_tokens=1', '--seeds=[1]')
+    one_line_error(r, message)
+    assert peak_mb < 1000, peak_mb  # nothing allocated by the lie (n_layer 10^6 took 7.5 GB before)
+
+
+def run_measured(tmp_path, script, *args):
+    """A script run in a fresh process, and its peak RSS in MB (its own, not its parent's; Linux)."""
+    out = tmp_path / 'peak_rss'
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the forked parent (pytest)
+    code = (f"import runpy, sys\nsys.argv = [{script!r}, *{list(args)!r}]\n"
+            f"try:\n    runpy.run_path({os.path.join(ROOT, script)!r}, run_name='__main__')\n"
+            f"finally:\n    hwm = next(l for l in open('/proc/self/status') if l.startswith('VmHWM'))\n"
+            f"    open({str(out)!r}, 'w').write(hwm.split()[1])")
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=ROOT,
+                       env=dict(os.environ, HF_HUB_OFFLINE='1', PYTHONPATH=ROOT), timeout=300)
+    return r, int(out.read_text()) / 1024
+
+
+def llama_dir(tmp_path, edit=None):
+    from conftest import make_llama_checkpoint
+    d = tmp_path / 'llama'
+    make_llama_checkpoint(str(d))
+    if edit:
+        cfg = json.loads((d / 'config.json').read_text())
+        edit(cfg)
+        (d / 'config.json').write_text(json.dumps(cfg))
+    return d
+
+
+LLAMA_CASES = {
+    'num_hidden_layers 10^6': (lambda c: c.update(num_hidden_layers=10 ** 6), 'the config says 1000000 layers, the weights hold 4'),
+    'hidden_size 2^20': (lambda c: c.update(hidden_size=2 ** 20), 'embed_tokens.weight has shape (474, 48)'),
+    'key/value heads that do not divide': (lambda c: c.update(num_key_value_heads=4), 'multiple of the key/value heads'),
+    'head_dim a string': (lambda c: c.update(head_dim='8'), "head_dim='8' must be a whole number"),
+    'rope scaling without its factor': (lambda c: c.update(rope_scaling={'rope_type': 'llama3', 'low_freq_factor': 1}),
+                                        "needs positive 'factor'"),
+    'rope theta NaN': (lambda c: c.update(rope_theta=float('nan')), 'rope_theta=nan must be a number above 0'),
+    'rms epsilon negative': (lambda c: c.update(rms_norm_eps=-1.0), 'rms_norm_eps=-1.0 must be'),
+    'intermediate size wrong': (lambda c: c.update(intermediate_size=10 ** 6), 'gate_proj.weight has shape (96, 48)'),
+}
+
+
+@pytest.mark.parametrize('case', sorted(LLAMA_CASES))
+def test_llama_checkpoints_that_lie_about_their_weights(tmp_path, case):
+    edit, message = LLAMA_CASES[case]
+    d = llama_dir(tmp_path, edit)
+    r = run_script('sample.py', f'--init_from={d}', '--max_new_tokens=1', '--seeds=[1]')
+    one_line_error(r, message)
+
+
+HF_TO_GGUF = {'input_layernorm': 'attn_norm', 'self_attn.q_proj': 'attn_q', 'self_attn.k_proj': 'attn_k',
+              'self_attn.v_proj': 'attn_v', 'self_attn.o_proj': 'attn_output', 'post_attention_layernorm': 'ffn_norm',
+              'mlp.gate_proj': 'ffn_gate', 'mlp.up_proj': 'ffn_up', 'mlp.down_proj': 'ffn_down'}
+
+
+@pytest.fixture(scope='module')
+def llama_tensors(tmp_path_factory):
+    """A tiny Llama's tensors under llama.cpp's names (float32), and its tokenizer's tokens and merges."""
+    from safetensors.torch import load_file
+
+    from conftest import make_llama_checkpoint
+    d = tmp_path_factory.mktemp('gguf_src')
+    make_llama_checkpoint(str(d))
+    out = {}
+    for name, t in load_file(str(d / 'model.safetensors')).items():
+        if name.startswith('model.layers.'):
+            i, rest = name[len('model.layers.'):].split('.', 1)
+            base, kind = rest.rsplit('.', 1)
+            out[f'blk.{i}.{HF_TO_GGUF[base]}.{kind}'] = t.float().numpy()
+        else:
+            out[{'model.embed_tokens.weight': 'token_embd.weight', 'model.norm.weight': 'output_norm.weight',
+                 'lm_head.weight': 'output.weight'}[name]] = t.float().numpy()
+    vocab = json.load(open(os.path.join(TINY, 'vocab.json'), encoding='utf-8'))
+    merges = [line for line in open(os.path.join(TINY, 'merges.txt'), encoding='utf-8').read().split('\n')[1:] if line.strip()]
+    return out, sorted(vocab, key=vocab.get), merges
+
+
+def write_gguf(path, base_tensors, base_tokens, base_merges, **change):
+    """A GGUF file of the tiny Llama; change: metadata to replace (None drops a field) or
+    'edit' (a function editing the dict of arrays)."""
+    import gguf
+    fields = {'context_length': 128, 'embedding_length': 48, 'block_count': 4, 'feed_forward_length': 96,
+              'head_count': 6, 'head_count_kv': 2, 'rope_freq_base': 1e6, 'layer_norm_rms_eps': 1e-5,
+              'tokens': base_tokens, 'merges': base_merges, 'bos_token_id': 473}
+    fields.update({k: v for k, v in change.items() if k != 'edit'})
+    tensors = dict(base_tensors)
+    if 'edit' in change:
+        change['edit'](tensors)
+    w = gguf.GGUFWriter(str(path), 'llama')
+    for key in ('context_length', 'embedding_length', 'block_count', 'feed_forward_length'):
+        if fields[key] is not None:
+            w.add_uint32(f'llama.{key}', fields[key]) if isinstance(fields[key], int) else w.add_string(f'llama.{key}', str(fields[key]))
+    if fields['head_count'] is not None:
+        w.add_head_count(fields['head_count'])
+    w.add_head_count_kv(fields['head_count_kv'])
+    w.add_float32('llama.rope.freq_base', fields['rope_freq_base'])
+    w.add_layer_norm_rms_eps(fields['layer_norm_rms_eps'])
+    w.add_tokenizer_model('gpt2')
+    w.add_token_list(fields['tokens'])
+    w.add_token_types([1] * len(fields['tokens']))
+    if fields['merges'] is not None:
+        w.add_token_merges(fields['merges'])
+    w.add_bos_token_id(fields['bos_token_id'])
+    for name, t in tensors.items():
+        w.add_tensor(name, t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def nan_tensor(t):
+    t['blk.2.ffn_up.weight'] = t['blk.2.ffn_up.weight'].copy()
+    t['blk.2.ffn_up.weight'][1, 1] = float('nan')
+
+
+GGUF_CASES = {
+    'block_count 200000': (dict(block_count=200_000), 'the config says 200000 layers, the weights hold 4'),
+    'embedding_length 2^20': (dict(embedding_length=2 ** 20), 'embed_tokens.weight has shape (474, 48)'),
+    'head count 0': (dict(head_count=0), 'head_count=0'),
+    'no block count': (dict(block_count=None), 'lacks llama.block_count'),
+    'no head count': (dict(head_count=None), 'lacks llama.attention.head_count'),
+    'context length 0': (dict(context_length=0), 'block_size=0 must be a whole number'),
+    'rope base NaN': (dict(rope_freq_base=float('nan')), 'rope_theta=nan must be a number above 0'),
+    'feed-forward length a string': (dict(feed_forward_length='96'), "intermediate_size='96' must be a whole number"),
+    'no merges': (dict(merges=None), 'lacks tokens or merges'),
+    'a merge of one token': (dict(merges=['Ġt']), 'a merge is not two tokens'),
+    'duplicate tokens': (dict(tokens=None), 'repeats or has empty tokens'),
+    'bos id 10^6': (dict(bos_token_id=10 ** 6), 'bos_token_id=1000000 is not one of its 474 tokens'),
+    'a NaN weight': (dict(edit=nan_tensor), 'tensor blk.2.ffn_up.weight holds NaN'),
+}
+
+
+@pytest.mark.parametrize('case', sorted(GGUF_CASES))
+def test_gguf_files_that_lie_about_their_weights(tmp_path, llama_tensors, case):
+    tensors, tokens, merges = llama_tensors
+    change, message = GGUF_CASES[case]
+    if change.get('tokens', 0) is None:
+        change = dict(tokens=tokens[:-1] + [tokens[0]])
+    path = write_gguf(tmp_path / 'm.gguf', tensors, tokens, merges, **change)
+    r, peak_mb = run_measured(tmp_path, 'sample.py', f'--init_from={path}', '--max_new_tokens=1', '--seeds=[1]')
+    one_line_error(r, message)
+    assert peak_mb < 1000, peak_mb
+
+
+def test_the_tiny_gguf_itself_loads(tmp_path, llama_tensors):
+    """The cases above spoil one thing each of a file that loads."""
+    r = run_script('sample.py', f'--init_from={write_gguf(tmp_path / "m.gguf", *llama_tensors)}', '--max_new_tokens=2',
+                   '--seeds=[1]')
+    assert r.returncode == 0, r.stderr[-2000:]
