@@ -81,6 +81,9 @@ def main(argv):
         mem = sorted(r.retrieval) if r.retrieval else [0]
         layers = sorted({i for m in mem for i in (m, m + 1) if i < n_layer})
     heads = config['heads'] if config['heads'] is not None else list(range(n_head))
+    if not layers or not heads:
+        raise UserError(f"layers={layers} / heads={heads}: give at least one of each (or leave them out: the memory "
+                        f"layers and the one above each, every head)")
     bad = [l for l in layers if not (isinstance(l, int) and 0 <= l < n_layer)] + \
         [h for h in heads if not (isinstance(h, int) and 0 <= h < n_head)]
     if bad:

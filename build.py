@@ -223,6 +223,33 @@ def merge_parts(model, enc, parts: list[str], path: str, knn_index: str | None =
     return commit(path, lambda tmp: write_tensors(tmp, layers, H, d, rows, dtype, sources), manifest(meta, layers, dtype, rows))
 
 
+class SpoolFiles:
+    """The spooled rows of a build, one file per layer, kind and head, opened only while a
+    batch is written to it (a model with many layers and heads would otherwise hold more files
+    open than the system allows)."""
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def write(self, name, data):
+        with open(os.path.join(self.folder, name), 'ab') as f:
+            f.write(data)
+
+
+def remove_stale_spools(path):
+    """Remove the spool folders of builds into path whose process is gone (killed); a live
+    build's spool (its pid is in the name) is left alone."""
+    for f in os.listdir(path):
+        if f.startswith(SPOOL_PREFIX) and os.path.isdir(os.path.join(path, f)):
+            pid = f[len(SPOOL_PREFIX):].split('-', 1)[0]
+            try:
+                alive = pid.isdigit() and (os.kill(int(pid), 0) is None)
+            except (ProcessLookupError, PermissionError) as e:
+                alive = isinstance(e, PermissionError)
+            if not alive:
+                shutil.rmtree(os.path.join(path, f), ignore_errors=True)
+
+
 def build_documents(model, enc, documents: list[tuple[str, str]], path: str, append: bool = False, **how) -> str:
     """_build_documents; an append holds the memory's lock from reading it to committing the new
     version, so two appends at once run one after the other and neither loses rows."""
@@ -260,13 +287,13 @@ def _build_documents(model, enc, documents: list[tuple[str, str]], path: str, la
     check_memory_path(path)
     created = not os.path.exists(path)
     make_dirs(path)
-    spool = tempfile.mkdtemp(prefix=SPOOL_PREFIX, dir=path)
+    remove_stale_spools(path)
+    spool = tempfile.mkdtemp(prefix=f"{SPOOL_PREFIX}{os.getpid()}-", dir=path)
     done = False
     H, d = cfg.n_kv_head, cfg.head_dim
     np_dtype = np.float16 if dtype == 'float16' else np.float32
     try:
-        files = {(l, kind, h): open(os.path.join(spool, f"{l}.{kind}.{h}"), 'wb')
-                 for l in layers for kind in ('keys', 'values') for h in range(H)}
+        files = SpoolFiles(spool)
         first = base.num_entries() if base is not None else 0
         rows, docs, windows_all = first, [], []
         bar = one_text = None
@@ -289,7 +316,7 @@ def _build_documents(model, enc, documents: list[tuple[str, str]], path: str, la
                 for l, (k, v) in got.items():
                     for kind, t in (('keys', k), ('values', v)):
                         for h in range(H):
-                            files[(l, kind, h)].write(t[h].numpy().astype(np_dtype).tobytes())
+                            files.write(f"{l}.{kind}.{h}", t[h].numpy().astype(np_dtype).tobytes())
                 rows += next(iter(got.values()))[0].size(1)
                 bar.update(sum(len(w) for w in windows[done:done + n]))
                 done += n
@@ -297,8 +324,6 @@ def _build_documents(model, enc, documents: list[tuple[str, str]], path: str, la
             windows_all += windows
         if bar is not None:
             bar.close()
-        for f in files.values():
-            f.close()
         if rows == first:
             raise UserError("the documents hold no tokens to store after the bookkeeping token; give them some text")
 
@@ -317,8 +342,6 @@ def _build_documents(model, enc, documents: list[tuple[str, str]], path: str, la
         done = True
         return path
     finally:
-        for f in locals().get('files', {}).values():
-            f.close()
         shutil.rmtree(spool, ignore_errors=True)
         if created and not done:  # a build that fails leaves no folder behind
             shutil.rmtree(path, ignore_errors=True)

@@ -155,8 +155,8 @@ def configure(defaults, argv, usage=None, described_in=()):
                 raise UserError(f"unknown config key {key}{_closest(key, known)}")
             try:
                 value = ast.literal_eval(val)
-            except (SyntaxError, ValueError):
-                value = val  # a bare string
+            except (SyntaxError, ValueError, MemoryError, RecursionError, TypeError):
+                value = val  # a bare string (or one too long or deep for the parser: taken as text)
             if isinstance(defaults[key], str) and not isinstance(value, str):
                 value = val  # --start=123 means the text "123"
             config[key] = check_type(key, value, defaults[key], f"--{key}")

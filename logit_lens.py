@@ -115,6 +115,8 @@ def plot(path, enc, probs, tokens, title, memory_layers=()):
 def main(argv):
     config = configure(DEFAULTS, argv, __doc__, [sys.modules[__name__], run_config])
     check_outside_memories(config['out_dir'], 'out_dir')
+    if not 1 <= config['top'] <= 100:
+        raise UserError(f"top={config['top']} must be 1 to 100 (tokens shown per exit)")
     r = prepare_run(config, progress=False)
     with torch.no_grad():
         probs = lens(r.model, r.ids, r.retrieval)

@@ -37,6 +37,9 @@ MEMORY_KEYS = ('unrotated', 'rotated')  # the form keys are stored in on RoPE mo
 # -----------------------------------------------------------------------------
 # the method: docs/method.md sections 2 and 8
 
+MAX_SETTING = 1e6  # MF, BF and TS above this overflow float32 scores (TS * q.k / sqrt(d))
+
+
 def _is_number(x):
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
@@ -62,8 +65,9 @@ class RetrievalSettings:
         object.__setattr__(self, 'knn_num', tuple(knn_num))
         for name in ('mem_frac', 'bookkeeping_frac', 'knn_softmax_influence'):
             val = getattr(self, name)
-            if not _is_number(val) or val < 0:
-                raise UserError(f"{name}={val!r} must be a number >= 0")
+            if not _is_number(val) or not 0 <= val <= MAX_SETTING:
+                raise UserError(f"{name}={val!r} must be a number from 0 to {MAX_SETTING:g} (the write-up's largest is "
+                                f"1000; beyond, the candidates' scores overflow)")
             object.__setattr__(self, name, float(val))
         if not _is_number(self.resid_frac) or not 0 <= self.resid_frac <= 1:
             raise UserError(f"resid_frac={self.resid_frac!r} must be between 0 and 1")

@@ -200,7 +200,11 @@ class GPT(Transformer):
                 sd[k].copy_(w)
         model.name = init_from if not os.path.isdir(init_from) else os.path.basename(os.path.normpath(init_from))
         model.eval()
-        return model, load_tokenizer(ckpt_dir)
+        enc = load_tokenizer(ckpt_dir)
+        if enc.max_token_value >= config.vocab_size:
+            raise UserError(f"{ckpt_dir}: the tokenizer has ids up to {enc.max_token_value}, the model's vocabulary "
+                            f"{config.vocab_size}; vocab.json does not belong to these weights")
+        return model, enc
 
 
 def check_gpt2_shapes(config: GPTConfig, shapes: dict, where: str) -> None:

@@ -147,6 +147,9 @@ def print_summary(records, selected, out=None):
 def main(argv):
     config = configure(DEFAULTS, argv, __doc__, [sys.modules[__name__], run_config])
     check_outside_memories(config['out_dir'], 'out_dir')
+    for key, top in (('steps', 10_000), ('show', 10_000)):
+        if not 1 <= config[key] <= top:
+            raise UserError(f"{key}={config[key]} must be 1 to {top}")
     if config['steps'] < 1:
         raise UserError(f"steps={config['steps']} must be >= 1")
     r = prepare_run(config, progress=False)

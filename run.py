@@ -148,9 +148,10 @@ class Sampling:
     def from_config(cls, config: dict, where: str | None = None) -> Sampling:
         """The config's sampling settings, checked; `where` names the setting in the message."""
         at = f"{where}: " if where else ''
-        if config['max_new_tokens'] < 1 or not (math.isfinite(config['temperature']) and config['temperature'] > 0) \
+        if config['max_new_tokens'] < 1 or not (math.isfinite(config['temperature']) and config['temperature'] >= 1e-4) \
                 or (config['top_k'] is not None and config['top_k'] < 1):
-            raise UserError(f"{at}max_new_tokens and top_k must be >= 1 and temperature a finite number > 0 "
+            raise UserError(f"{at}max_new_tokens and top_k must be >= 1 and temperature a finite number >= 1e-4 "
+                            f"(below it the logits overflow; top_k=1 samples greedily) "
                             f"(max_new_tokens={config['max_new_tokens']}, top_k={config['top_k']}, "
                             f"temperature={config['temperature']})")
         if config['decoding'] not in DECODINGS:

@@ -3,17 +3,17 @@ A memory's directory: the format it is saved in and everything that reads or wri
 
   memory.json        the manifest (manifest(): the schema, written in one place), naming
   memory-<sha>.safetensors  the tensors, layer<l>.keys / layer<l>.values (H_kv, N, d), by checksum
-  index-<sha>-<layer>-<factory>.safetensors  saved approximate FAISS indexes, one per layer
-                     (save_indexes: an explicit step; loading only reads them)
+  index-<sha>-<layer>-<factory>.safetensors  saved FAISS indexes, one per layer, each recorded by
+                     checksum in the manifest (save_indexes, an explicit step; loading only reads)
   memory.lock        serialises writers
 
-commit() makes every write whole: the path holds the old memory or the new one, never half
-of one. load_memory() checks the manifest, the tensors' checksum and shapes, and memory-maps
-the values on request; it also imports the reference code's layout (import_reference).
+commit() makes every write whole (the old memory or the new one, never half of one); load_memory()
+checks the manifest, checksum and shapes, memory-maps values on request, imports the reference's layout.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -169,16 +169,13 @@ def memory_lock(directory: str):
 
 
 def check_outside_memories(path: str, key: str) -> None:
-    """Outputs are never written inside a memory directory (an appended record would spoil its
-    manifest or tensors): a one-line error if path or a folder above it holds a memory."""
-    d = os.path.abspath(path)
-    while True:
+    """Outputs are never written inside a memory directory (a record appended there would spoil
+    it): a one-line error if path or a folder above it holds a memory."""
+    d, parent = None, os.path.abspath(path)
+    while parent != d:
+        d, parent = parent, os.path.dirname(parent)
         if os.path.isfile(os.path.join(d, MANIFEST)) or os.path.isdir(os.path.join(d, 'keyStore')):
             raise UserError(f"{key}={path} is inside the memory directory {d}; write outputs elsewhere (e.g. under out/)")
-        parent = os.path.dirname(d)
-        if parent == d:
-            return
-        d = parent
 
 
 def check_memory_path(path: str) -> None:
@@ -292,12 +289,10 @@ def is_own_file(name):
 
 class SavedIndexes:
     """Memory.saved_index of a memory loaded from `directory` with tensor checksum `checksum`:
-    (layer, factory) -> ((heads' bytes, metadata) or None, the file's path). Only reads. A saved
-    index is derived data from elsewhere: it is used only if the manifest records the file's
-    SHA-256 (`indexes`, written by save_indexes), the file still has it, and its metadata names
-    these tensors, this layer and this factory; anything else is ignored with a warning and
-    the index is built again (FAISS never reads bytes this directory did not record). After
-    reading, KNNIndex checks the index finds the stored keys themselves."""
+    (layer, factory) -> ((heads' bytes, metadata) or None, the file's path). Only reads. A file
+    is used only if the manifest records its SHA-256 (save_indexes), it still has it, and its
+    metadata names these tensors, layer and factory; else a warning, and the index is built
+    again (FAISS never reads unrecorded bytes). KNNIndex then checks it finds the keys."""
 
     def __init__(self, directory: str, checksum: str, recorded: dict | None = None):
         self.directory, self.checksum, self.recorded = directory, checksum, dict(recorded or {})
@@ -439,7 +434,12 @@ def import_reference(path: str, model, enc) -> Memory:
         check_stored(keys[l], values[l], f"{path} layer {l}", "the memory is corrupted")
     name = os.path.basename(os.path.normpath(path))
     text_file = os.path.join(path, f'{name}.txt')
-    text = open(text_file, encoding='utf-8').read() if os.path.isfile(text_file) else None
+    try:
+        with open(text_file, encoding='utf-8') if os.path.isfile(text_file) else contextlib.nullcontext() as f:
+            text = f.read() if f else None
+    except UnicodeDecodeError:
+        raise UserError(f"{text_file} is not UTF-8 text; the reference-layout memory's text file is damaged "
+                        f"(its tensors alone are read if the file is removed)") from None
     ident = model_identity(model)
     ident['fingerprint'] = None  # the reference recorded none
     ids = encode(enc, text) if text else None

@@ -39,18 +39,36 @@ def load_tokenizer(ckpt_dir: str) -> tiktoken.Encoding:
     In GPT-2's byte-level BPE a token's id is also its merge rank, which is exactly what
     tiktoken's mergeable_ranks are, so the vocabulary can be used as it is.
     """
-    with open(os.path.join(ckpt_dir, 'vocab.json'), encoding='utf-8') as f:
-        vocab = json.load(f)
+    bad = lambda why: UserError(f"{ckpt_dir}: {why}; the tokenizer files are damaged (copy vocab.json and "  # noqa: E731
+                                f"merges.txt of the checkpoint again)")
+    try:
+        with open(os.path.join(ckpt_dir, 'vocab.json'), encoding='utf-8') as f:
+            vocab = json.load(f)
+        with open(os.path.join(ckpt_dir, 'merges.txt'), encoding='utf-8') as f:
+            lines = f.read().split('\n')[1:]
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise bad(f"vocab.json or merges.txt is not UTF-8 JSON / text ({type(e).__name__})") from None
+    if not isinstance(vocab, dict) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                              for i in vocab.values()):
+        raise bad("vocab.json is not an object of token -> whole-number id")
+    if len(set(vocab.values())) != len(vocab):
+        raise bad("vocab.json gives two tokens the same id")
     decoder = _byte_decoder()
+    if not set(decoder) <= set(vocab):
+        raise bad(f"vocab.json lacks {len(set(decoder) - set(vocab))} of the 256 byte tokens a byte-level BPE needs")
     ranks, special = {}, {}
     for token, idx in vocab.items():
         if token == EOT:
             special[token] = idx
+        elif not all(ch in decoder for ch in token):
+            raise bad(f"vocab.json token {token[:20]!r} is not in GPT-2's byte alphabet")
         else:
             ranks[bytes(decoder[ch] for ch in token)] = idx
     # merges.txt must agree with the ids: the n-th merge makes token 256 + n
-    with open(os.path.join(ckpt_dir, 'merges.txt'), encoding='utf-8') as f:
-        merges = [line.split() for line in f.read().split('\n')[1:] if line.strip()]
+    merges = [line.split() for line in lines if line.strip()]
+    broken = next((m for m in merges if len(m) != 2), None)
+    if broken is not None:
+        raise bad(f"merges.txt has a line that is not two tokens ({' '.join(broken)[:40]!r})")
     for n, (a, b) in enumerate(merges[:8]):
         if vocab.get(a + b) != 256 + n:
             raise UserError(f"{ckpt_dir}: merges.txt and vocab.json disagree at merge {n} ({a} {b}); "

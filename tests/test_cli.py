@@ -102,7 +102,7 @@ def test_long_prompt_is_cropped_with_a_warning():
 @pytest.mark.parametrize('args,fragments', [
     (['--knn_num=[0,5,0]', '--memory=\nCats'], ['knn_num has 3 entries, the model has 4 layers']),
     (['--knn_num=[0,-1,0,0]', '--memory=\nCats'], ['knn_num[1]=-1']),
-    (['--knn_num=[0,1,0,0]', '--memory=\nCats', '--mem_frac=-1'], ['mem_frac=-1.0 must be a number >= 0']),
+    (['--knn_num=[0,1,0,0]', '--memory=\nCats', '--mem_frac=-1'], ['mem_frac=-1.0 must be a number from 0 to']),
     (['--knn_num=[0,1,0,0]', '--memory=\nCats', '--bookkeeping_frac=-0.1'], ['bookkeeping_frac=-0.1']),
     (['--knn_num=[0,1,0,0]', '--memory=\nCats', '--knn_softmax_influence=-2'], ['knn_softmax_influence=-2.0']),
     (['--knn_num=[0,1,0,0]', '--memory=\nCats', '--resid_frac=1.5'], ['resid_frac=1.5 must be between 0 and 1']),
@@ -261,11 +261,11 @@ def test_bad_values_are_one_line_errors(args, fragments):
 
 
 @pytest.mark.parametrize('line,fragment', [
-    ('temperature = float("nan")', 'temperature a finite number > 0'),
-    ('temperature = float("inf")', 'temperature a finite number > 0'),
-    ('knn_softmax_influence = float("nan")', 'knn_softmax_influence=nan must be a number >= 0'),
-    ('mem_frac = float("inf")', 'mem_frac=inf must be a number >= 0'),
-    ('bookkeeping_frac = float("nan")', 'bookkeeping_frac=nan must be a number >= 0'),
+    ('temperature = float("nan")', 'temperature a finite number >= 1e-4'),
+    ('temperature = float("inf")', 'temperature a finite number >= 1e-4'),
+    ('knn_softmax_influence = float("nan")', 'knn_softmax_influence=nan must be a number from 0 to'),
+    ('mem_frac = float("inf")', 'mem_frac=inf must be a number from 0 to'),
+    ('bookkeeping_frac = float("nan")', 'bookkeeping_frac=nan must be a number from 0 to'),
     ('resid_frac = float("nan")', 'resid_frac=nan must be between 0 and 1'),
     ('top_k = None\nseed = 2 ** 64', 'from 0 to 2**63 - 1'),
     ('memory = None', 'memory=None is not allowed'),

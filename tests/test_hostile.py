@@ -415,3 +415,104 @@ def test_the_tiny_gguf_itself_loads(tmp_path, llama_tensors):
     r = run_script('sample.py', f'--init_from={write_gguf(tmp_path / "m.gguf", *llama_tensors)}', '--max_new_tokens=2',
                    '--seeds=[1]')
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+# -----------------------------------------------------------------------------
+# tokenizer files, builds, odd values
+
+def tokenizer_dir(tmp_path, vocab=None, merges=None, raw_vocab=None):
+    d = tmp_path / 'tok'
+    shutil.copytree(TINY, d)
+    if vocab is not None:
+        v = json.loads((d / 'vocab.json').read_text(encoding='utf-8'))
+        vocab(v)
+        (d / 'vocab.json').write_text(json.dumps(v), encoding='utf-8')
+    if raw_vocab is not None:
+        (d / 'vocab.json').write_bytes(raw_vocab)
+    if merges is not None:
+        lines = (d / 'merges.txt').read_text(encoding='utf-8').split('\n')
+        (d / 'merges.txt').write_text('\n'.join(merges(lines)), encoding='utf-8')
+    return d
+
+
+def drop_byte(v):
+    del v['Ġ']
+
+
+TOKENIZER_CASES = {
+    'vocab.json broken': (dict(raw_vocab=b'{"a": 1,'), 'is not UTF-8 JSON'),
+    'vocab.json a list': (dict(raw_vocab=b'["a", "b"]'), 'not an object of token -> whole-number id'),
+    'vocab.json not UTF-8': (dict(raw_vocab=b'{"\xff": 1}'), 'is not UTF-8 JSON'),
+    'ids as strings': (dict(vocab=lambda v: v.update(a='0')), 'whole-number id'),
+    'two tokens one id': (dict(vocab=lambda v: v.update(zz=v['a'])), 'the same id'),
+    'a byte token missing': (dict(vocab=drop_byte), 'lacks 1 of the 256 byte tokens'),
+    'ids beyond the vocabulary': (dict(vocab=lambda v: v.update({'Ġzzz': 10 ** 6})), 'ids up to 1000000'),
+    'a merge of one token': (dict(merges=lambda lines: lines[:2] + ['Ġt'] + lines[2:]), 'not two tokens'),
+}
+
+
+@pytest.mark.parametrize('case', sorted(TOKENIZER_CASES))
+def test_damaged_tokenizer_files_are_refused_not_used(tmp_path, case):
+    change, message = TOKENIZER_CASES[case]
+    r = run_script('sample.py', f'--init_from={tokenizer_dir(tmp_path, **change)}', '--max_new_tokens=1', '--seeds=[1]')
+    one_line_error(r, message)
+
+
+def test_a_build_holds_few_files_open_and_clears_the_spools_of_killed_builds(tmp_path):
+    """8 layers x 2 x 8 heads = 128 spool files under a limit of 100 open files (a gpt2-large
+    build hit 'Too many open files'); a dead build's spool folder is removed by the next build."""
+    from conftest import make_random_checkpoint
+    ckpt = tmp_path / 'wide'
+    make_random_checkpoint(str(ckpt), n_layer=8, n_head=8, n_embd=32)
+    store = tmp_path / 'mem'
+    store.mkdir()
+    stale = store / '.build-999999999-abc'  # a pid no process has
+    stale.mkdir()
+    (stale / '1.keys.0').write_bytes(b'x' * 1000)
+    (tmp_path / 't.txt').write_text('Cats are kind. ' * 40, encoding='utf-8')
+    code = ("import resource, runpy, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (100, 100)); "
+            f"sys.argv = ['build_memory.py', {str(tmp_path / 't.txt')!r}, '--init_from={ckpt}', '--mem_store={store}']; "
+            f"runpy.run_path({os.path.join(ROOT, 'build_memory.py')!r}, run_name='__main__')")
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=ROOT,
+                       env=dict(os.environ, PYTHONPATH=ROOT), timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert not stale.exists() and json.loads((store / 'memory.json').read_text())['layers'] == list(range(8))
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--temperature=1e-300'], 'temperature a finite number >= 1e-4'),
+    (['--knn_softmax_influence=1e308'], 'knn_softmax_influence=1e+308 must be a number from 0 to 1e+06'),
+    (['--mem_frac=1e300'], 'mem_frac=1e+300 must be'),
+])
+def test_values_that_would_reach_sampling_as_nan_are_refused(args, message):
+    r = run_script('sample.py', TINY_ARG, '--knn_num=[0,5,5,0]', "--memory=\nCats are kind.", '--max_new_tokens=1',
+                   '--seeds=[1]', *args)
+    one_line_error(r, message)
+
+
+@pytest.mark.parametrize('script,args,message', [
+    ('logit_lens.py', ['--top=-1'], 'top=-1 must be 1 to 100'), ('logit_lens.py', ['--top=1000000'], 'top=1000000'),
+    ('attention_maps.py', ['--heads=[]'], 'give at least one of each'),
+    ('attention_maps.py', ['--layers=[]'], 'give at least one of each'),
+    ('retrieval_trace.py', ['--steps=0'], 'steps=0 must be 1 to'), ('retrieval_trace.py', ['--show=-3'], 'show=-3'),
+])
+def test_inspection_scripts_refuse_empty_or_absurd_choices(script, args, message):
+    r = run_script(script, TINY_ARG, '--knn_num=[0,5,5,0]', "--memory=\nCats are kind.", '--seeds=[1]', *args)
+    one_line_error(r, message)
+
+
+def test_a_very_long_override_is_text_not_a_crash():
+    r = run_script('sample.py', TINY_ARG, '--start=' + ' '.join(['cats'] * 2000) + ' (' * 200, '--max_new_tokens=1',
+                   '--seeds=[1]')
+    assert r.returncode in (0, 2) and 'Traceback' not in r.stderr, r.stderr[-1000:]
+
+
+def test_a_reference_memory_whose_text_is_not_utf8(tmp_path):
+    src = os.path.join(ROOT, 'tests', 'reference', 'legacy-memstores', 'type1_all_layers', 'memstore')
+    store = tmp_path / 'memstore'
+    shutil.copytree(src, store)
+    (store / 'memstore.txt').write_bytes(b'\xff\xfe not text')
+    r = run_script('sample.py', TINY_ARG, '--knn_num=' + json.dumps(
+        [5 if str(i) in os.listdir(store / 'keyStore') else 0 for i in range(4)]),
+        '--load_mem_store=True', f'--mem_store={store}', '--max_new_tokens=1', '--seeds=[1]')
+    one_line_error(r, 'is not UTF-8 text')

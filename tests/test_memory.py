@@ -22,7 +22,7 @@ def test_retrieval_settings_are_checked(tiny):
     with pytest.raises(UserError, match=r'knn_num\[1\]=-1'):
         RetrievalSettings([0, -1, 0, 0])
     for key in ('mem_frac', 'bookkeeping_frac', 'knn_softmax_influence'):
-        with pytest.raises(UserError, match=f'{key}=-0.5 must be a number >= 0'):
+        with pytest.raises(UserError, match=f'{key}=-0.5 must be a number from 0 to'):
             RetrievalSettings([0, 1, 0, 0], **{key: -0.5})
     with pytest.raises(UserError, match='resid_frac=1.5 must be between 0 and 1'):
         RetrievalSettings([0, 1, 0, 0], resid_frac=1.5)
