@@ -298,7 +298,7 @@ def _build_documents(model, enc, documents: list[tuple[str, str]], path: str, la
         rows, docs, windows_all = first, [], []
         bar = one_text = None
         # the bar's total (and so its time left) is estimated from the tokens per byte of the text read so far
-        sizes = {file: os.path.getsize(file) for _, file in documents}
+        sizes = {file: os.path.getsize(file) if os.path.isfile(file) else 0 for _, file in documents}
         total_bytes, read_bytes, read_tokens = sum(sizes.values()), 0, 0
         for name, file in documents:
             text = bookkeeping_token + read_text_file(file, 'memory')
@@ -311,15 +311,15 @@ def _build_documents(model, enc, documents: list[tuple[str, str]], path: str, la
             read_tokens += sum(len(w) for w in windows)
             bar.total = max(read_tokens, round(read_tokens * total_bytes / max(read_bytes, 1)))
             bar.refresh()
-            start, done = rows, 0
+            start, fed = rows, 0
             for n, got in window_rows(model, windows, layers, n_skip, memory_keys, batch_size):
                 for l, (k, v) in got.items():
                     for kind, t in (('keys', k), ('values', v)):
                         for h in range(H):
                             files.write(f"{l}.{kind}.{h}", t[h].numpy().astype(np_dtype).tobytes())
                 rows += next(iter(got.values()))[0].size(1)
-                bar.update(sum(len(w) for w in windows[done:done + n]))
-                done += n
+                bar.update(sum(len(w) for w in windows[fed:fed + n]))
+                fed += n
             docs.append(dict(name=name, first_row=start, rows=rows - start, tokens=len(ids)))
             windows_all += windows
         if bar is not None:
@@ -342,6 +342,8 @@ def _build_documents(model, enc, documents: list[tuple[str, str]], path: str, la
         done = True
         return path
     finally:
+        if locals().get('bar') is not None:
+            bar.close()  # before an error's message is printed, so the bar does not cut into it
         shutil.rmtree(spool, ignore_errors=True)
         if created and not done:  # a build that fails leaves no folder behind
             shutil.rmtree(path, ignore_errors=True)

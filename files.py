@@ -107,6 +107,8 @@ def read_text_file(path: str, what: str) -> str:
             text = f.read()
     except UnicodeDecodeError as e:
         raise UserError(f"{what} file {path} is not UTF-8 text (byte {e.start}); convert it to UTF-8") from None
+    except OSError as e:  # removed or made unreadable since it was listed
+        raise UserError(f"{what} file {path} cannot be read ({e.strerror}); check it is still there") from None
     text = text[:-2] if text.endswith('\r\n') else text[:-1] if text.endswith('\n') else text
     if not text.strip():
         raise UserError(f"{what} file {path} is empty; put some text in it")

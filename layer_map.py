@@ -36,10 +36,19 @@ def read_summary(folder):
     path = os.path.join(folder, 'summary.csv')
     if not os.path.isfile(path):
         raise UserError(f"{path} does not exist; run the sweep first (python sweep.py config/...)")
-    with open(path, encoding='utf-8', newline='') as f:
-        rows = list(csv.DictReader(f))
-    for r in rows:
-        r['setting'] = json.loads(r['setting']) if r.get('setting') else {}
+    numbers = ('seeds', 'compound_median', 'compound_q25', 'compound_q75', 'frac_positive', 'successes')
+    try:
+        with open(path, encoding='utf-8', newline='') as f:
+            rows = list(csv.DictReader(f))
+        for r in rows:
+            r['setting'] = json.loads(r['setting']) if r.get('setting') else {}
+            if not isinstance(r['setting'], dict) or r.get('method') is None:
+                raise ValueError('a row without its method or setting')
+            for key in numbers:
+                if r.get(key) not in (None, ''):
+                    float(r[key])
+    except (ValueError, UnicodeDecodeError, csv.Error) as e:
+        raise UserError(f"{path} is not a sweep's summary ({str(e)[:80]}); run the sweep again") from None
     return rows
 
 

@@ -516,3 +516,31 @@ def test_a_reference_memory_whose_text_is_not_utf8(tmp_path):
         [5 if str(i) in os.listdir(store / 'keyStore') else 0 for i in range(4)]),
         '--load_mem_store=True', f'--mem_store={store}', '--max_new_tokens=1', '--seeds=[1]')
     one_line_error(r, 'is not UTF-8 text')
+
+
+def test_a_folder_build_whose_later_document_fails_leaves_nothing(tmp_path):
+    """The error comes on its own line (the progress bar is closed first) and the new memory
+    folder is removed; the same for a document removed after the folder was listed."""
+    docs = tmp_path / 'docs'
+    docs.mkdir()
+    (docs / 'a.txt').write_text('Good text about cats and the city.', encoding='utf-8')
+    (docs / 'b.txt').write_bytes(b'\xff\xfe not text')
+    r = run_script('build_memory.py', str(docs), TINY_ARG, f'--mem_store={tmp_path / "m"}')
+    one_line_error(r, 'b.txt is not UTF-8 text')
+    assert not (tmp_path / 'm').exists()
+    from build import build_documents
+    model, enc = GPT.from_pretrained(TINY)
+    with pytest.raises(Exception, match='does not exist') as e:
+        build_documents(model, enc, [('a.txt', str(docs / 'a.txt')), ('gone.txt', str(docs / 'gone.txt'))],
+                        str(tmp_path / 'm2'), progress=False)
+    assert type(e.value).__name__ == 'UserError' and not (tmp_path / 'm2').exists()
+
+
+@pytest.mark.parametrize('content', [b'not,a,summary\n1,2,3\n', b'\xff\xfe', b'setting_index,label,method,setting,seeds\n0,x,memory,{bad json,50\n',
+                                     b'setting_index,label,method,setting,seeds,compound_median\n0,x,memory,{},50,lots\n'])
+def test_layer_map_refuses_a_damaged_summary(tmp_path, content):
+    (tmp_path / 'scan').mkdir()
+    (tmp_path / 'scan' / 'summary.csv').write_bytes(content)
+    r = run_script('layer_map.py', f'--sentiment={tmp_path / "scan"}', f'--out={tmp_path / "map.png"}')
+    assert r.returncode == 2 and r.stderr.count('\n') == 1 and r.stderr.startswith('error: '), r.stderr[-500:]
+    assert not (tmp_path / 'map.png').exists()
