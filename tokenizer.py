@@ -119,7 +119,11 @@ def load_hf_tokenizer(ckpt_dir):
         cfg = read_json(cfg_path)
         bos = cfg.get('bos_token')
         bos = bos.get('content') if isinstance(bos, dict) else bos
+        if bos is not None and not isinstance(bos, str):
+            raise UserError(f"{cfg_path}: bos_token={str(bos)[:40]} is not a token (a string); the file is damaged")
         if cfg.get('add_bos_token') and bos is not None:
             bos_id = tok.token_to_id(bos)
+            if bos_id is None:
+                raise UserError(f"{cfg_path}: bos_token {bos!r} is not in tokenizer.json's vocabulary")
     return HFTokenizer(tok, bos_id)
 

@@ -303,6 +303,7 @@ LLAMA_CASES = {
     'rope theta NaN': (lambda c: c.update(rope_theta=float('nan')), 'rope_theta=nan must be a number above 0'),
     'rms epsilon negative': (lambda c: c.update(rms_norm_eps=-1.0), 'rms_norm_eps=-1.0 must be'),
     'intermediate size wrong': (lambda c: c.update(intermediate_size=10 ** 6), 'gate_proj.weight has shape (96, 48)'),
+    'a negative sliding window': (lambda c: c.update(model_type='mistral', sliding_window=-5), 'block_size=-5 must be'),
 }
 
 
@@ -312,6 +313,13 @@ def test_llama_checkpoints_that_lie_about_their_weights(tmp_path, case):
     d = llama_dir(tmp_path, edit)
     r = run_script('sample.py', f'--init_from={d}', '--max_new_tokens=1', '--seeds=[1]')
     one_line_error(r, message)
+
+
+@pytest.mark.parametrize('bos,message', [(['<s>'], 'is not a token'), ('<nowhere>', "not in tokenizer.json's vocabulary")])
+def test_a_damaged_tokenizer_config_is_refused(tmp_path, bos, message):
+    d = llama_dir(tmp_path)
+    (d / 'tokenizer_config.json').write_text(json.dumps(dict(bos_token=bos, add_bos_token=True)))
+    one_line_error(run_script('sample.py', f'--init_from={d}', '--max_new_tokens=1', '--seeds=[1]'), message)
 
 
 HF_TO_GGUF = {'input_layernorm': 'attn_norm', 'self_attn.q_proj': 'attn_q', 'self_attn.k_proj': 'attn_k',
