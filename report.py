@@ -66,14 +66,18 @@ def result_table(metric, settings, finished):
     return cols + score_cols, rows
 
 
+ANSWER_COLUMNS = ('answer', 'answer_logprob', 'answer_prob', 'answer_top1')  # run.answer_scores, recall sweeps
+
+
 def summary_table(metric, settings, finished):
     """summary.csv: one row per finished setting (scores.summarize)."""
     rows = []
     for s in settings:
         rec = finished.get(s['id'])
         if rec is not None:
+            answer = {k: rec['answer_scores'][k] for k in ANSWER_COLUMNS} if rec.get('answer_scores') else {}
             rows.append(dict(setting_index=s['index'], setting_id=s['id'], label=s['label'], method=s['method'],
-                             setting=s['setting'], **summarize(metric, rec['rows'])))
+                             setting=s['setting'], **summarize(metric, rec['rows']), **answer))
     return rows
 
 
@@ -84,7 +88,7 @@ def summary_text(metric, summary, n_settings):
         head = f"{'setting':<{w}} {'seeds':>5} {'compound med (IQR)':>19} {'mean':>6} {'pos':>5} {'neu':>5} " \
                f"{'neg':>5} {'%pos':>5} {'dist-1/2/3':>14} {'ppl med':>8}"
     else:
-        head = f"{'setting':<{w}} {'successes':>12} {'dist-1/2/3':>14} {'ppl med':>8}"
+        head = f"{'setting':<{w}} {'successes':>12} {'p(answer)':>10} {'top1':>4} {'dist-1/2/3':>14} {'ppl med':>8}"
     lines = [head, '-' * len(head)]
     for r in summary:
         label = r['label'] if len(r['label']) <= w else r['label'][:w - 3] + '...'
@@ -94,15 +98,19 @@ def summary_text(metric, summary, n_settings):
                          f"{r['compound_mean']:>6.3f} {r['pos_median']:>5.2f} {r['neu_median']:>5.2f} "
                          f"{r['neg_median']:>5.2f} {100 * r['frac_positive']:>5.0f} {dist:>14} {r['perplexity_median']:>8.1f}")
         else:
-            lines.append(f"{label:<{w}} {r['successes']:>5} / {r['seeds']:<4} {dist:>14} {r['perplexity_median']:>8.1f}")
+            p = f"{r['answer_prob']:.2e}" if 'answer_prob' in r else '-'
+            top = str(r['answer_top1']) if 'answer_top1' in r else '-'
+            lines.append(f"{label:<{w}} {r['successes']:>5} / {r['seeds']:<4} {p:>10} {top:>4} {dist:>14} "
+                         f"{r['perplexity_median']:>8.1f}")
     if len(summary) < n_settings:
         lines.append(f"({n_settings - len(summary)} of {n_settings} settings not finished yet)")
     if metric == 'vader':
         lines.append("medians of VADER scores of the continuation; %pos = compound >= 0.05; dist = mean distinct-n "
                      "of tokens; ppl = perplexity under the plain model")
     else:
-        lines.append("successes = seeds whose continuation starts with an answer; dist = mean distinct-n of tokens; "
-                     "ppl = perplexity under the plain model")
+        lines.append("successes = seeds whose continuation starts with an answer; p(answer) = the best answer's "
+                     "probability, teacher-forced (temperature 1); top1 = its first token is the most likely next "
+                     "token; dist = mean distinct-n of tokens; ppl = perplexity under the plain model")
     return '\n'.join(lines) + '\n'
 
 

@@ -24,7 +24,7 @@ import torch
 from build import build_from_text
 from checkpoint import GGUF_PACKAGES, LLAMA_FAMILIES, family_of, gguf_path, llama_checkpoint
 from configurator import REPOSITORY, UserError, configure
-from decoding import Readout, generate
+from decoding import Decoder, Readout, generate
 from files import append_whole, read_text_file
 from knn_index import SearchSettings
 from llama import Llama
@@ -304,6 +304,51 @@ def continuations(model: Transformer, ids: list[int], seeds: list[int], sampling
         model.attach_memory(None)
         model.steering = None
     return [row[len(ids):].tolist() for row in y]
+
+
+def answer_tokens(enc, text: str, ids: list[int], answer: str) -> list[int]:
+    """The tokens of ' ' + answer as a continuation of the prompt (text, tokenized as ids): the
+    tail of the tokenized whole where the prompt's tokens are its start, else the answer alone."""
+    whole = encode(enc, text + ' ' + answer)
+    if whole[:len(ids)] == ids and len(whole) > len(ids):
+        return whole[len(ids):]
+    alone = encode(enc, ' ' + answer)
+    return alone[1:] if getattr(enc, 'bos_id', None) is not None and alone[:1] == [enc.bos_id] else alone
+
+
+def answer_scores(model: Transformer, enc, text: str, ids: list[int], answers: list[str], decoding: str = 'exact',
+                  retrieval: dict[int, LayerMemory] | None = None, steering=None,
+                  readout: Readout | None = None) -> dict:
+    """Recall by answer probability, teacher-forced: for each accepted answer, log p of its tokens
+    (' ' + answer) after the prompt, fed one by one through decoding's phases with the memory
+    (or steering, or readout) acting exactly as in generation, at temperature 1 and no top-k.
+    One batched pass per prompt instead of sampled continuations. Returns the best answer, its
+    log-probability and probability, whether its first token is the most likely next token,
+    and every answer's log-probability."""
+    toks = [answer_tokens(enc, text, ids, a) for a in answers]
+    if not answers or not all(toks):
+        raise UserError(f"answers={answers!r}: an answer with no tokens cannot be scored")
+    model.attach_memory(retrieval)
+    model.steering = steering
+    try:
+        device = next(model.parameters()).device
+        n = max(len(t) for t in toks)
+        dec = Decoder(model, decoding, capacity=len(ids) + n, readout=readout)
+        logits = dec.prefill(torch.tensor([ids] * len(toks), dtype=torch.long, device=device))
+        first = logits.argmax(-1).tolist()
+        total = torch.zeros(len(toks), dtype=torch.float64)
+        for t in range(n):
+            step = torch.tensor([a[min(t, len(a) - 1)] for a in toks], dtype=torch.long, device=device)
+            logp = torch.log_softmax(logits.float(), dim=-1).gather(1, step[:, None]).squeeze(1).double().cpu()
+            total += torch.tensor([t < len(a) for a in toks], dtype=torch.float64) * logp
+            if t < n - 1:
+                logits = dec.step(step[:, None])
+    finally:
+        model.attach_memory(None)
+        model.steering = None
+    best = int(total.argmax())
+    return dict(answer=answers[best], answer_logprob=float(total[best]), answer_prob=math.exp(float(total[best])),
+                answer_top1=int(first[best] == toks[best][0]), answer_logprobs=[float(v) for v in total])
 
 
 # -----------------------------------------------------------------------------

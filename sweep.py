@@ -75,6 +75,7 @@ from report import jsonable
 from run import (
     MemorySource,
     Sampling,
+    answer_scores,
     check_device,
     continuations,
     load_model,
@@ -460,6 +461,14 @@ class Runner:
         memory = self.memories[s['memory']].describe(s['memory'].store) if s['method'] == 'memory' and \
             s['retrieval'].layers else None
         scores = score_rows(c['metric'], s['answers'], texts, conts, perplexities(model, ids, conts))
+        answer = None
+        if c['metric'] == 'recall':  # the answers' probability too: one teacher-forced pass, no sampling
+            text = (s['context'] + start) if s['method'] == 'context' else start
+            with torch.no_grad():
+                answer = answer_scores(model, enc, text, gen_ids, s['answers'], sampling.decoding,
+                                       self.retrieval_for(s) if s['method'] == 'memory' and s['retrieval'].layers
+                                       else None, self.steering_for(s) if s['method'] == 'actadd' else None,
+                                       s['readout'])
         return dict(format=SETTING_FORMAT, format_version=SETTING_FORMAT_VERSION, id=s['id'], index=s['index'],
                     method=s['method'], setting=s['setting'], label=s['label'], metric=c['metric'],
                     answers=s['answers'], prompt=start, prompt_tokens=len(gen_ids),
@@ -474,7 +483,7 @@ class Runner:
                                      actadd=s['actadd'].as_dict() if s['actadd'] else None,
                                      readout=asdict(s['readout']) if s['readout'] else None,
                                      context=s['context']),
-                    generation_s=round(t_gen, 3), seeds=seeds,
+                    generation_s=round(t_gen, 3), seeds=seeds, **(dict(answer_scores=answer) if answer else {}),
                     rows=[dict(seed=sd, text=t, tokens=tk, scores=sc)
                           for sd, t, tk, sc in zip(seeds, texts, conts, scores)])
 
