@@ -47,7 +47,7 @@ class Decoder:
         self.readout = readout if readout is not None and not readout.is_plain(n_layer) else None
         # blocks above the highest exit read out feed nothing: they are not run
         self.top = self.readout.top() if self.readout else n_layer
-        self.first_rerun_layer = n_layer if self.cached else min(model.memory_layers(), default=n_layer)
+        self.first_rerun_layer = n_layer if self.cached else min(model.memory_layers(changing_past=True), default=n_layer)
         self.first_rerun_layer = min(self.first_rerun_layer, self.top)
         self.tokens = None           # (B, T): every token so far
         self.caches = None           # KV caches of the layers below first_rerun_layer

@@ -29,6 +29,7 @@ from torch.nn import functional as F
 
 from configurator import UserError
 from knn_index import KNNIndex, SearchSettings, index_factory
+from retrieval_attention import AttentionMemory
 from transformer import FINGERPRINT_SCHEME, expand_kv
 
 MEMORY_KEYS = ('unrotated', 'rotated')  # the form keys are stored in on RoPE models (docs/method.md section 8)
@@ -37,6 +38,8 @@ MEMORY_KEYS = ('unrotated', 'rotated')  # the form keys are stored in on RoPE mo
 # -----------------------------------------------------------------------------
 # the method: docs/method.md sections 2 and 8
 
+MEMORY_MODES = ('values', 'attention')
+SELECTION_DEFAULTS = dict(mem_frac=0.0, bookkeeping_frac=0.0, knn_softmax_influence=1.0, resid_only=False, resid_frac=0.0)
 MAX_SETTING = 1e6  # MF, BF and TS above this overflow float32 scores (TS * q.k / sqrt(d))
 
 
@@ -54,6 +57,8 @@ class RetrievalSettings:
     knn_softmax_influence: float = 1.0  # TS
     resid_only: bool = False
     resid_frac: float = 0.0             # r
+    memory_mode: str = 'values'         # 'values' (sections 2 and 8) or 'attention' (section 10)
+    memory_sim_threshold: float | None = None  # attention mode: rows at or below this cosine get no weight
 
     def __post_init__(self):
         knn_num = self.knn_num
@@ -74,13 +79,25 @@ class RetrievalSettings:
         object.__setattr__(self, 'resid_frac', float(self.resid_frac))
         if not isinstance(self.resid_only, bool):
             raise UserError(f"resid_only={self.resid_only!r} must be True or False")
+        if self.memory_mode not in MEMORY_MODES:
+            raise UserError(f"memory_mode={self.memory_mode!r} must be 'values' (the write-up's) or 'attention' "
+                            f"(retrieval attention, docs/method.md section 10)")
+        t = self.memory_sim_threshold
+        if t is not None and (self.memory_mode != 'attention' or not _is_number(t) or not -1 <= t < 1):
+            raise UserError(f"memory_sim_threshold={t!r}: a cosine in [-1, 1), for memory_mode='attention' only")
+        if self.memory_mode == 'attention':
+            given = [f"{k}={getattr(self, k)!r}" for k, default in SELECTION_DEFAULTS.items() if getattr(self, k) != default]
+            if given:
+                raise UserError(f"{', '.join(given)}: the selection parameters of docs/method.md section 2 do not apply "
+                                f"with memory_mode='attention' (every query retrieves); leave them at their defaults")
 
     @classmethod
     def from_config(cls, config: dict, n_layer: int) -> RetrievalSettings:
         """The settings a run config asks for (knn_num None = no memory), for a model of n_layer layers."""
         knn_num = config['knn_num'] if config['knn_num'] is not None else [0] * n_layer
         settings = cls(knn_num, config['mem_frac'], config['bookkeeping_frac'], config['knn_softmax_influence'],
-                       config['resid_only'], config['resid_frac'])
+                       config['resid_only'], config['resid_frac'], config.get('memory_mode', 'values'),
+                       config.get('memory_sim_threshold'))
         settings.check_layers(n_layer)
         return settings
 
@@ -95,7 +112,12 @@ class RetrievalSettings:
         return [i for i, k in enumerate(self.knn_num) if k > 0]
 
     def as_dict(self) -> dict:
-        return dict(asdict(self), knn_num=list(self.knn_num))
+        """The settings as a dict; the mode fields only where not the default, so the records and
+        sweep ids of the write-up's value mode are what they were before retrieval attention."""
+        d = dict(asdict(self), knn_num=list(self.knn_num))
+        if self.memory_mode == 'values':
+            del d['memory_mode'], d['memory_sim_threshold']
+        return d
 
 
 @dataclass
@@ -310,22 +332,33 @@ class Memory:
                             f"rebuild it with --layers={sorted(set(missing) | set(self.stored_layers))} or set those k to 0")
         layers = {}
         for i in settings.layers:
+            if settings.memory_mode == 'attention':
+                keys, values, index = self.layer_index(i, device, search, normalized=True)
+                layers[i] = AttentionMemory(keys, values, index, min(settings.knn_num[i], keys.size(1)),
+                                            settings.memory_sim_threshold, self.memory_keys)
+                continue
             keys, values, index = self.layer_index(i, device, search)
             # a k beyond the memory's size finds nothing more: those neighbours take no part anyway
             layers[i] = LayerMemory(keys, values, index, min(settings.knn_num[i], keys.size(1)), settings,
                                     self.memory_keys)
         return layers
 
-    def layer_index(self, layer: int, device='cpu', search: SearchSettings | str | None = SearchSettings()):
+    def layer_index(self, layer: int, device='cpu', search: SearchSettings | str | None = SearchSettings(),
+                    normalized: bool = False):
         """(keys, values, KNNIndex) of one stored layer on `device`, made once per search choice.
         An approximate FAISS index is read from saved_index where it has one (a damaged one
-        is built again, with a warning), else trained here."""
+        is built again, with a warning), else trained here. normalized: the index is over the
+        keys scaled to unit length (retrieval attention's cosine search; never a saved one)."""
         if not isinstance(search, SearchSettings):  # 'faiss', 'torch' or None, as a shorthand
             search = SearchSettings(search)
         backend, knn_index, params = search.backend(device), search.index_for(self.knn_index), search.params()
-        key = (layer, str(device), backend, knn_index, tuple(sorted(params.items())))
+        key = (layer, str(device), backend, knn_index, tuple(sorted(params.items())), normalized)
         if key not in self._in_use:
             keys, values = self.keys[layer].to(device), self.values[layer].to(device)
+            if normalized:
+                unit = F.normalize(keys.float(), dim=-1)
+                self._in_use[key] = (keys, values, KNNIndex(unit, backend, knn_index, params))
+                return self._in_use[key]
             factory = index_factory(knn_index, keys.size(1), keys.size(2))
             index = None
             if backend == 'faiss' and factory != 'Flat' and self.saved_index is not None:

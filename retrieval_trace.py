@@ -152,6 +152,9 @@ def main(argv):
             raise UserError(f"{key}={config[key]} must be 1 to {top}")
     if config['steps'] < 1:
         raise UserError(f"steps={config['steps']} must be >= 1")
+    if config['memory_mode'] != 'values':
+        raise UserError(f"memory_mode={config['memory_mode']!r}: the trace shows the write-up's value mode; read a "
+                        f"retrieval-attention layer's last_retrieval (rows, similarity, weights, memory share) from Python")
     r = prepare_run(config, progress=False)
     if r.retrieval is None:
         raise UserError("the config has no memory layer: set knn_num (k > 0 at some layer) and memory=...")

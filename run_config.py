@@ -35,6 +35,8 @@ RUN_DEFAULTS = dict(
     knn_softmax_influence=1.0,  # TS: scales q.key before the softmax over candidates
     resid_only=False,      # True: the token's own key/value is not a candidate
     resid_frac=0.0,        # r: v' = (1-r) m + r v; 0 = v' = m
+    memory_mode='values',  # 'values' (the write-up's: mixed into selected values) or 'attention' (retrieval attention, docs/method.md section 10)
+    memory_sim_threshold=None,  # memory_mode='attention': stored rows whose cosine with the query is at or below this get no weight
     decoding='exact',      # 'exact' (the method) or 'cached' (approximate, cost per token independent of context)
     exit_layer=None,       # sample from exit i = head(h_i), h_i after the first i blocks (1..n_layer); None = the output
     contrast_layers=None,  # [U, L]: sample from exit U auto-contrasted with exit L (docs/method.md section 6); None = off

@@ -194,6 +194,11 @@ def setting_label(method, values, method_text=None, actadd=None):
         for k in ACTADD_KEYS:
             vals.pop(k, None)
         parts.append(f"actadd {'-'.join(actadd.prompts)} L{actadd.layer} c {fmt_value('', actadd.coeff).split('=')[-1]}")
+    mode, threshold = vals.pop('memory_mode', None), vals.pop('memory_sim_threshold', None)
+    if method == 'memory' and mode == 'attention':  # the selection keys do not apply to it
+        for k in ('mem_frac', 'bookkeeping_frac', 'knn_softmax_influence', 'resid_only', 'resid_frac'):
+            vals.pop(k, None)
+        parts.append('retrieval attention' + (f" (cosine > {threshold})" if threshold is not None else ''))
     if method == 'memory' and 'resid_only' in vals and 'resid_frac' in vals:
         ro, r = vals.pop('resid_only'), vals.pop('resid_frac')
         t = 1 if not ro and not r else 2 if ro else 3
@@ -244,7 +249,7 @@ def make_setting(config, method, values, seeds):
         if c['knn_num'] is None:
             raise UserError(f"{where}: the memory method needs knn_num (one k per layer)")
         retrieval = RetrievalSettings(c['knn_num'], c['mem_frac'], c['bookkeeping_frac'], c['knn_softmax_influence'],
-                                      c['resid_only'], c['resid_frac'])
+                                      c['resid_only'], c['resid_frac'], c['memory_mode'], c['memory_sim_threshold'])
         source = MemorySource.from_config(c, c['substitute'], c['substitute_target'])
     elif method == 'context':
         context = memory_text(c['memory'], c['bookkeeping_token'], c['substitute'], c['substitute_target'])

@@ -96,7 +96,8 @@ def attend(memory, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, rope=No
     (B, H, T_q, T_all) when it was computed.
     """
     retrieve = how.use_memory and memory is not None
-    if retrieve and cache is not None and not (how.cached_memory or rerun):
+    reads_attention = retrieve and getattr(memory, 'reads', 'values') == 'attention'
+    if retrieve and not reads_attention and cache is not None and not (how.cached_memory or rerun):
         raise ValueError("exact memory attention reruns the whole sequence; "
                          "a KV cache in a memory layer needs cached_memory=True")
     q_all = q
@@ -109,6 +110,12 @@ def attend(memory, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, rope=No
     B, H, T_q, d = q.shape
     T_all, group = k.size(2), H // k.size(1)
     q_rot, k_rot = (rope(q, T_all - T_q), rope(k, 0)) if rope is not None else (q, k)
+    if reads_attention:  # retrieval attention (retrieval_attention.py): past positions never change
+        mem_q = q_rot if rope is not None and memory.memory_keys == 'rotated' else q
+        if last_only:
+            q_rot, mem_q = q_rot[:, :, -1:], mem_q[:, :, -1:]
+        y, att = memory.attend(q_rot, k_rot, v, mem_q, None if last_only else causal_mask(T_q, T_all, q.device))
+        return y.transpose(1, 2).reshape(B, y.size(2), H * d), present, att
     att = None
     if retrieve or how.need_att or last_only:
         # explicit attention: the memory needs the attention weights. For the top layer, when
@@ -194,8 +201,11 @@ class Transformer(nn.Module):
         for i, block in enumerate(self.blocks):
             block.attn.memory = layers.get(i)
 
-    def memory_layers(self) -> list[int]:
-        return [i for i, b in enumerate(self.blocks) if b.attn.memory is not None]
+    def memory_layers(self, changing_past: bool = False) -> list[int]:
+        """The layers with a memory attached; changing_past: only those whose memory changes past
+        positions' outputs (the value mode), which exact decoding must rerun."""
+        return [i for i, b in enumerate(self.blocks) if b.attn.memory is not None and
+                (not changing_past or getattr(b.attn.memory, 'changes_past', True))]
 
     # activation addition (docs/method.md section 9, actadd.py): an object with `layer` and
     # add(x, pos_start), which changes the residual stream entering that block; None = off
