@@ -43,7 +43,8 @@ from run import Sampling, prepare_run, seeds_of
 from store import check_outside_memories
 
 COLUMNS = ['step', 'next_token', 'layer', 'head', 'kv_head', 'position', 'token', 'attention', 'own_weight',
-           'value_change', 'rank', 'row', 'stored_token', 'document', 'doc_position', 'distance', 'weight']
+           'value_change', 'rank', 'row', 'stored_token', 'document', 'doc_position', 'distance', 'weight',
+           'similarity', 'memory_share']
 
 
 def layer_records(lm, layer, step, next_token, tokens, stored, origins, decode):
@@ -72,6 +73,26 @@ def layer_records(lm, layer, step, next_token, tokens, stored, origins, decode):
     return records
 
 
+def attention_records(lm, layer, step, next_token, tokens, stored, origins, decode):
+    """Retrieval attention (memory_mode='attention'): for the newest position's query in every
+    head, the stored rows it retrieved, their cosine similarity and the attention weight each
+    received, and the share of that position's attention that went to the memory."""
+    ret = lm.last_retrieval
+    group = ret.rows.size(1) // lm.keys.size(0)
+    j = len(tokens) - 1
+    records = []
+    for h in range(ret.rows.size(1)):
+        base = dict(step=step, next_token=next_token, layer=layer, head=h, kv_head=h // group, position=j,
+                    token=decode([tokens[j]]), memory_share=float(ret.memory_share[0, h, -1]))
+        for rank, (row, sim, w) in enumerate(zip(ret.rows[0, h, -1].tolist(), ret.similarity[0, h, -1].tolist(),
+                                                 ret.weights[0, h, -1].tolist())):
+            if row >= 0 and sim == sim:  # found, and above the threshold (NaN below it)
+                records.append(dict(base, rank=rank + 1, row=row, similarity=sim, weight=w,
+                                    stored_token=decode([stored[row]]) if stored is not None else None,
+                                    document=origins[row][0], doc_position=origins[row][1]))
+    return records
+
+
 def trace(r, config, seed):
     """Decode `steps` tokens of seed's continuation with the memory, collecting the records."""
     model, retrieval = r.model, r.retrieval
@@ -91,6 +112,10 @@ def trace(r, config, seed):
                 word = r.enc.decode(nxt[0].tolist())
                 for layer in sorted(retrieval):
                     lm = retrieval[layer]
+                    if getattr(lm, 'reads', 'values') == 'attention':  # every head's newest query retrieves
+                        selected.append((step, layer, lm.last_retrieval.rows.size(1)))
+                        records += attention_records(lm, layer, step, word, tokens, stored, origins, r.enc.decode)
+                        continue
                     selected.append((step, layer, int(lm.last_selection[0].sum())))
                     records += layer_records(lm, layer, step, word, tokens, stored, origins, r.enc.decode)
                 if step < config['steps'] - 1:
@@ -107,9 +132,19 @@ def print_trace(records, selected, show, out=None):
         recs = [rec for rec in records if rec['step'] == step and rec['layer'] == layer]
         heads = list(dict.fromkeys((rec['head'], rec['position']) for rec in recs))
         word = recs[0]['next_token'] if recs else None
-        print(f"\nstep {step}" + (f" -> next token {word!r}" if word is not None else '') +
-              f", layer {layer}: {n_sel} token-heads selected", file=out)
+        attention = bool(recs) and recs[0].get('similarity') is not None
+        print(f"\nstep {step}" + (f" -> next token {word!r}" if word is not None else '') + f", layer {layer}: " +
+              (f"the newest query of each of {n_sel} heads retrieves (memory: its share of the attention)" if attention
+               else f"{n_sel} token-heads selected"), file=out)
         if not heads:
+            continue
+        if attention:  # retrieval attention
+            print(f"  {'head':>4} {'pos':>4} {'token':<12} {'memory':>6}  found: row 'stored token' cosine weight", file=out)
+            for h, j in heads[:show]:
+                mine = [rec for rec in recs if (rec['head'], rec['position']) == (h, j)]
+                found = '  '.join(f"#{rec['row']} {rec['stored_token']!r} {rec['similarity']:.2f} {rec['weight']:.3f}"
+                                  for rec in mine)
+                print(f"  {h:>4} {j:>4} {mine[0]['token']!r:<12.12} {mine[0]['memory_share']:>6.3f}  {found}", file=out)
             continue
         change = "|v'-v|"
         print(f"  {'head':>4} {'pos':>4} {'token':<12} {'att':>6} {'own w':>6} {change:>7}  found: row 'stored token' d² w",
@@ -152,9 +187,6 @@ def main(argv):
             raise UserError(f"{key}={config[key]} must be 1 to {top}")
     if config['steps'] < 1:
         raise UserError(f"steps={config['steps']} must be >= 1")
-    if config['memory_mode'] != 'values':
-        raise UserError(f"memory_mode={config['memory_mode']!r}: the trace shows the write-up's value mode; read a "
-                        f"retrieval-attention layer's last_retrieval (rows, similarity, weights, memory share) from Python")
     r = prepare_run(config, progress=False)
     if r.retrieval is None:
         raise UserError("the config has no memory layer: set knn_num (k > 0 at some layer) and memory=...")

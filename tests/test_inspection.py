@@ -193,3 +193,26 @@ def test_logit_lens_reads_every_exit(tmp_path, capsys):
 def test_script_names_do_not_shadow_the_standard_library():
     names = {f[:-3] for f in os.listdir(ROOT) if f.endswith('.py')}
     assert not names & set(sys.stdlib_module_names)
+
+
+def test_trace_of_retrieval_attention_reports_the_weights_the_model_used(tmp_path, capsys):
+    """memory_mode='attention': per head, the newest query's retrieved rows, their cosine and
+    weight, and the memory's share of that query's attention, as the layer computed them."""
+    argv = [f'--init_from={TINY}', '--knn_num=[0,4,4,0]', f'--memory={MEMORY}', '--memory_mode=attention',
+            '--start=\nCats are horrible', '--steps=2', '--seeds=[7]', f'--out_dir={tmp_path}']
+    retrieval_trace.main(argv)
+    out = capsys.readouterr().out
+    assert "retrieves (memory: its share of the attention)" in out and 'cosine weight' in out
+    with open(tmp_path / 'trace.csv', encoding='utf-8') as f:
+        rows = list(csv.DictReader(f))
+    assert rows and all(r['similarity'] and r['memory_share'] for r in rows)
+    # per (step, layer, head): at most k rows; weights non-negative and summing to the memory's share
+    from collections import defaultdict
+    groups = defaultdict(list)
+    for r in rows:
+        groups[(r['step'], r['layer'], r['head'])].append(r)
+    for recs in groups.values():
+        assert len(recs) <= 4
+        total = sum(float(r['weight']) for r in recs)
+        assert total == pytest.approx(float(recs[0]['memory_share']), abs=1e-5)
+        assert all(-1 <= float(r['similarity']) <= 1 for r in recs)
