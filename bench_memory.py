@@ -41,6 +41,11 @@ index type (heads are independent, one index each). For each it prints:
 - RAM and disk: the index's size (FAISS's serialized size), the keys and values on disk for
   all heads and layers (float32; half in float16), and the process's peak RSS so far.
 
+- retrieval attention (docs/method.md section 10) beside the write-up's value mixing, at
+  attention_sizes, exact search: the time each adds per generated token in the same rounds
+  (value mixing in cached and exact decoding; retrieval attention keeps an exact KV cache, and
+  searches every head's newest query in every memory layer).
+
 The target: an approximate index at 10^6 adds at most 2x the per-token time that exact
 search adds at 10^3, at recall@k >= 0.95 (judged on the decoding measurements; the search-
 alone ratios are printed beside them).
@@ -76,17 +81,20 @@ DEFAULTS = dict(
     seed=0,                # random keys
     keys_from='',          # a memory directory whose keys to use instead of random ones ('' = random)
     keys_head=0,           # ... the head of its first stored layer whose keys are used
+    attention_sizes=[1000, 100_000],  # retrieval attention (memory_mode='attention') against value mixing, exact search; [] = skip
 )
 if __name__ == '__main__':  # --help answers here, before torch and FAISS are imported (seconds)
     answer_help(DEFAULTS, __doc__, [__file__])
 
 import torch
+import torch.nn.functional as F
 
 from build import window_rows
 from decoding import Decoder
 from knn_index import SEARCH_RECALL, KNNIndex, index_factory
 from memory import LayerMemory
 from model import random_gpt2
+from retrieval_attention import AttentionMemory
 from run import settings_of
 from store import load_memory
 from transformer import PLAIN
@@ -370,6 +378,41 @@ def main(argv):
                                                 f"{own_ratio['exact']:.2f}x exact; search alone {alone['cached']:.2f}x "
                                                 f"cached, {alone['exact']:.2f}x exact" if cfg['decode'] else ''))
     print("disk MB: keys and values, float32, for all heads and layers (x 0.5 in float16)")
+    if cfg['decode'] and cfg['attention_sizes']:
+        attention_rows(model, prompt, tokens, cfg, centres, gen, mean, std)
+
+
+def attention_rows(model, prompt, tokens, cfg, centres, gen, mean, std):
+    """Retrieval attention against value mixing: ms added per token (median of `repeat` pairs),
+    the same clustered keys, exact search, memory in Table 1's layers."""
+    import faiss
+    H, d = model.config.n_head, model.config.head_dim
+    print(f"\nretrieval attention (memory_mode='attention', k {cfg['k']}) against value mixing (Table 1's settings), "
+          f"exact search, + ms per generated token, median of {cfg['repeat']} pairs:")
+    print(f"{'tokens':>9} {'values cached':>14} {'values exact':>13} {'attention':>10}")
+    for n in cfg['attention_sizes']:
+        keys = clustered(n, d, centres, gen)[None]
+        keys = (keys - keys.mean()) * (std / keys.std()) + mean
+        values = torch.randn(keys.shape, generator=gen) * std
+        value_layers = decoding_memory(model, KNNIndex(keys, 'faiss', 'flat'), keys, values)
+        unit = KNNIndex(F.normalize(keys, dim=-1), 'faiss', 'flat')
+        unit.heads = [unit.heads[0]] + [faiss.clone_index(unit.heads[0]) for _ in range(H - 1)]
+        big_k, big_v = (t.expand(H, -1, -1) for t in (keys, values))
+        attention_layers = {l: AttentionMemory(big_k, big_v, unit, cfg['k']) for l in MEMORY_LAYERS}
+        added = {}
+        for name, layers, mode in (('values cached', value_layers, 'cached'), ('values exact', value_layers, 'exact'),
+                                   ('attention', attention_layers, 'cached')):
+            diffs = []
+            for _ in range(cfg['repeat']):
+                model.attach_memory(None)
+                without, _ = decode_seconds(model, prompt, tokens, mode)
+                model.attach_memory(layers)
+                with_memory, _ = decode_seconds(model, prompt, tokens, mode)
+                diffs.append((with_memory - without) / tokens.size(1) * 1e3)
+            added[name] = sorted(diffs)[len(diffs) // 2]
+        model.attach_memory(None)
+        print(f"{n:>9} {added['values cached']:>14.2f} {added['values exact']:>13.2f} {added['attention']:>10.2f}",
+              flush=True)
 
 
 if __name__ == '__main__':

@@ -12,9 +12,12 @@ def test_bench_memory_runs_and_judges_its_target():
     # the benchmark's every part on small sizes: the model pass, the search-alone figures, the
     # decoding measurements and the verdict line (its timings are not asserted: noisy)
     r = run_script('bench_memory.py', '--sizes=[400,800]', "--indexes=['flat','ivf']", '--queries=64',
-                   '--prompt_len=8', '--new_tokens=2', '--repeat=1', '--build_tokens=1024')
+                   '--prompt_len=8', '--new_tokens=2', '--repeat=1', '--build_tokens=1024', '--attention_sizes=[400]')
     assert r.returncode == 0, r.stderr
-    lines = r.stdout.splitlines()
+    lines, attention = r.stdout.split('\nretrieval attention')[0].splitlines(), r.stdout.split('\nretrieval attention')[1]
+    # retrieval attention beside value mixing: a row of three added times for the size asked for
+    row = next(l.split() for l in attention.splitlines() if l.split() and l.split()[0] == '400')
+    assert len(row) == 4 and all(v != 'nan' for v in row[1:])
     assert any(l.startswith('building: the model pass') and 'tokens/s' in l for l in lines)
     rows = {(int(l.split()[0]), l.split()[1]): l.split() for l in lines if l.split() and l.split()[0].isdigit()}
     assert set(rows) == {(400, 'flat'), (400, 'ivf'), (800, 'flat'), (800, 'ivf')}
