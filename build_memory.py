@@ -58,7 +58,7 @@ if __name__ == '__main__':  # --help answers here, before torch and FAISS are im
 
 from build import build_documents, merge_parts, read_documents, shard_of
 from knn_index import check_knn_index, index_factory
-from launch import check_launch, launch_shards
+from launch import check_launch, launch_shards, shard_argv
 from run import load_model
 from store import check_outside_memories, load_memory, memory_lock, record_knn_index, save_indexes
 
@@ -109,9 +109,10 @@ def main(argv):
                                n_skip=config['remove_bookkeeping_token_mem_size'], memory_keys=config['memory_keys'],
                                batch_size=config['batch_size'], dtype=config['store_dtype'],
                                knn_index=config['knn_index'], append=config['append'])
-        describe(path, model, enc, documents, time.time() - t0, config['append'], texts[0])
+        memory = load_memory(path, model, enc, mmap=True)  # once: it checks the tensors' checksum
+        describe(memory, path, documents, time.time() - t0, config['append'], texts[0])
         if not config['shard']:
-            save_index(load_memory(path, model, enc, mmap=True), path)
+            save_index(memory, path)
 
 
 APPEND_KEYS = {  # a key of this build -> the manifest field an append must match
@@ -159,9 +160,7 @@ def build_sharded(config, text, documents, argv):
     mem_store = config['mem_store'] or os.path.join('out', os.path.splitext(os.path.basename(os.path.normpath(text)))[0])
     check_outside_memories(os.path.dirname(os.path.abspath(mem_store)), 'mem_store')
     parts_dir = os.path.abspath(mem_store.rstrip('/\\') + '.parts')
-    launch_keys = set(LAUNCH_DEFAULTS) | {'mem_store', 'parts_dir', 'shard'}
-    child = [text] + [a for a in argv if a.split('=', 1)[0].lstrip('-') not in launch_keys] + \
-        ['--launcher=', '--shards=0', f'--parts_dir={parts_dir}']
+    child = [text] + shard_argv(argv, {'mem_store', 'parts_dir', 'shard'}) + [f'--parts_dir={parts_dir}']
     model, enc = load_model(config)  # here too: the merge needs it, and a bad model or index fails before submitting
     check_knn_index(config['knn_index'], model.config.head_dim)
     t0 = time.time()
@@ -175,13 +174,13 @@ def build_sharded(config, text, documents, argv):
     parts = [os.path.join(parts_dir, f"{i}-of-{n}") for i in range(n)]
     path = merge_parts(model, enc, parts, mem_store, knn_index=config['knn_index'])
     shutil.rmtree(parts_dir, ignore_errors=True)
-    describe(path, model, enc, documents, time.time() - t0, False, f"{text} ({n} parts merged)")
-    save_index(load_memory(path, model, enc, mmap=True), path)
-
-
-def describe(path, model, enc, documents, seconds, append, source):
-    """What was stored, printed after a build."""
     memory = load_memory(path, model, enc, mmap=True)
+    describe(memory, path, documents, time.time() - t0, False, f"{text} ({n} parts merged)")
+    save_index(memory, path)
+
+
+def describe(memory, path, documents, seconds, append, source):
+    """What was stored (memory, loaded from path), printed after a build."""
     size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if os.path.isfile(os.path.join(path, f)))
     m = memory.meta
     tokens = sum(d['tokens'] for d in m['documents'][-len(documents):])

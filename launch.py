@@ -33,6 +33,13 @@ LAUNCH_DEFAULTS = dict(
 LAUNCHERS = ('', 'local', 'slurm')
 
 
+def shard_argv(argv: list[str], drop=()) -> list[str]:
+    """A shard job's command line: the user's, without the launcher's keys (and `drop`), run
+    in this process (--launcher= --shards=0), so the job does not launch again."""
+    keys = set(LAUNCH_DEFAULTS) | set(drop)
+    return [a for a in argv if a.split('=', 1)[0].lstrip('-') not in keys] + ['--launcher=', '--shards=0']
+
+
 def check_launch(config: dict) -> None:
     """Every launcher key, checked before anything is submitted."""
     launcher, shards = config['launcher'], config['shards']

@@ -92,13 +92,15 @@ class RetrievalSettings:
                                 f"with memory_mode='attention' (every query retrieves); leave them at their defaults")
 
     @classmethod
-    def from_config(cls, config: dict, n_layer: int) -> RetrievalSettings:
-        """The settings a run config asks for (knn_num None = no memory), for a model of n_layer layers."""
-        knn_num = config['knn_num'] if config['knn_num'] is not None else [0] * n_layer
+    def from_config(cls, config: dict, n_layer: int | None = None) -> RetrievalSettings:
+        """The settings a run config asks for (knn_num None = no memory), checked against a
+        model of n_layer layers where it is known (a sweep makes its settings before its model)."""
+        knn_num = config['knn_num'] if config['knn_num'] is not None else [0] * (n_layer or 0)
         settings = cls(knn_num, config['mem_frac'], config['bookkeeping_frac'], config['knn_softmax_influence'],
                        config['resid_only'], config['resid_frac'], config.get('memory_mode', 'values'),
                        config.get('memory_sim_threshold'))
-        settings.check_layers(n_layer)
+        if n_layer is not None:
+            settings.check_layers(n_layer)
         return settings
 
     def check_layers(self, n_layer: int) -> None:

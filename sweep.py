@@ -69,7 +69,7 @@ import report
 from actadd import ActAdd
 from files import write_whole
 from knn_index import SearchSettings
-from launch import check_launch, launch_shards
+from launch import check_launch, launch_shards, shard_argv
 from memory import RetrievalSettings
 from report import jsonable
 from run import (
@@ -248,8 +248,7 @@ def make_setting(config, method, values, seeds):
     if method == 'memory':
         if c['knn_num'] is None:
             raise UserError(f"{where}: the memory method needs knn_num (one k per layer)")
-        retrieval = RetrievalSettings(c['knn_num'], c['mem_frac'], c['bookkeeping_frac'], c['knn_softmax_influence'],
-                                      c['resid_only'], c['resid_frac'], c['memory_mode'], c['memory_sim_threshold'])
+        retrieval = RetrievalSettings.from_config(c)  # the one way run configs become settings (sample.py's too)
         source = MemorySource.from_config(c, c['substitute'], c['substitute_target'])
     elif method == 'context':
         context = memory_text(c['memory'], c['bookkeeping_token'], c['substitute'], c['substitute_target'])
@@ -610,8 +609,7 @@ def launch(config, name, out_dir, settings, seeds, argv):
     if config['replace']:
         remove_sweep(out_dir)
     check_same_sweep(out_dir, seeds, settings, config['extend'])
-    keys = set(LAUNCH_DEFAULTS) | {'shard', 'replace'}
-    child = [a for a in argv if a.split('=', 1)[0].lstrip('-') not in keys] + ['--launcher=', '--shards=0']
+    child = shard_argv(argv, {'shard', 'replace'})
     failed = launch_shards(config, os.path.join(REPOSITORY, 'sweep.py'), child, os.path.join(out_dir, 'jobs'))
     if not config['wait']:
         print(f"when the jobs are done, join them: python sweep.py {' '.join(child[:-2])} --merge=True")
