@@ -153,22 +153,31 @@ def anchors(page):
 
 @pytest.mark.parametrize('page', DOCS)
 def test_every_link_of_the_docs_resolves(page):
-    """Links between README.md and docs/*.md (files, images, #anchors) point at what exists;
-    nothing still cites the specification by its old name, METHOD.md."""
+    """Links between README.md and docs/*.md (files, images, #anchors) point at what exists,
+    and so does every .md file the page names in its text (cited_pages_exist)."""
     for target in markdown_links(page):
         path, _, anchor = target.partition('#')
         where = os.path.normpath(os.path.join(ROOT, os.path.dirname(page), path)) if path else os.path.join(ROOT, page)
         assert os.path.exists(where), f"{page} links to {target}, which does not exist"
         if anchor:
             assert anchor in anchors(os.path.relpath(where, ROOT)), f"{page} links to {target}: no such heading"
-    assert 'METHOD.md' not in open(os.path.join(ROOT, page), encoding='utf-8').read()
+    cited_pages_exist(page)
+
+
+def cited_pages_exist(f):
+    """Every markdown file that f names is one a user has: in the repository, beside
+    f or under docs/ (a specification kept outside the repository is not one)."""
+    text = open(os.path.join(ROOT, f), encoding='utf-8').read()
+    for name in set(re.findall(r"[\w./-]*\w\.md\b", text)):
+        tried = [os.path.join(ROOT, name), os.path.join(ROOT, os.path.dirname(f), name), os.path.join(ROOT, 'docs', name)]
+        assert any(os.path.isfile(t) for t in tried), f"{f} names {name}, which is not in the repository"
 
 
 def test_the_code_cites_the_method_page_that_exists():
     cited = set()
     for f in subprocess.run(['git', 'ls-files', '*.py', 'config/*.py'], capture_output=True, text=True, cwd=ROOT).stdout.split():
         text = open(os.path.join(ROOT, f), encoding='utf-8').read()
-        assert 'METHOD.md' not in text or f == 'tests/test_front_door.py', f"{f} cites METHOD.md, which users do not have; cite docs/method.md"
+        cited_pages_exist(f)
         cited |= set(re.findall(r"docs/method\.md sections? (\d+)", text))
     sections = set(re.findall(r"(?m)^## (\d+)\. ", open(os.path.join(ROOT, 'docs', 'method.md'), encoding='utf-8').read()))
     assert cited and cited <= sections, cited - sections

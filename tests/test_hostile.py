@@ -228,10 +228,11 @@ def test_two_appends_at_once_keep_both_documents(small_memory, tmp_path):
 # -----------------------------------------------------------------------------
 # checkpoint metadata, checked before anything is allocated
 
-def gpt2_dir(tmp_path, edit=None, weights=None):
-    from conftest import make_random_checkpoint
-    d = tmp_path / 'gpt2'
-    make_random_checkpoint(str(d))
+def checkpoint_dir(tmp_path, make, edit=None, weights=None):
+    """A random checkpoint made by `make` (conftest's makers) in tmp_path/<its name>, its
+    config.json then changed by edit(dict) and its model.safetensors by weights(state dict)."""
+    d = tmp_path / make.__name__
+    make(str(d))
     if edit:
         cfg = json.loads((d / 'config.json').read_text())
         edit(cfg)
@@ -242,6 +243,11 @@ def gpt2_dir(tmp_path, edit=None, weights=None):
         weights(sd)
         save_file(sd, str(d / 'model.safetensors'))
     return d
+
+
+def gpt2_dir(tmp_path, edit=None, weights=None):
+    from conftest import make_random_checkpoint
+    return checkpoint_dir(tmp_path, make_random_checkpoint, edit, weights)
 
 
 def nan_weight(sd):
@@ -284,13 +290,7 @@ def run_measured(tmp_path, script, *args):
 
 def llama_dir(tmp_path, edit=None):
     from conftest import make_llama_checkpoint
-    d = tmp_path / 'llama'
-    make_llama_checkpoint(str(d))
-    if edit:
-        cfg = json.loads((d / 'config.json').read_text())
-        edit(cfg)
-        (d / 'config.json').write_text(json.dumps(cfg))
-    return d
+    return checkpoint_dir(tmp_path, make_llama_checkpoint, edit)
 
 
 LLAMA_CASES = {
