@@ -13,12 +13,13 @@ import numpy as np
 
 from configurator import UserError
 from files import write_whole
-from scores import QUALITY_SCORES, VADER_SCORES, summarize, wilson_interval
+from scores import JUDGE_SCORES, QUALITY_SCORES, VADER_SCORES, summarize, wilson_interval
 
 # columns of results.csv besides the grid keys
 CORE_COLUMNS = ['init_from', 'knn_num', 'mem_frac', 'bookkeeping_frac', 'knn_softmax_influence', 'resid_only',
                 'resid_frac', 'remove_bookkeeping_token_mem_size', 'decoding', 'temperature', 'top_k',
                 'max_new_tokens', 'dtype']
+ANSWER_COLUMNS = ('answer', 'answer_logprob', 'answer_prob', 'answer_top1')  # run.answer_scores, recall sweeps
 # the write-up's colours
 COLOURS = dict(compound='tab:green', pos='tab:orange', neg='tab:red', neu='tab:blue')
 
@@ -51,22 +52,28 @@ def finished_rows(settings, finished):
 
 
 def result_table(metric, settings, finished):
-    """results.csv: one row per finished setting and seed, the setting's values and the scores."""
+    """results.csv: one row per finished setting and seed (metric 'answer': per setting), the
+    setting's values (and item, in a set sweep) and the scores."""
     grid_cols = list(dict.fromkeys(k for s in settings for k in s['values']))
-    cols = ['setting_index', 'setting_id', 'label', 'method', 'seed'] + grid_cols + \
-           [c for c in CORE_COLUMNS if c not in grid_cols]
-    score_cols = (VADER_SCORES + ['positive'] if metric == 'vader' else ['success', 'answer']) + QUALITY_SCORES
+    items = ['item', 'split'] if any(s.get('item') for s in settings) else []
+    cols = ['setting_index', 'setting_id', 'label', 'method'] + items + (['seed'] if metric != 'answer' else []) + \
+        grid_cols + [c for c in CORE_COLUMNS if c not in grid_cols]
+    judges = [c for c in JUDGE_SCORES if any(c in r['scores'] for _, r in finished_rows(settings, finished))]
+    score_cols = list(ANSWER_COLUMNS) if metric == 'answer' else \
+        (VADER_SCORES + ['positive'] + judges if metric == 'vader' else ['success', 'answer']) + QUALITY_SCORES
     rows = []
-    for s, r in finished_rows(settings, finished):
-        row = dict(setting_index=s['index'], setting_id=s['id'], label=s['label'], method=s['method'], seed=r['seed'])
+    pairs = [(s, None) for s in settings if s['id'] in finished] if metric == 'answer' else finished_rows(settings, finished)
+    for s, r in pairs:
+        row = dict(setting_index=s['index'], setting_id=s['id'], label=s['label'], method=s['method'],
+                   **({c: s.get(c) for c in items}), **(dict(seed=r['seed']) if r else {}))
         for c in grid_cols + CORE_COLUMNS:
             row.setdefault(c, s['columns'].get(c))
-        row.update({c: r['scores'][c] for c in score_cols})
+        row.update({c: r['scores'].get(c) for c in score_cols} if r else
+                   {c: finished[s['id']]['answer_scores'][c] for c in score_cols})
         rows.append(row)
     return cols + score_cols, rows
 
 
-ANSWER_COLUMNS = ('answer', 'answer_logprob', 'answer_prob', 'answer_top1')  # run.answer_scores, recall sweeps
 
 
 def summary_table(metric, settings, finished):
@@ -84,7 +91,9 @@ def summary_table(metric, settings, finished):
 def summary_text(metric, summary, n_settings):
     """summary.txt: the summary as a table for the terminal."""
     w = min(max([34 if metric == 'vader' else 40] + [len(r['label']) for r in summary]), 64)  # the label column
-    if metric == 'vader':
+    if metric == 'answer':
+        head = f"{'setting':<{w}} {'answer':>16} {'p(answer)':>10} {'log p':>8} {'top1':>4}"
+    elif metric == 'vader':
         head = f"{'setting':<{w}} {'seeds':>5} {'compound med (IQR)':>19} {'mean':>6} {'pos':>5} {'neu':>5} " \
                f"{'neg':>5} {'%pos':>5} {'dist-1/2/3':>14} {'ppl med':>8}"
     else:
@@ -92,6 +101,10 @@ def summary_text(metric, summary, n_settings):
     lines = [head, '-' * len(head)]
     for r in summary:
         label = r['label'] if len(r['label']) <= w else r['label'][:w - 3] + '...'
+        if metric == 'answer':
+            lines.append(f"{label:<{w}} {r['answer'][:16]:>16} {r['answer_prob']:>10.2e} {r['answer_logprob']:>8.2f} "
+                         f"{r['answer_top1']:>4}")
+            continue
         dist = '/'.join(f"{r[f'distinct_{n}_mean']:.2f}" for n in (1, 2, 3))
         if metric == 'vader':
             lines.append(f"{label:<{w}} {r['seeds']:>5} {r['compound_median']:>8.3f} ({r['compound_iqr']:.3f})  "
@@ -104,7 +117,10 @@ def summary_text(metric, summary, n_settings):
                          f"{r['perplexity_median']:>8.1f}")
     if len(summary) < n_settings:
         lines.append(f"({n_settings - len(summary)} of {n_settings} settings not finished yet)")
-    if metric == 'vader':
+    if metric == 'answer':
+        lines.append("p(answer) = the best answer's probability after the prompt, teacher-forced (temperature 1); "
+                     "top1 = its first token is the most likely next token")
+    elif metric == 'vader':
         lines.append("medians of VADER scores of the continuation; %pos = compound >= 0.05; dist = mean distinct-n "
                      "of tokens; ppl = perplexity under the plain model")
     else:
@@ -252,6 +268,24 @@ def plot_recall(path, done, title):
     plt.close(fig)
 
 
+def plot_answer(path, done, title):
+    """Bars: the best answer's probability after the prompt (teacher-forced), per setting,
+    coloured by method, on a log axis (it spans orders of magnitude)."""
+    plt = plot_setup()
+    width = figure_width(done)
+    fig, ax = plt.subplots(figsize=(width, 3.8))
+    x = setting_axis(ax, done, n_seeds=False)
+    p = [rec['answer_scores']['answer_prob'] for _, rec in done]
+    ax.bar(x, p, color=[METHOD_COLOURS[s['method']] for s, _ in done])
+    ax.set_yscale('log')
+    ax.set_ylabel(f"p({answers_label(done)})\nafter the prompt", fontsize=8)
+    method_legend(ax, done)
+    ax.grid(axis='y', alpha=0.3)
+    ax.set_title(wrapped(title, width), fontsize=9)
+    save_png(fig, path)
+    plt.close(fig)
+
+
 def plot_quality(path, done, title):
     """Two stacked panels per setting: perplexity under the plain model (box per setting,
     every seed a dot) and mean distinct-1/2/3 (hatching tells n apart; colour is the method
@@ -297,6 +331,10 @@ def make_plots(out_dir, metric, settings, finished, title, vader_parts=('compoun
         return []
     paths = [os.path.join(out_dir, 'vader.png' if metric == 'vader' else 'recall.png'),
              os.path.join(out_dir, 'quality.png')]
+    if metric == 'answer':
+        paths = [os.path.join(out_dir, 'answer.png')]
+        plot_answer(paths[0], done, title)
+        return paths
     if metric == 'vader':
         plot_vader(paths[0], done, title, tuple(vader_parts))
     else:
@@ -312,10 +350,8 @@ def default_title(config, name, seeds, finished, fixed=''):
         (f"; {fixed}" if fixed else '')
 
 
-def write_outputs(out_dir, config, name, settings, seeds, finished, fixed=''):
-    """Rewrite results.csv, samples.jsonl, summary.csv, summary.txt and the plots from the
-    finished settings (each file whole). Returns the summary rows and the plot paths."""
-    metric = config['metric']
+def write_records(out_dir, metric, settings, finished):
+    """results.csv and samples.jsonl of the finished settings. Returns results.csv's (columns, rows)."""
     cols, rows = result_table(metric, settings, finished)
     write_whole(os.path.join(out_dir, 'results.csv'), csv_text(cols, rows))
     lines = []
@@ -326,6 +362,14 @@ def write_outputs(out_dir, config, name, settings, seeds, finished, fixed=''):
                                      text=r['text'], tokens=r['tokens'], scores=r['scores'], model=rec['model'],
                                      **rec.get('produced_by', {})), ensure_ascii=False))
     write_whole(os.path.join(out_dir, 'samples.jsonl'), ''.join(l + '\n' for l in lines))
+    return cols, rows
+
+
+def write_outputs(out_dir, config, name, settings, seeds, finished, fixed=''):
+    """Rewrite results.csv, samples.jsonl, summary.csv, summary.txt and the plots from the
+    finished settings (each file whole). Returns the summary rows and the plot paths."""
+    metric = config['metric']
+    cols, rows = write_records(out_dir, metric, settings, finished)
     summary = summary_table(metric, settings, finished)
     scols = list(dict.fromkeys(k for r in summary for k in r))
     write_whole(os.path.join(out_dir, 'summary.csv'), csv_text(scols, summary))

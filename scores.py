@@ -4,6 +4,8 @@ functions (perplexities runs the model, nothing else), for sweep.py and anyone a
 results.
 
   vader_scores    VADER compound, pos, neu, neg of a continuation (the prompt excluded)
+  afinn_score     a second, independent judge: the AFINN-165 lexicon's sum over the words
+  copy_rate       the share of a continuation's content words that occur in the memory text
   recall_answer   which answer a continuation starts with
   distinct_n      unique n-grams / all n-grams of a continuation's tokens
   perplexities    of continuations under the plain model, batched
@@ -12,12 +14,14 @@ results.
 """
 
 import math
+import re
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
 VADER_SCORES = ['compound', 'pos', 'neu', 'neg']
+JUDGE_SCORES = ['afinn', 'copy_rate']  # the second judge and the copy rate (absent from older sweeps' rows)
 QUALITY_SCORES = ['distinct_1', 'distinct_2', 'distinct_3', 'perplexity']
 POSITIVE_THRESHOLD = 0.05  # VADER's convention: compound >= 0.05 is positive
 
@@ -32,6 +36,38 @@ def vader_scores(text):
         _vader = SentimentIntensityAnalyzer()
     s = _vader.polarity_scores(text)
     return {k: s[k] for k in VADER_SCORES}
+
+
+def afinn_score(text):
+    """The AFINN-165 word list's sum of valences (-5..5 per word) over the text: a judge built
+    apart from VADER (its own lexicon, no rules for negation, boosters or punctuation), so that
+    the two agreeing says more than either alone. > 0 is positive."""
+    global _afinn
+    if _afinn is None:
+        from afinn import Afinn
+        _afinn = Afinn(language='en')
+    return float(_afinn.score(text))
+
+
+_afinn = None
+# function words: not counted as content when measuring how much of a continuation is copied
+STOPWORDS = frozenset("""a an the and or but if of to in on at by for with from as is are was were be been being am it
+its it's this that these those i you he she we they me him her us them my your his our their not no nor so do does did
+done have has had having will would can could should may might must shall than then there here what which who whom
+whose when where why how all any each every more most some such only own same too very just also into over under
+again about up down out off one two there's i'm don't that's he's she's they're we're you're""".split())
+
+
+def content_words(text):
+    """The text's words (lower case, letters and apostrophes) that are not function words."""
+    return [w for w in re.findall(r"[a-z][a-z']*", text.casefold()) if w not in STOPWORDS]
+
+
+def copy_rate(text, memory_words):
+    """The share of the continuation's content words that occur in the memory text (its
+    content_words as a set): high when steering is parroting. NaN with no content words."""
+    words = content_words(text)
+    return sum(w in memory_words for w in words) / len(words) if words else float('nan')
 
 
 def recall_answer(text, answers):
@@ -87,13 +123,18 @@ def perplexities(model, prompt, continuations, max_logit_floats=1 << 26):
     return out
 
 
-def score_rows(metric, answers, texts, tokens, ppl):
+def score_rows(metric, answers, texts, tokens, ppl, memory=''):
+    """Every continuation's scores: VADER's and AFINN's sentiment and the copy rate from
+    `memory` (vader), or the answer it starts with (recall), with distinct-n and perplexity."""
     rows = []
+    memory_words = set(content_words(memory))
     for text, toks, p in zip(texts, tokens, ppl):
         s = {}
         if metric == 'vader':
             s.update(vader_scores(text))
             s['positive'] = int(s['compound'] >= POSITIVE_THRESHOLD)
+            s['afinn'] = afinn_score(text)
+            s['copy_rate'] = copy_rate(text, memory_words)
         else:
             a = recall_answer(text, answers)
             s['success'] = int(a is not None)
@@ -120,7 +161,10 @@ def summarize(metric, rows):
     """Per-setting summary: median, IQR (75th - 25th percentile, numpy's linear
     interpolation) and mean of each score; fraction positive (VADER) or successes (recall)."""
     out = dict(seeds=len(rows))
-    cols = (VADER_SCORES if metric == 'vader' else []) + QUALITY_SCORES
+    if metric == 'answer':  # teacher-forced only: no continuations
+        return out
+    cols = (VADER_SCORES + [c for c in JUDGE_SCORES if rows and c in rows[0]['scores']] if metric == 'vader' else []) \
+        + QUALITY_SCORES
     for c in cols:
         vals = np.array([r['scores'][c] for r in rows], dtype=float)
         vals = vals[~np.isnan(vals)]

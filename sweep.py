@@ -35,7 +35,11 @@ SWEEP_DEFAULTS = dict(
     name='',               # sweep name; '' = the config file's name without "sweep_" and ".py"
     grid={},               # key -> list of values; a tuple of keys -> list of value tuples (varied together)
     seeds=None,            # a count n (seeds seed, seed+1, ..., seed+n-1) or an explicit list; None = 100
-    metric='vader',        # 'vader' (sentiment of the continuation) or 'recall' (does it start with an answer?)
+    metric='vader',        # 'vader' (sentiment of the continuation), 'recall' (does it start with an answer?) or
+                           # 'answer' (only the answers' probability, teacher-forced: no sampling, no seeds)
+    item_set='',           # a set file (sets.py, docs/evaluation.md): run every setting on each of its items
+    split='both',          # item_set: the items of 'dev', 'test' or 'both' splits
+    set_memory='item',     # recall sets: each item's memory (and context) is its own document ('item') or all the set's ('all')
     answers=None,          # recall: the answer strings; None = [substitute] when substitute is set
     baselines=[],          # any of 'plain' (no memory), 'context' (memory text before the prompt), 'actadd'
     actadd_prompts=['Love', 'Hate'],  # ActAdd (docs/method.md section 9): the prompt pair (p+, p-)
@@ -66,6 +70,7 @@ import torch
 from tqdm import tqdm
 
 import report
+import set_report
 from actadd import ActAdd
 from files import write_whole
 from knn_index import SearchSettings
@@ -86,6 +91,7 @@ from run import (
     seeds_of,
 )
 from scores import VADER_SCORES, perplexities, score_rows
+from sets import load_set
 from store import check_outside_memories
 from tokenizer import encode
 
@@ -94,14 +100,14 @@ DEFAULT_SEED_COUNT = 100
 # keys that describe the sweep itself, not a setting: never in the grid
 NOT_IN_GRID = {'name', 'grid', 'seeds', 'seed', 'num_samples', 'metric', 'baselines', 'out_dir', 'shard', 'merge', 'extend', 'replace',
                'plots', 'vader_parts', 'replot', 'plot_title', 'wandb_log', 'wandb_project', 'wandb_run_name', 'batch_size',
-               'method_text', 'compile'} | set(LAUNCH_DEFAULTS)
+               'method_text', 'compile', 'item_set', 'split'} | set(LAUNCH_DEFAULTS)
 # keys only the memory method reads (RetrievalSettings, its search and decoding, a saved memory):
 # the baselines do not vary with them
 RETRIEVAL_KEYS = {f.name for f in fields(RetrievalSettings)} | {
     'search', 'decoding', 'mem_store', 'load_mem_store', 'store_mem', 'remove_bookkeeping_token_mem_size',
     'knn_index', 'nprobe', 'ef_search', 'mmap'}
 # keys that make the memory text (MemorySource): the plain baseline does not vary with them
-MEMORY_TEXT_KEYS = {'memory', 'bookkeeping_token', 'substitute', 'substitute_target'}
+MEMORY_TEXT_KEYS = {'memory', 'bookkeeping_token', 'substitute', 'substitute_target', 'set_memory'}
 # keys only activation addition reads
 ACTADD_KEYS = {'actadd_prompts', 'actadd_layer', 'actadd_coeff'}
 BASELINES = ('plain', 'context', 'actadd')
@@ -116,7 +122,10 @@ SETTING_FORMAT_VERSION = 2  # 2: setting ids made from the run layer's types
 
 def sweep_seeds(config):
     """The run layer's rule: a count n gives seed, seed+1, ..., seed+n-1 (seed = 1337 by
-    default); a list is used as is. None means DEFAULT_SEED_COUNT."""
+    default); a list is used as is. None means DEFAULT_SEED_COUNT. metric='answer' samples
+    nothing: no seeds."""
+    if config['metric'] == 'answer':
+        return []
     return seeds_of(dict(config, seeds=DEFAULT_SEED_COUNT if config['seeds'] is None else config['seeds']))
 
 
@@ -225,14 +234,28 @@ def digest(obj):
     return hashlib.sha256(json.dumps(jsonable(obj), sort_keys=True).encode()).hexdigest()[:12]
 
 
-def make_setting(config, method, values, seeds):
+def with_item(c, item, item_set):
+    """The setting's config for one item of a set: its prompt, and for recall sets its answers
+    and its memory text (its own document, or every document of the set with set_memory='all')."""
+    c = dict(c, start=item.prompt)
+    if item_set.kind == 'recall-set':
+        if c['set_memory'] not in ('item', 'all'):
+            raise UserError(f"set_memory={c['set_memory']!r} must be 'item' (each item's own document) or 'all'")
+        docs = [item.document] if c['set_memory'] == 'item' else item_set.documents()
+        c.update(memory=c['bookkeeping_token'] + c['bookkeeping_token'].join(docs), answers=list(item.answers))
+    return c
+
+
+def make_setting(config, method, values, seeds, item=None, item_set=None):
     """One setting of the sweep: `values` of the grid applied to the config for `method`, made
     into the run layer's types (every value checked here, before anything runs). Its id, on
     which resume depends, is a hash of exactly what decides its outputs: the model, the
     prompt, the seeds, the sampling, the scoring, and per method the memory text in the
     context or the memory, its retrieval settings and search."""
-    where = f"setting {method} {jsonable(values)}" if values else method
+    where = (f"setting {method} {jsonable(values)}" if values else method) + (f", item {item.id}" if item else '')
     c = dict(config, **values)
+    if item is not None:
+        c = with_item(c, item, item_set)
     if method != 'memory':  # the baselines use no memory
         c.update({k: RUN_DEFAULTS[k] for k in RETRIEVAL_KEYS & set(RUN_DEFAULTS)})
     if method != 'actadd':
@@ -241,7 +264,7 @@ def make_setting(config, method, values, seeds):
     readout = readout_of(c)
     search = SearchSettings.from_config(c)
     check_device(c['device'])
-    answers = answers_of(c) if c['metric'] == 'recall' else None
+    answers = answers_of(c) if c['metric'] in ('recall', 'answer') else None
     source = retrieval = context = actadd = None
     if method == 'actadd':
         actadd = ActAdd.from_config(c, where)
@@ -258,6 +281,8 @@ def make_setting(config, method, values, seeds):
                       prompt=prompt_text(c['start']), seeds=seeds, sampling=asdict(sampling), context=context,
                       memory=source.as_dict() if source else None,
                       retrieval=retrieval.as_dict() if retrieval else None, search=search.search if retrieval else None)
+    if item is not None:  # likewise for the settings of sets
+        generation['item'] = item.id
     if actadd:  # only here, so the other methods' ids stay what they were before ActAdd existed
         generation['actadd'] = actadd.as_dict()
     if readout:  # likewise: settings that read the ordinary output keep their ids
@@ -267,8 +292,10 @@ def make_setting(config, method, values, seeds):
     columns = {k: None if (method != 'memory' and k in RETRIEVAL_KEYS) or (method != 'actadd' and k in ACTADD_KEYS)
                else jsonable(v) for k, v in c.items() if k != 'grid'}
     label = setting_label(method, values, c['method_text'], actadd)
+    copy_source = memory_text(c['memory'], c['bookkeeping_token']) if c['metric'] == 'vader' and c['memory'] else ''
     return dict(id=digest(dict(generation, metric=c['metric'], answers=answers)), generation_id=digest(generation),
-                method=method, values=values, label=label,
+                method=method, values=values, label=label, copy_source=copy_source,
+                item=item.id if item else None, split=item.split if item else None, unit=item.unit if item else None,
                 setting=dict(method=method, **jsonable(values)), config=c, sampling=sampling, memory=source,
                 retrieval=retrieval, search=search if retrieval else None, context=context, actadd=actadd, readout=readout, answers=answers, columns=columns)
 
@@ -283,23 +310,46 @@ def expand(config):
     if not isinstance(baselines, (list, tuple)) or any(b not in BASELINES for b in baselines):
         raise UserError(f"baselines={baselines!r} must be a list of {', '.join(map(repr, BASELINES))}")
     keep_substitute = config['metric'] == 'recall' and config['answers'] is None
-    settings = []
+    points = []  # (method, grid values): the baselines first, then the grid
     for b in dict.fromkeys(baselines):
         ignore = set(RETRIEVAL_KEYS) | (ACTADD_KEYS if b != 'actadd' else set())
         if b in ('plain', 'actadd'):
             ignore |= MEMORY_TEXT_KEYS - ({'substitute'} if keep_substitute else set())
         b_axes = [(keys, vals) for keys, vals in axes if not set(keys) <= ignore]
         for combo in itertools.product(*[list(dict.fromkeys(vals)) for _, vals in b_axes]):
-            values = {k: v for (keys, _), vs in zip(b_axes, combo) for k, v in zip(keys, vs)}
-            settings.append(make_setting(config, b, values, seeds))
+            points.append((b, {k: v for (keys, _), vs in zip(b_axes, combo) for k, v in zip(keys, vs)}))
     m_axes = [(keys, vals) for keys, vals in axes if not set(keys) <= ACTADD_KEYS]
     for combo in itertools.product(*[vals for _, vals in m_axes]):
-        values = {k: v for (keys, _), vs in zip(m_axes, combo) for k, v in zip(keys, vs)}
-        settings.append(make_setting(config, 'memory', values, seeds))
+        points.append(('memory', {k: v for (keys, _), vs in zip(m_axes, combo) for k, v in zip(keys, vs)}))
+    item_set = set_of(config)
+    settings = []
+    for method, values in points:
+        if item_set is None:
+            settings.append(make_setting(config, method, values, seeds))
+            continue
+        group = digest(dict(method=method, values=values))  # the point of the grid; its items share it
+        for item in item_set.of_split(config['split']):
+            s = make_setting(config, method, values, seeds, item, item_set)
+            settings.append(dict(s, group=group, setting=dict(s['setting'], item=item.id)))
     unique = list({s['id']: s for s in reversed(settings)}.values())[::-1]  # first of each id, in order
     for i, s in enumerate(unique):
         s['index'] = i
     return unique, seeds
+
+
+def set_of(config):
+    """The sweep's item set (sets.py), checked against its metric, or None."""
+    if not config['item_set']:
+        return None
+    if config['split'] not in ('dev', 'test', 'both'):
+        raise UserError(f"split={config['split']!r} must be 'dev', 'test' or 'both'")
+    item_set = load_set(config['item_set'])
+    wanted = 'prompt-set' if config['metric'] == 'vader' else 'recall-set'
+    if item_set.kind != wanted:
+        raise UserError(f"item_set={config['item_set']!r} is a {item_set.kind}; metric={config['metric']!r} needs a {wanted}")
+    if not item_set.of_split(config['split']):
+        raise UserError(f"item_set={config['item_set']!r} has no {config['split']} items")
+    return item_set
 
 
 def parse_shard(shard):
@@ -350,7 +400,7 @@ def check_same_sweep(run_dir, seeds, settings, extend):
 
 
 SWEEP_FILES = ('sweep.json', 'results.csv', 'samples.jsonl', 'summary.csv', 'summary.txt', 'vader.png', 'recall.png',
-               'quality.png')
+               'quality.png', 'answer.png', 'items.csv', 'set.png')
 
 
 def remove_sweep(run_dir):
@@ -453,7 +503,7 @@ class Runner:
             # a memory setting whose knn_num is all 0 ('no memory layers') runs the plain model
             retrieval = self.retrieval_for(s) if s['method'] == 'memory' and s['retrieval'].layers else None
             steering = self.steering_for(s) if s['method'] == 'actadd' else None
-            bs = c['batch_size'] or len(seeds)
+            bs = c['batch_size'] or max(len(seeds), 1)
             conts = []
             with torch.no_grad():
                 for i in range(0, len(seeds), bs):
@@ -464,9 +514,9 @@ class Runner:
         texts = [enc.decode(t) for t in conts]
         memory = self.memories[s['memory']].describe(s['memory'].store) if s['method'] == 'memory' and \
             s['retrieval'].layers else None
-        scores = score_rows(c['metric'], s['answers'], texts, conts, perplexities(model, ids, conts))
+        scores = score_rows(c['metric'], s['answers'], texts, conts, perplexities(model, ids, conts), s['copy_source'])
         answer = None
-        if c['metric'] == 'recall':  # the answers' probability too: one teacher-forced pass, no sampling
+        if c['metric'] in ('recall', 'answer'):  # the answers' probability too: one teacher-forced pass, no sampling
             text = (s['context'] + start) if s['method'] == 'context' else start
             with torch.no_grad():
                 answer = answer_scores(model, enc, text, gen_ids, s['answers'], sampling.decoding,
@@ -487,14 +537,29 @@ class Runner:
                                      actadd=s['actadd'].as_dict() if s['actadd'] else None,
                                      readout=asdict(s['readout']) if s['readout'] else None,
                                      context=s['context']),
-                    generation_s=round(t_gen, 3), seeds=seeds, **(dict(answer_scores=answer) if answer else {}),
+                    generation_s=round(t_gen, 3), seeds=seeds,
+                    **(dict(item=s['item'], split=s['split'], unit=s['unit'], group=s['group']) if s['item'] else {}), **(dict(answer_scores=answer) if answer else {}),
                     rows=[dict(seed=sd, text=t, tokens=tk, scores=sc)
                           for sd, t, tk, sc in zip(seeds, texts, conts, scores)])
 
     @staticmethod
     def batches(n, c):
-        bs = c['batch_size'] or n
+        bs = c['batch_size'] or max(n, 1)
         return (n + bs - 1) // bs
+
+
+def write_all(run_dir, config, name, settings, seeds, finished):
+    """Rewrite the combined files from the finished settings: report.py's, or for a set sweep
+    results.csv and samples.jsonl with set_report.py's summaries. (summary, text, plots, table)."""
+    if not config['item_set']:
+        return report.write_outputs(run_dir, config, name, settings, seeds, finished, fixed_settings(config))
+    table = report.write_records(run_dir, config['metric'], settings, finished)
+    model = next((r['model']['name'] for r in finished.values()), config['init_from'])
+    n_items = len({s['item'] for s in settings})
+    how = 'p(answer), teacher-forced' if config['metric'] == 'answer' else \
+        f"{len(seeds)} seeds x {config['max_new_tokens']} tokens"
+    title = config['plot_title'] or f"{name}: {model}, {n_items} items of {config['item_set']}, {how}"
+    return (*set_report.write_set_outputs(run_dir, config, settings, finished, title), table)
 
 
 def sweep_name(config, argv):
@@ -522,7 +587,7 @@ def run_settings(todo, config, name, run_dir, mine, seeds, finished, wb, everyth
             runner.model_for(s['config'])
             steering = runner.steering_for(s)  # checks the layer against the model's blocks
             steering.check_prompt(len(prompt_ids(s['config']['start'], runner.enc)[1]))
-    fingerprint = None
+    fingerprint, written = None, time.time()
     with tqdm(total=len(todo), desc='settings', unit='setting', file=sys.stderr, position=0) as sbar:
         for s in todo:
             c = s['config']
@@ -539,16 +604,18 @@ def run_settings(todo, config, name, run_dir, mine, seeds, finished, wb, everyth
                                     f"({', '.join(sorted(others))}, now {fp}); use another out_dir or remove it")
             write_whole(os.path.join(run_dir, 'settings', f"{s['id']}.json"), json.dumps(rec, ensure_ascii=False))
             finished[s['id']] = rec
-            summary, _, _, _ = report.write_outputs(run_dir, config, name, mine, seeds, finished, fixed_settings(config))
-            if wb:
+            if not config['item_set'] or time.time() - written > 30:  # a set's many small settings: every 30 s
+                summary, _, _, _ = write_all(run_dir, config, name, mine, seeds, finished)
+                written = time.time()
+            if wb and not config['item_set']:
                 wb.setting(next(r for r in summary if r['setting_id'] == s['id']))
             sbar.update(1)
 
 
 def main(argv):
     config = configure(DEFAULTS, argv, __doc__, [sys.modules[__name__], run_config, os.path.join(REPOSITORY, 'launch.py')])
-    if config['metric'] not in ('vader', 'recall'):
-        raise UserError(f"metric={config['metric']!r} must be 'vader' or 'recall'")
+    if config['metric'] not in ('vader', 'recall', 'answer'):
+        raise UserError(f"metric={config['metric']!r} must be 'vader', 'recall' or 'answer'")
     if config['batch_size'] < 0:
         raise UserError(f"batch_size={config['batch_size']} must be >= 0 (0 = all seeds in one batch)")
     name = sweep_name(config, argv)
@@ -565,6 +632,9 @@ def main(argv):
     if config['launcher']:
         return launch(config, name, out_dir, settings, seeds, argv)
     if config['replot']:
+        if config['item_set']:
+            raise UserError("replot redraws the plots of one prompt's sweep; a set sweep's set.png is redrawn by "
+                            "running it again (finished settings are not run again)")
         return replot(config, name, out_dir, settings, seeds)
     if config['merge']:
         if shard:
@@ -591,7 +661,7 @@ def main(argv):
         if fresh and not glob.glob(os.path.join(run_dir, 'settings', '*.json')):
             shutil.rmtree(fresh, ignore_errors=True)
         raise
-    summary, text, plots, table = report.write_outputs(run_dir, config, name, mine, seeds, finished, fixed_settings(config))
+    summary, text, plots, table = write_all(run_dir, config, name, mine, seeds, finished)
     print(text, end='')
     print(f"wrote {', '.join(os.path.join(run_dir, f) for f in ['results.csv', 'samples.jsonl', 'summary.csv', 'summary.txt'])}"
           + (', ' + ', '.join(plots) if plots else ''))
@@ -662,7 +732,7 @@ def merge(config, name, out_dir, settings, seeds):
         path = os.path.join(out_dir, 'settings', f"{sid}.json")
         if not os.path.isfile(path):
             write_whole(path, json.dumps(rec, ensure_ascii=False))
-    summary, text, plots, table = report.write_outputs(out_dir, config, name, settings, seeds, finished, fixed_settings(config))
+    summary, text, plots, table = write_all(out_dir, config, name, settings, seeds, finished)
     missing = [s for s in settings if s['id'] not in finished]
     print(text, end='')
     print(f"merged {len(finished)} of {len(settings)} settings from {len(shard_dirs)} shard folder(s) into {out_dir}")
