@@ -592,7 +592,7 @@ def run_settings(todo, config, name, run_dir, mine, seeds, finished, wb, everyth
         for s in todo:
             c = s['config']
             with tqdm(total=c['max_new_tokens'] * Runner.batches(len(seeds), c), desc=s['label'][:30], unit='tok',
-                      file=sys.stderr, position=1, leave=False) as tbar:
+                      file=sys.stderr, position=1, leave=False, disable=not seeds) as tbar:
                 rec = runner.run(s, tbar)
             fp = rec['model']['fingerprint']
             if fingerprint is None:
