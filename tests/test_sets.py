@@ -12,8 +12,8 @@ import torch
 
 import set_report
 import sweep
-from conftest import ROOT, TINY, one_line_error, run_script
 from configurator import UserError, configure
+from conftest import ROOT, TINY, one_line_error, run_script
 from memory import RetrievalSettings
 from run import MemorySource, answer_scores, continuations, load_model, prompt_ids
 from scores import afinn_score, content_words, copy_rate
