@@ -65,7 +65,7 @@ def item_rows(metric, settings, finished):
         rec = finished.get(s['id'])
         if rec is not None:
             rows.append(dict(group=s['group'], label=s['label'], method=s['method'], item=s['item'], split=s['split'],
-                             unit=s['unit'], setting_id=s['id'], **item_scores(metric, rec)))
+                             unit=s['unit'], kind=s.get('kind') or '', setting_id=s['id'], **item_scores(metric, rec)))
     return rows
 
 
@@ -86,15 +86,16 @@ def bootstrap(values, units, samples=BOOTSTRAP_SAMPLES, seed=0):
 
 
 def set_summary(metric, rows):
-    """One row per grid point and split: items, units, each score's mean and interval, and the
-    first score's difference from the plain model on the same items (paired, same bootstrap)."""
+    """One row per grid point and split (kind ''), and per grid point, split and kind where the
+    items have kinds: items, units, each score's mean and interval, and the first score's
+    difference from the plain model on the same items (paired, same bootstrap)."""
     cols = SET_SCORES[metric]
     plain = {r['item']: r for r in rows if r['method'] == 'plain'}
     out = []
-    groups = list(dict.fromkeys((r['group'], r['split']) for r in rows))
-    for group, split in sorted(groups, key=lambda g: (g[1] != 'dev', groups.index(g))):
-        rs = [r for r in rows if r['group'] == group and r['split'] == split]
-        row = dict(group=group, label=rs[0]['label'], method=rs[0]['method'], split=split, items=len(rs),
+    groups = list(dict.fromkeys((r['group'], r['split'], k) for r in rows for k in dict.fromkeys(['', r['kind']])))
+    for group, split, kind in sorted(groups, key=lambda g: (g[1] != 'dev', g[2] != '', groups.index(g))):
+        rs = [r for r in rows if r['group'] == group and r['split'] == split and kind in ('', r['kind'])]
+        row = dict(group=group, label=rs[0]['label'], method=rs[0]['method'], split=split, kind=kind, items=len(rs),
                    units=len({r['unit'] for r in rs}))
         for c in cols:
             row[c], row[f'{c}_lo'], row[f'{c}_hi'] = bootstrap([r[c] for r in rs], [r['unit'] for r in rs])
@@ -125,11 +126,11 @@ def tuned(metric, summary, settings):
     first, out = SET_SCORES[metric][0], []
     fams = {}
     for r in summary:
-        if r['split'] == 'dev':
+        if r['split'] == 'dev' and not r['kind']:
             fams.setdefault(family(by_group, r['group']), []).append(r)
     for fam, dev in fams.items():
         best = max(dev, key=lambda r: -math.inf if math.isnan(r[first]) else r[first])
-        test = next((r for r in summary if r['group'] == best['group'] and r['split'] == 'test'), None)
+        test = next((r for r in summary if r['group'] == best['group'] and r['split'] == 'test' and not r['kind']), None)
         out.append((fam, best, test))
     return out
 
@@ -147,7 +148,7 @@ def set_text(metric, summary, settings, n_done, n_settings):
     w = min(max([30] + [len(r['label']) for r in summary]), 56)
     lines = []
     for split in ('dev', 'test'):
-        rs = [r for r in summary if r['split'] == split]
+        rs = [r for r in summary if r['split'] == split and not r['kind']]
         if not rs:
             continue
         head = f"{split + ' split':<{w}} {'items':>5} " + ' '.join(f"{NAMES[c]:>24}" for c in cols) + \
@@ -157,6 +158,17 @@ def set_text(metric, summary, settings, n_done, n_settings):
             label = r['label'] if len(r['label']) <= w else r['label'][:w - 3] + '...'
             lines.append(f"{label:<{w}} {r['items']:>5} " + ' '.join(f"{_cell(r, c):>24}" for c in cols) +
                          f" {_cell(r, 'vs_plain') if 'vs_plain' in r else '-':>30}")
+        lines.append('')
+    kinds = list(dict.fromkeys(r['kind'] for r in summary if r['kind']))
+    for split in ('dev', 'test') if kinds else ():
+        rs = [r for r in summary if r['split'] == split and r['kind']]
+        if not rs:
+            continue
+        head = f"{split + ' split, ' + NAMES[cols[0]]:<{w}} " + ' '.join(f"{k:>24}" for k in kinds)
+        lines += [head, '-' * len(head)]
+        for label in dict.fromkeys(r['label'] for r in rs):
+            by = {r['kind']: r for r in rs if r['label'] == label}
+            lines.append(f"{label[:w]:<{w}} " + ' '.join(f"{_cell(by.get(k), cols[0]):>24}" for k in kinds))
         lines.append('')
     best = tuned(metric, summary, settings)
     if best and any(t is not None for _, _, t in best):
@@ -177,6 +189,7 @@ def plot_set(path, metric, summary, title):
     """One panel per score: each grid point's mean and interval, dev (open) and test (filled)."""
     plt = plot_setup()
     cols = SET_SCORES[metric][:3 if metric == 'vader' else 2]
+    summary = [r for r in summary if not r['kind']]
     labels = list(dict.fromkeys(r['label'] for r in summary))
     width = min(max(6.0, 0.35 * len(labels) + 2.5), 16.0)
     fig, axes = plt.subplots(len(cols), 1, figsize=(width, 2.6 * len(cols) + 1.2), sharex=True)

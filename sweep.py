@@ -296,6 +296,7 @@ def make_setting(config, method, values, seeds, item=None, item_set=None):
     return dict(id=digest(dict(generation, metric=c['metric'], answers=answers)), generation_id=digest(generation),
                 method=method, values=values, label=label, copy_source=copy_source,
                 item=item.id if item else None, split=item.split if item else None, unit=item.unit if item else None,
+                kind=item.kind if item else None,
                 setting=dict(method=method, **jsonable(values)), config=c, sampling=sampling, memory=source,
                 retrieval=retrieval, search=search if retrieval else None, context=context, actadd=actadd, readout=readout, answers=answers, columns=columns)
 
@@ -538,7 +539,8 @@ class Runner:
                                      readout=asdict(s['readout']) if s['readout'] else None,
                                      context=s['context']),
                     generation_s=round(t_gen, 3), seeds=seeds,
-                    **(dict(item=s['item'], split=s['split'], unit=s['unit'], group=s['group']) if s['item'] else {}), **(dict(answer_scores=answer) if answer else {}),
+                    **(dict(item=s['item'], split=s['split'], unit=s['unit'], kind=s['kind'], group=s['group'])
+                       if s['item'] else {}), **(dict(answer_scores=answer) if answer else {}),
                     rows=[dict(seed=sd, text=t, tokens=tk, scores=sc)
                           for sd, t, tk, sc in zip(seeds, texts, conts, scores)])
 
@@ -579,8 +581,17 @@ def run_settings(todo, config, name, run_dir, mine, seeds, finished, wb, everyth
     memory is built for the layers of all the sweep's settings that share it (everything), so
     its record is the same in a shard, a resumed run and one whole run."""
     runner = Runner(everything)
+    if config['item_set']:  # item by item, each item's memory dropped when its last setting is done
+        order = {item: n for n, item in enumerate(dict.fromkeys(s['item'] for s in everything))}
+        todo = sorted(todo, key=lambda s: order[s['item']])
+    uses = {}
     for s in todo:
         if s['method'] == 'memory' and s['retrieval'].layers:
+            uses[s['memory']] = uses.get(s['memory'], 0) + 1
+    checked = set()
+    for s in todo:
+        if s['method'] == 'memory' and s['retrieval'].layers and (s.get('group'), s['config']['init_from']) not in checked:
+            checked.add((s.get('group'), s['config']['init_from']))  # a set's items: the first of each grid point
             runner.model_for(s['config'])
             runner.retrieval_for(s)  # Memory.retrieving_layers checks knn_num against the model's layers
         if s['method'] == 'actadd':
@@ -604,6 +615,10 @@ def run_settings(todo, config, name, run_dir, mine, seeds, finished, wb, everyth
                                     f"({', '.join(sorted(others))}, now {fp}); use another out_dir or remove it")
             write_whole(os.path.join(run_dir, 'settings', f"{s['id']}.json"), json.dumps(rec, ensure_ascii=False))
             finished[s['id']] = rec
+            if s['method'] == 'memory' and s['retrieval'].layers:
+                uses[s['memory']] -= 1
+                if not uses[s['memory']] and config['item_set']:
+                    runner.memories.pop(s['memory'], None)
             if not config['item_set'] or time.time() - written > 30:  # a set's many small settings: every 30 s
                 summary, _, _, _ = write_all(run_dir, config, name, mine, seeds, finished)
                 written = time.time()

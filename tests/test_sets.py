@@ -142,7 +142,7 @@ def test_tuning_reads_the_dev_split_and_reports_the_test_split():
     rows = []
     for group, method, dev, test in (('p', 'plain', 0.1, 0.1), ('m1', 'memory', 0.5, 0.2), ('m2', 'memory', 0.4, 0.9)):
         for split, v in (('dev', dev), ('test', test)):
-            rows += [dict(group=group, label=group, method=method, item=f"{split}{i}", split=split, unit=f"{split}{i}",
+            rows += [dict(group=group, label=group, method=method, item=f"{split}{i}", split=split, unit=f"{split}{i}", kind='',
                           answer_prob=v, answer_top1=0.0, answer_logprob=np.log(v)) for i in range(3)]
     summary = set_report.set_summary('answer', rows)
     config = dict(memory_mode='values', set_memory='item', item_set='x', metric='answer')
