@@ -174,13 +174,25 @@ def grid_axes(config):
     return axes
 
 
+def layer_ranges(layers):
+    """0,1,2,...,29 as '0-29'; runs of consecutive layers as a-b, the rest by commas."""
+    runs = []
+    for i in layers:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ','.join(f"{a}-{b}" if b > a else str(a) for a, b in runs)
+
+
 def fmt_value(key, v):
     if key == 'knn_num' and isinstance(v, (list, tuple)):
         layers = [i for i, k in enumerate(v) if k]
         if not layers:
             return 'no memory layers'
         ks = {v[i] for i in layers}
-        where = 'layer' + ('s ' if len(layers) > 1 else ' ') + ','.join(map(str, layers))
+        where = 'layer' + ('s ' if len(layers) > 1 else ' ') + (','.join(map(str, layers)) if len(layers) <= 8 else
+                                                                 layer_ranges(layers))
         return f"{where} k{ks.pop()}" if len(ks) == 1 else where + ' k ' + ','.join(str(v[i]) for i in layers)
     if key == 'exit_layer':
         return 'final output' if v is None else f"exit {v}"

@@ -11,7 +11,9 @@ RoPE. Score: the probability of the accepted answers after the question, teacher
 and the document in the context before it ('context': what the memory should approach).
 Value mixing (the write-up's) with Table 4's Type 2 settings (BF 0.9, MF 0, TS 1000, resid_only,
 r 0.1) at single layers and groups; retrieval attention (docs/method.md section 10) at the same
-layers. summary.txt tunes each mode's layers on dev and reports them on test.
+layers, and Type 1 (MF 1, TS 1, r 0) and Table 1's Type 3 (MF 5, BF 0.9, TS 0.01, r 0.33) in
+layers 15-20, 15-29 and all 30, in case recall needs another selection. summary.txt tunes each
+mode's settings on dev and reports them on test.
 """
 
 
@@ -21,6 +23,8 @@ def knn(layers, k=5):
 
 
 TYPE2 = dict(mem_frac=0.0, bookkeeping_frac=0.9, knn_softmax_influence=1000.0, resid_only=True, resid_frac=0.1)
+TYPE1 = dict(mem_frac=1.0, bookkeeping_frac=0.0, knn_softmax_influence=1.0, resid_only=False, resid_frac=0.0)
+TYPE3 = dict(mem_frac=5.0, bookkeeping_frac=0.9, knn_softmax_influence=0.01, resid_only=False, resid_frac=0.33)
 NO_SELECTION = dict(mem_frac=0.0, bookkeeping_frac=0.0, knn_softmax_influence=1.0, resid_only=False, resid_frac=0.0)
 LAYER_SETS = [[3], [6], [9], [12], [15], [18], [21], [24], [27], list(range(15, 21)), list(range(15, 30)), list(range(30))]
 
@@ -36,5 +40,6 @@ metric = 'answer'
 baselines = ['plain', 'context']
 _keys = ('memory_mode', 'knn_num') + tuple(TYPE2)
 grid = {_keys: [('values', knn(s)) + tuple(TYPE2.values()) for s in LAYER_SETS] +
-               [('attention', knn(s)) + tuple(NO_SELECTION.values()) for s in LAYER_SETS]}
+               [('attention', knn(s)) + tuple(NO_SELECTION.values()) for s in LAYER_SETS] +
+               [('values', knn(s)) + tuple(t.values()) for t in (TYPE1, TYPE3) for s in LAYER_SETS[-3:]]}
 out_dir = 'out/smollm2_recall_items'  # published with --out_dir=docs/smollm2/recall_items

@@ -165,6 +165,7 @@ def test_seeds_grid_and_labels():
     assert settings[2]['setting'] == dict(method='memory', resid_only=False, resid_frac=0.0, mem_frac=1.0)
     assert len({s['id'] for s in settings}) == len(settings)
     assert sweep.fmt_value('knn_num', [0] * 6 + [5, 5, 5, 0, 0, 0]) == 'layers 6,7,8 k5'
+    assert sweep.fmt_value('knn_num', [5] * 10 + [0, 5, 5]) == 'layers 0-9,11-12 k5'  # more than 8: ranges
     with pytest.raises(UserError, match='did you mean mem_frac'):
         sweep.expand(dict(cfg, grid={'mem_fracc': [1]}))
     with pytest.raises(UserError, match='describes the sweep'):
