@@ -102,6 +102,39 @@ class HFTokenizer:
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)
 
 
+MAX_TOKENIZER_BYTES = 256 << 20
+
+
+def check_bpe_json(path):
+    """A BPE tokenizer.json checked before `tokenizers` reads it, which accepts some damage
+    silently (and then tokenizes differently): ids unique whole numbers, every merge two tokens
+    of the vocabulary whose join is in it too, and, for a byte-level BPE, all 256 byte tokens."""
+    size = os.path.getsize(path)
+    if size > MAX_TOKENIZER_BYTES:
+        raise UserError(f"{path} is {size} bytes, more than a tokenizer file may be ({MAX_TOKENIZER_BYTES})")
+    data = read_json(path)
+    model = data.get('model')
+    if not isinstance(model, dict) or model.get('type') != 'BPE':
+        return  # other models (Unigram, WordPiece) are left to the library
+    vocab, merges = model.get('vocab'), model.get('merges')
+    bad = lambda what: UserError(f"{path}: {what}; the tokenizer file is damaged")  # noqa: E731
+    if not isinstance(vocab, dict) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                              for i in vocab.values()):
+        raise bad("the BPE vocab is not an object of token -> whole-number id")
+    if len(set(vocab.values())) != len(vocab):
+        raise bad("the BPE vocab gives two tokens the same id")
+    for n, m in enumerate(merges if isinstance(merges, list) else [None]):
+        pair = m.split(' ') if isinstance(m, str) else m
+        if not isinstance(pair, list) or len(pair) != 2 or not all(isinstance(t, str) and t for t in pair):
+            raise bad(f"merge {n} ({str(m)[:40]!r}) is not two tokens")
+        if not all(t in vocab for t in pair) or ''.join(pair) not in vocab:
+            raise bad(f"merge {n} ({' '.join(pair)[:40]!r}) joins tokens that are not all in the vocab")
+    byte_level = 'ByteLevel' in json.dumps([data.get(k) for k in ('pre_tokenizer', 'decoder')])
+    if byte_level and not set(_byte_decoder()) <= set(vocab) and not model.get('byte_fallback'):
+        missing = len(set(_byte_decoder()) - set(vocab))
+        raise bad(f"the byte-level BPE vocab lacks {missing} of the 256 byte tokens")
+
+
 def load_hf_tokenizer(ckpt_dir):
     """tokenizer.json through the `tokenizers` library: its own pre-tokenizer, special tokens
     and post-processor; BOS added also where tokenizer_config.json says add_bos_token."""
@@ -109,6 +142,7 @@ def load_hf_tokenizer(ckpt_dir):
     path = os.path.join(ckpt_dir, 'tokenizer.json')
     if not os.path.isfile(path):
         raise UserError(f"{ckpt_dir} lacks tokenizer.json, which Llama-family checkpoints here are read with")
+    check_bpe_json(path)
     try:
         tok = Tokenizer.from_file(path)
     except Exception as e:

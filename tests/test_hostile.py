@@ -552,3 +552,27 @@ def test_layer_map_refuses_a_damaged_summary(tmp_path, content):
     r = run_script('layer_map.py', f'--sentiment={tmp_path / "scan"}', f'--out={tmp_path / "map.png"}')
     assert r.returncode == 2 and r.stderr.count('\n') == 1 and r.stderr.startswith('error: '), r.stderr[-500:]
     assert not (tmp_path / 'map.png').exists()
+
+
+def _edit_tokenizer(d, edit):
+    path = d / 'tokenizer.json'
+    data = json.loads(path.read_text(encoding='utf-8'))
+    edit(data['model'])
+    path.write_text(json.dumps(data), encoding='utf-8')
+
+
+TOKENIZER_JSON_CASES = {
+    'a merge of one token': (lambda m: m['merges'].__setitem__(0, ['Ġ']), 'is not two tokens'),
+    'a merge of tokens not in the vocab': (lambda m: m['merges'].__setitem__(3, ['zz', 'qq']), 'merge 3 (\'zz qq\') joins'),
+    'a byte token missing': (lambda m: m['vocab'].pop('!'), 'lacks 1 of the 256 byte tokens'),
+    'two tokens one id': (lambda m: m['vocab'].__setitem__('!', m['vocab']['"']), 'gives two tokens the same id'),
+    'an id as a string': (lambda m: m['vocab'].__setitem__('!', '3'), 'not an object of token -> whole-number id'),
+}
+
+
+@pytest.mark.parametrize('case', sorted(TOKENIZER_JSON_CASES))
+def test_a_damaged_tokenizer_json_is_refused(tmp_path, case):
+    edit, message = TOKENIZER_JSON_CASES[case]
+    d = llama_dir(tmp_path)
+    _edit_tokenizer(d, edit)
+    one_line_error(run_script('sample.py', f'--init_from={d}', '--max_new_tokens=1', '--seeds=[1]'), message)
