@@ -119,14 +119,21 @@ def family(settings_by_group, group):
     return s['method'] + (f" ({store})" if store else '')
 
 
-def tuned(metric, summary, settings):
+FLUENCY_LIMIT = 2.0  # sentiment: tuned again among the settings whose dev perplexity is at most this x plain's
+
+
+def tuned(metric, summary, settings, fluency=False):
     """Per family, the grid point with the best development mean of the first score, with its
-    development and test rows: (family, dev row, test row or None)."""
+    development and test rows: (family, dev row, test row or None). fluency=True (sentiment):
+    only among grid points whose median perplexity on dev is at most FLUENCY_LIMIT times the
+    plain model's, so that a setting that parrots the memory is not chosen for its score."""
     by_group = {s['group']: s for s in settings if s.get('group')}
     first, out = SET_SCORES[metric][0], []
+    plain = next((r['perplexity'] for r in summary if r['method'] == 'plain' and r['split'] == 'dev' and not r['kind']),
+                 None) if fluency else None
     fams = {}
     for r in summary:
-        if r['split'] == 'dev' and not r['kind']:
+        if r['split'] == 'dev' and not r['kind'] and (plain is None or r['perplexity'] <= FLUENCY_LIMIT * plain):
             fams.setdefault(family(by_group, r['group']), []).append(r)
     for fam, dev in fams.items():
         best = max(dev, key=lambda r: -math.inf if math.isnan(r[first]) else r[first])
@@ -170,13 +177,19 @@ def set_text(metric, summary, settings, n_done, n_settings):
             by = {r['kind']: r for r in rs if r['label'] == label}
             lines.append(f"{label[:w]:<{w}} " + ' '.join(f"{_cell(by.get(k), cols[0]):>24}" for k in kinds))
         lines.append('')
-    best = tuned(metric, summary, settings)
-    if best and any(t is not None for _, _, t in best):
+    for fluency in (False, True) if metric == 'vader' else (False,):
+        best = tuned(metric, summary, settings, fluency)
+        if not best or all(t is None for _, _, t in best):
+            continue
         c = cols[0]
-        lines.append(f"tuned on the dev split by {NAMES[c]}, reported on the test split:")
+        lines.append(f"tuned on the dev split by {NAMES[c]}" + (f", among settings whose dev perplexity is at most "
+                                                                  f"{FLUENCY_LIMIT:g}x the plain model's" if fluency else '')
+                     + ", reported on the test split" + (" (with copy rate and perplexity)" if metric == 'vader' else '')
+                     + ":")
         for fam, dev, test in best:
+            extra = f"   copy {_cell(test, 'copy_rate')}   ppl {_cell(test, 'perplexity')}" if metric == 'vader' else ''
             lines.append(f"  {fam:<28} {dev['label'][:w]:<{w}} dev {_cell(dev, c):>24}   test {_cell(test, c):>24}"
-                         + (f"   vs plain {_cell(test, 'vs_plain')}" if test and 'vs_plain' in test else ''))
+                         + (f"   vs plain {_cell(test, 'vs_plain')}" if test and 'vs_plain' in test else '') + extra)
         lines.append('')
     if n_done < n_settings:
         lines.append(f"({n_settings - n_done} of {n_settings} item settings not finished yet)")

@@ -220,3 +220,19 @@ def test_a_passkey_set_states_each_key_once_at_its_depth(tmp_path):
                     question="q")
     with pytest.raises(UserError, match="'sizes' must be a list"):
         load_set(bad)
+
+
+def test_sentiment_tuning_with_the_fluency_limit_skips_a_parroting_setting():
+    rows = []
+    for group, method, positive, ppl in (('p', 'plain', 0.5, 8.0), ('parrot', 'memory', 1.0, 100.0),
+                                         ('steer', 'memory', 0.8, 12.0)):
+        for split in ('dev', 'test'):
+            rows += [dict(group=group, label=group, method=method, item=f"{split}{i}", split=split, unit=f"{split}{i}",
+                          kind='', positive=positive, afinn_positive=positive, judges_agree=1.0, compound=0.0,
+                          copy_rate=0.1, perplexity=ppl, distinct_2=0.9) for i in range(3)]
+    summary = set_report.set_summary('vader', rows)
+    config = dict(memory_mode='values', set_memory='item', item_set='x', metric='vader')
+    settings = [dict(group=g, method=m, config=config, copy_source='m') for g, m in
+                (('p', 'plain'), ('parrot', 'memory'), ('steer', 'memory'))]
+    pick = lambda fluency: {f: d['group'] for f, d, _ in set_report.tuned('vader', summary, settings, fluency)}  # noqa: E731
+    assert pick(False)['memory (values)'] == 'parrot' and pick(True)['memory (values)'] == 'steer'
