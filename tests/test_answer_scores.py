@@ -96,3 +96,25 @@ def test_recall_sweeps_record_and_summarise_the_answer_probability(tmp_path):
     assert 'answer_prob' in summary.splitlines()[0] and 'p(answer)' in r.stdout
     rec = json.loads(next((tmp_path / 'out' / 'settings').glob('*.json')).read_text())
     assert set(rec['answer_scores']) == {'answer', 'answer_logprob', 'answer_prob', 'answer_top1', 'answer_logprobs'}
+
+
+def test_an_answer_sweep_samples_nothing_and_gives_what_the_recall_sweep_records(tmp_path):
+    """metric='answer': no seeds, one results.csv row per setting, answer.png; the same
+    probabilities as metric='recall' records for the same settings."""
+    cfg = tmp_path / 'sweep_answer.py'
+    cfg.write_text(f"init_from = {TINY!r}\nmemory = '\\nThe cat sat on the mat.'\nstart = {PROMPT!r}\n"
+                   "knn_num = [0, 5, 5, 0]\nanswers = ['mat', 'lib']\nseeds = 2\nmax_new_tokens = 2\n"
+                   "baselines = ['plain', 'context']\n", encoding='utf-8')
+    runs = {}
+    for metric in ('answer', 'recall'):
+        out = tmp_path / metric
+        r = run_script('sweep.py', str(cfg), f'--metric={metric}', f'--out_dir={out}')
+        assert r.returncode == 0, r.stderr[-2000:]
+        recs = [json.loads(p.read_text()) for p in (out / 'settings').glob('*.json')]
+        runs[metric] = {rec['method']: rec for rec in recs}
+    for method, rec in runs['answer'].items():
+        assert rec['rows'] == [] and rec['seeds'] == []
+        assert rec['answer_scores'] == runs['recall'][method]['answer_scores']
+    lines = (tmp_path / 'answer' / 'results.csv').read_text().splitlines()
+    assert len(lines) == 1 + 3 and 'answer_prob' in lines[0] and 'seed' not in lines[0].split(',')
+    assert (tmp_path / 'answer' / 'answer.png').stat().st_size > 5000
