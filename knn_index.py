@@ -278,6 +278,26 @@ class SearchSettings:
         return asdict(self)
 
 
+# the FAISS index types the factory strings this code accepts make (their files' first four bytes)
+INDEX_FOURCCS = {b'IwFl', b'IwSq', b'IwPQ', b'IwPf', b'IHNf', b'IHNs', b'IHNp', b'IxPq', b'IxSQ', b'IxPT', b'IxF2',
+                 b'IxFI'}
+
+
+def check_index_header(data, n_keys, dim):
+    """A saved index's bytes, checked before FAISS reads them: a type this code builds, and the
+    header's dimension and count (int32 d, int64 ntotal after the four-byte type, in every FAISS
+    index file) equal the keys'. FAISS trusts declared sizes up to 1 TiB; a header that lies is
+    refused here without allocating. (Sizes declared deeper inside, in the lists or the graph,
+    are not parsed: the manifest's checksum is what keeps a foreign file out.)"""
+    import struct
+    raw = np.asarray(data).view(np.uint8).tobytes()[:16] if not isinstance(data, bytes) else data[:16]
+    if len(raw) < 16 or raw[:4] not in INDEX_FOURCCS:
+        raise ValueError(f"a saved index is not of a type this code builds (it starts {raw[:4]!r})")
+    d, ntotal = struct.unpack('<iq', raw[4:16])
+    if d != dim or ntotal != n_keys:
+        raise ValueError(f"a saved index's header declares {ntotal} keys of size {d}, not {n_keys} of size {dim}")
+
+
 class KNNIndex:
     """Squared-L2 nearest-neighbour search over one layer's stored keys (H, N, d), one index per
     head: FAISS (IndexFlatL2, exact, the reference's, on the GPU with faiss-gpu; or an
@@ -301,6 +321,7 @@ class KNNIndex:
             head_keys = lambda h: np.ascontiguousarray(keys[h].detach().to('cpu', torch.float32).numpy())  # noqa: E731
             for h in range(keys.size(0)):
                 if saved is not None:
+                    check_index_header(saved[0][f'head{h}'], keys.size(1), keys.size(2))
                     index = faiss.deserialize_index(saved[0][f'head{h}'])
                     if index.ntotal != keys.size(1) or index.d != keys.size(2):
                         raise ValueError(f"a saved index holds {index.ntotal} keys of size {index.d}, not "

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -87,6 +88,22 @@ def calibration(store, value):
     write_index(store, path, heads, dict(meta, calibration=value))
 
 
+def lying_header(store, what):
+    """Every head's bytes with a header that lies (a count of 2^40 keys, or another index type),
+    the manifest edited to record the file: FAISS must never read them."""
+    import struct
+    path = index_file(store, 2)
+    heads, meta = read_index(path)
+    for name, h in heads.items():
+        b = bytearray(h.tobytes())
+        if what == 'count':
+            b[8:16] = struct.pack('<q', 1 << 40)
+        else:
+            b[:4] = b'IxLS'
+        heads[name] = np.frombuffer(bytes(b), dtype=h.dtype)
+    write_index(store, path, heads, meta)
+
+
 def unrecorded(store):
     manifest = json.loads((store / 'memory.json').read_text())
     del manifest['indexes']
@@ -107,6 +124,8 @@ CASES = {
     'calibration without its fields': (lambda s: calibration(s, json.dumps([{}] * 4)), 'is not'),
     'calibration not JSON': (lambda s: calibration(s, '[{'), 'not JSON'),
     'a file the manifest does not record': (unrecorded, 'does not record it'),
+    'a header declaring 2^40 keys, manifest edited': (lambda s: lying_header(s, 'count'), 'declares 1099511627776 keys'),
+    'an index type this code does not build, manifest edited': (lambda s: lying_header(s, 'type'), "starts b'IxLS'"),
 }
 
 
