@@ -39,6 +39,7 @@ SWEEP_DEFAULTS = dict(
                            # 'answer' (only the answers' probability, teacher-forced: no sampling, no seeds)
     item_set='',           # a set file (sets.py, docs/evaluation.md): run every setting on each of its items
     split='both',          # item_set: the items of 'dev', 'test' or 'both' splits
+    max_items=0,           # item_set: only the first n items of each split (a quick look); 0 = all
     set_memory='item',     # recall sets: each item's memory (and context) is its own document ('item') or all the set's ('all')
     answers=None,          # recall: the answer strings; None = [substitute] when substitute is set
     baselines=[],          # any of 'plain' (no memory), 'context' (memory text before the prompt), 'actadd'
@@ -100,7 +101,7 @@ DEFAULT_SEED_COUNT = 100
 # keys that describe the sweep itself, not a setting: never in the grid
 NOT_IN_GRID = {'name', 'grid', 'seeds', 'seed', 'num_samples', 'metric', 'baselines', 'out_dir', 'shard', 'merge', 'extend', 'replace',
                'plots', 'vader_parts', 'replot', 'plot_title', 'wandb_log', 'wandb_project', 'wandb_run_name', 'batch_size',
-               'method_text', 'compile', 'item_set', 'split'} | set(LAUNCH_DEFAULTS)
+               'method_text', 'compile', 'item_set', 'split', 'max_items'} | set(LAUNCH_DEFAULTS)
 # keys only the memory method reads (RetrievalSettings, its search and decoding, a saved memory):
 # the baselines do not vary with them
 RETRIEVAL_KEYS = {f.name for f in fields(RetrievalSettings)} | {
@@ -341,7 +342,7 @@ def expand(config):
             settings.append(make_setting(config, method, values, seeds))
             continue
         group = digest(dict(method=method, values=values))  # the point of the grid; its items share it
-        for item in item_set.of_split(config['split']):
+        for item in items_of(item_set, config):
             s = make_setting(config, method, values, seeds, item, item_set)
             settings.append(dict(s, group=group, setting=dict(s['setting'], item=item.id)))
     unique = list({s['id']: s for s in reversed(settings)}.values())[::-1]  # first of each id, in order
@@ -363,6 +364,15 @@ def set_of(config):
     if not item_set.of_split(config['split']):
         raise UserError(f"item_set={config['item_set']!r} has no {config['split']} items")
     return item_set
+
+
+def items_of(item_set, config):
+    """The items a set sweep runs: those of its split, the first max_items of each split if given."""
+    n = config['max_items']
+    if not isinstance(n, int) or n < 0:
+        raise UserError(f"max_items={n!r} must be a whole number >= 0 (0 = every item)")
+    return [i for split in ('dev', 'test') if config['split'] in (split, 'both')
+            for i in item_set.of_split(split)[:n or None]]
 
 
 def parse_shard(shard):

@@ -95,6 +95,8 @@ def test_set_memory_all_is_one_memory_of_every_document(tmp_path):
     assert memories == {whole}
     assert {s['context'] for s in settings if s['method'] == 'context'} == {whole}
     assert {s['item'] for s in settings} == {'lamp/0', 'lamp/1', 'river/0'}  # split='test' only
+    first = configure(sweep.DEFAULTS, [cfg, '--split=both', '--max_items=1'])
+    assert [s['item'] for s in sweep.expand(first)[0] if s['method'] == 'plain'] == ['glass/0', 'lamp/0']
     own = configure(sweep.DEFAULTS, [answer_config(tmp_path)])
     assert {s['memory'].text for s in sweep.expand(own)[0] if s['method'] == 'memory'} == \
         {"\n" + d['text'] for d in DOCS}
