@@ -290,7 +290,7 @@ def check_index_header(data, n_keys, dim):
     refused here without allocating. (Sizes declared deeper inside, in the lists or the graph,
     are not parsed: the manifest's checksum is what keeps a foreign file out.)"""
     import struct
-    raw = np.asarray(data).view(np.uint8).tobytes()[:16] if not isinstance(data, bytes) else data[:16]
+    raw = np.asarray(data).view(np.uint8)[:16].tobytes() if not isinstance(data, bytes) else data[:16]
     if len(raw) < 16 or raw[:4] not in INDEX_FOURCCS:
         raise ValueError(f"a saved index is not of a type this code builds (it starts {raw[:4]!r})")
     d, ntotal = struct.unpack('<iq', raw[4:16])

@@ -16,7 +16,7 @@ import os
 import numpy as np
 
 from files import write_whole
-from report import csv_text, plot_setup, save_png, wrapped
+from report import METHOD_COLOURS, csv_text, plot_setup, save_png, wrapped
 
 BOOTSTRAP_SAMPLES = 2000
 # per metric: the score settings are tuned by (first), and the others summarized; TEXT_SCORES: summary.txt's
@@ -207,7 +207,6 @@ def plot_set(path, metric, summary, title):
     width = min(max(6.0, 0.35 * len(labels) + 2.5), 16.0)
     fig, axes = plt.subplots(len(cols), 1, figsize=(width, 2.6 * len(cols) + 1.2), sharex=True)
     axes = np.atleast_1d(axes)
-    from report import METHOD_COLOURS
     x = np.arange(len(labels))
     for ax, c in zip(axes, cols):
         for split, dx, fill in (('dev', -0.15, 'none'), ('test', 0.15, None)):

@@ -367,12 +367,17 @@ def set_of(config):
 
 
 def items_of(item_set, config):
-    """The items a set sweep runs: those of its split, the first max_items of each split if given."""
+    """The items a set sweep runs, in the file's order: those of its split, only the first
+    max_items of each split if given."""
     n = config['max_items']
     if not isinstance(n, int) or n < 0:
         raise UserError(f"max_items={n!r} must be a whole number >= 0 (0 = every item)")
-    return [i for split in ('dev', 'test') if config['split'] in (split, 'both')
-            for i in item_set.of_split(split)[:n or None]]
+    taken, chosen = {}, []
+    for i in item_set.of_split(config['split']):
+        if not n or taken.get(i.split, 0) < n:
+            chosen.append(i)
+            taken[i.split] = taken.get(i.split, 0) + 1
+    return chosen
 
 
 def parse_shard(shard):
@@ -518,14 +523,14 @@ class Runner:
                           f"tokens exceed block_size {model.config.block_size}; the context is cropped to its last "
                           f"{model.config.block_size} tokens", stacklevel=2)
         t0 = time.time()
+        # a memory setting whose knn_num is all 0 ('no memory layers') runs the plain model
+        retrieval = self.retrieval_for(s) if s['method'] == 'memory' and s['retrieval'].layers else None
+        steering = self.steering_for(s) if s['method'] == 'actadd' else None
         conts = self.generations.get(s['generation_id'])
         if conts is not None:
             if bar is not None:
                 bar.update(sampling.max_new_tokens * self.batches(len(seeds), c))
         else:
-            # a memory setting whose knn_num is all 0 ('no memory layers') runs the plain model
-            retrieval = self.retrieval_for(s) if s['method'] == 'memory' and s['retrieval'].layers else None
-            steering = self.steering_for(s) if s['method'] == 'actadd' else None
             bs = c['batch_size'] or max(len(seeds), 1)
             conts = []
             with torch.no_grad():
@@ -535,16 +540,13 @@ class Runner:
             self.generations[s['generation_id']] = conts
         t_gen = time.time() - t0
         texts = [enc.decode(t) for t in conts]
-        memory = self.memories[s['memory']].describe(s['memory'].store) if s['method'] == 'memory' and \
-            s['retrieval'].layers else None
+        memory = self.memories[s['memory']].describe(s['memory'].store) if retrieval else None
         scores = score_rows(c['metric'], s['answers'], texts, conts, perplexities(model, ids, conts), s['copy_source'])
         answer = None
         if c['metric'] in ('recall', 'answer'):  # the answers' probability too: one teacher-forced pass, no sampling
             text = (s['context'] + start) if s['method'] == 'context' else start
             with torch.no_grad():
-                answer = answer_scores(model, enc, text, gen_ids, s['answers'], sampling.decoding,
-                                       self.retrieval_for(s) if s['method'] == 'memory' and s['retrieval'].layers
-                                       else None, self.steering_for(s) if s['method'] == 'actadd' else None,
+                answer = answer_scores(model, enc, text, gen_ids, s['answers'], sampling.decoding, retrieval, steering,
                                        s['readout'])
         return dict(format=SETTING_FORMAT, format_version=SETTING_FORMAT_VERSION, id=s['id'], index=s['index'],
                     method=s['method'], setting=s['setting'], label=s['label'], metric=c['metric'],

@@ -130,8 +130,8 @@ def check_bpe_json(path):
         if not all(t in vocab for t in pair) or ''.join(pair) not in vocab:
             raise bad(f"merge {n} ({' '.join(pair)[:40]!r}) joins tokens that are not all in the vocab")
     byte_level = 'ByteLevel' in json.dumps([data.get(k) for k in ('pre_tokenizer', 'decoder')])
-    if byte_level and not set(_byte_decoder()) <= set(vocab) and not model.get('byte_fallback'):
-        missing = len(set(_byte_decoder()) - set(vocab))
+    missing = len(set(_byte_decoder()) - set(vocab)) if byte_level and not model.get('byte_fallback') else 0
+    if missing:
         raise bad(f"the byte-level BPE vocab lacks {missing} of the 256 byte tokens")
 
 
