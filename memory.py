@@ -22,6 +22,7 @@ import hashlib
 import math
 import warnings
 from dataclasses import asdict, dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -125,17 +126,28 @@ class RetrievalSettings:
 @dataclass
 class Retrieval:
     """What one memory layer's latest call looked up: n selected token-heads (b, h, j), h a
-    query head, and for each the selecting attention weight, the stored rows found and their
-    squared L2 distances (-1 and NaN where none), the candidates' weights (the token's own
-    first unless resid_only) and the size of the value change |v' - v|."""
+    query head, and for each the selecting attention weight, the stored rows found (-1 where
+    none) and the candidates' weights (the token's own first unless resid_only). The squared L2
+    distances of the rows found (NaN where none) and the size of the value change |v' - v| are
+    worked out when first read: inspection reads them, decoding never does."""
     b: torch.Tensor             # (n,)
     h: torch.Tensor             # (n,)
     j: torch.Tensor             # (n,)
     attention: torch.Tensor     # (n,)
     neighbours: torch.Tensor    # (n, k)
-    distances: torch.Tensor     # (n, k)
     weights: torch.Tensor       # (n, k) with resid_only, else (n, k + 1)
-    value_change: torch.Tensor  # (n,)
+    inputs: tuple               # (the layer's stored keys, each token-head's key/value head, key, v', v)
+
+    @cached_property
+    def distances(self) -> torch.Tensor:  # (n, k)
+        stored_keys, kv_heads, key_j, _, _ = self.inputs
+        stored = stored_keys[kv_heads[:, None], self.neighbours.clamp(min=0)].float()
+        return (stored - key_j.float()[:, None]).pow(2).sum(-1).masked_fill(self.neighbours < 0, float('nan'))
+
+    @cached_property
+    def value_change(self) -> torch.Tensor:  # (n,)
+        _, _, _, new, old = self.inputs
+        return (new.float() - old.float()).norm(dim=-1)
 
 
 class LayerMemory:
@@ -160,17 +172,19 @@ class LayerMemory:
         self.group = 1  # query heads per key/value head, as the latest call saw them
 
     def select(self, att: torch.Tensor) -> torch.Tensor:
-        """Step 1: which tokens-heads (b, h, j) look up the memory, from the last query row."""
-        s = att[:, :, -1, :].clone()  # (B, H, T)
-        T = s.size(-1)
+        """Step 1: which tokens-heads (b, h, j) look up the memory, from the last query row s:
+        with MF, those with s >= 1/(MF*T); without, token 0 alone (if s_0 != 0); with BF,
+        token 0 only where s_0 > BF."""
+        s = att[:, :, -1, :]  # (B, H, T), read only
         BF, MF = self.settings.bookkeeping_frac, self.settings.mem_frac
-        if BF != 0:
-            s[:, :, 0] = s[:, :, 0].masked_fill(s[:, :, 0] <= BF, 0)
         if MF != 0:
-            s = s.masked_fill(s < 1 / (MF * T), 0)
+            selected = s >= 1 / (MF * s.size(-1))  # > 0, so s != 0
         else:
-            s[:, :, 1:] = 0
-        return s != 0
+            selected = torch.zeros_like(s, dtype=torch.bool)
+            selected[:, :, 0] = s[:, :, 0] != 0
+        if BF != 0:
+            selected[:, :, 0] &= s[:, :, 0] > BF
+        return selected
 
     def search(self, queries: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
         """Step 2: the k nearest stored keys (squared L2) of each query (n, d) in its head's
@@ -186,18 +200,23 @@ class LayerMemory:
         d = key_j.size(-1)
         # 2. neighbours of the token's own key
         found = self.search(key_j, heads)  # (n, k), -1: none
-        valid = found >= 0
-        nbr = found.clamp(min=0)
+        # exact search in a memory of at least k rows finds k for every query: nothing to mask
+        full = not self.index.approximate and self.index.n_entries >= self.k
+        nbr = found if full else found.clamp(min=0)
         cand_k = self.keys[heads[:, None], nbr].to(key_j.dtype)  # (n, k, d)
         cand_v = self.values[heads[:, None], nbr].to(value_j.dtype)
         # 3. unless resid_only, the token's own (key, value) is one more candidate
         if not self.settings.resid_only:
             cand_k = torch.cat((key_j[:, None], cand_k), dim=1)
             cand_v = torch.cat((value_j[:, None], cand_v), dim=1)
-            valid = torch.cat((torch.ones_like(valid[:, :1]), valid), dim=1)
         # 4. w = softmax(TS * (q_j . key) / sqrt(d)) over the candidates, with token j's own query
         scores = (cand_k @ query_j[:, :, None]).squeeze(-1) * (1.0 / math.sqrt(d))
-        scores = (scores * self.settings.knn_softmax_influence).masked_fill(~valid, float('-inf'))
+        scores = scores * self.settings.knn_softmax_influence
+        if not full:  # missing neighbours (-1) take no part
+            valid = found >= 0
+            if not self.settings.resid_only:
+                valid = torch.cat((torch.ones_like(valid[:, :1]), valid), dim=1)
+            scores = scores.masked_fill(~valid, float('-inf'))
         w = F.softmax(scores, dim=-1)
         # 5. memory vector
         m = (w[:, :, None] * cand_v).sum(dim=1)
@@ -218,9 +237,10 @@ class LayerMemory:
         if b.numel() == 0:
             return v
         v = v.clone()
-        g = h // group
-        new, found, w = self.memory_values(q[b, h, j], k[b, g, j], v[b, h, j], g)
-        self.record(b, h, j, att, k[b, g, j], g, found, w, new, v[b, h, j])
+        g = h // group if group > 1 else h
+        key_j, value_j = k[b, g, j], v[b, h, j]
+        new, found, w = self.memory_values(q[b, h, j], key_j, value_j, g)
+        self.record(b, h, j, att, key_j, g, found, w, new, value_j)
         v[b, h, j] = new
         return v  # 7. the caller finishes attention: y = att @ v'
 
@@ -238,18 +258,21 @@ class LayerMemory:
         self.last_selection, self.last_retrieval = selected, None
         b, h, j = (selected & ~done).nonzero(as_tuple=True)
         if b.numel():
-            g = h // group
-            v_mem[b, h, j], found, w = self.memory_values(q[b, h, j], k[b, g, j], v[b, g, j], g)
-            self.record(b, h, j, att, k[b, g, j], g, found, w, v_mem[b, h, j], v[b, g, j])
+            g = h // group if group > 1 else h
+            key_j, value_j = k[b, g, j], v[b, g, j]
+            new, found, w = self.memory_values(q[b, h, j], key_j, value_j, g)
+            v_mem[b, h, j] = new
+            self.record(b, h, j, att, key_j, g, found, w, new, value_j)
             done[b, h, j] = True
-        return torch.where(selected[..., None], v_mem, expand_kv(v, group))
+        out = expand_kv(v, group)
+        out = out.clone() if group == 1 else out  # expand_kv copies for group > 1
+        sb, sh, sj = selected.nonzero(as_tuple=True)  # few: a copy of those rows beats a full where
+        out[sb, sh, sj] = v_mem[sb, sh, sj]
+        return out
 
     def record(self, b, h, j, att, key_j, heads, found, w, new, old) -> None:
         """Keep what memory_values looked up for token-heads (b, h, j) as last_retrieval."""
-        stored = self.keys[heads[:, None], found.clamp(min=0)].float()
-        distances = (stored - key_j.float()[:, None]).pow(2).sum(-1).masked_fill(found < 0, float('nan'))
-        self.last_retrieval = Retrieval(b, h, j, att[b, h, -1, j], found, distances, w,
-                                        (new.float() - old.float()).norm(dim=-1))
+        self.last_retrieval = Retrieval(b, h, j, att[b, h, -1, j], found, w, (self.keys, heads, key_j, new, old))
 
 
 # -----------------------------------------------------------------------------

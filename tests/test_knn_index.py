@@ -46,6 +46,61 @@ def test_exact_indexes_agree(data):
     assert recall_at_k(flat, exact) == 1.0
 
 
+def per_head_search(keys, queries, heads, k):
+    """The search a layer's is checked against: one FAISS IndexFlatL2 per head, each query alone."""
+    import faiss
+    found = torch.full((queries.size(0), k), -1, dtype=torch.long)
+    for h in range(keys.size(0)):
+        index = faiss.IndexFlatL2(keys.size(2))
+        index.add(keys[h].numpy())
+        for i in (heads == h).nonzero(as_tuple=True)[0].tolist():
+            _, ids = index.search(queries[i:i + 1].numpy(), min(k, keys.size(1)))
+            found[i, :ids.shape[1]] = torch.from_numpy(ids[0])
+    return found
+
+
+@pytest.mark.parametrize('kind', ['faiss', 'torch'])
+@pytest.mark.parametrize('per_head', [[1, 0, 2, 1], [25, 3, 0, 40], [0, 0, 0, 0]])
+def test_a_layer_search_equals_one_exact_search_per_head(kind, per_head):
+    """KNNIndex.search sorts a layer's queries by head and searches each head's block at once (FAISS)
+    or every head in one padded batch (torch): the neighbours are those of a search per head and
+    query, in every order of heads, with heads that have no queries, counts on both sides of
+    FAISS's 20-query switch to BLAS, and k beyond the stored keys."""
+    gen = torch.Generator().manual_seed(sum(per_head))
+    keys = torch.randn(4, 300, 16, generator=gen)
+    heads = torch.cat([torch.full((c,), h) for h, c in enumerate(per_head)]).long()
+    heads = heads[torch.randperm(heads.numel(), generator=gen)]
+    queries = keys[heads, torch.randint(0, 300, heads.shape, generator=gen)] + 0.5 * torch.randn(heads.numel(), 16, generator=gen)
+    index = KNNIndex(keys, kind)
+    for k in (1, 7, 400):
+        found, expected = index.search(queries, heads, k), per_head_search(keys, queries, heads, k)
+        assert found.shape == (heads.numel(), k)
+        if kind == 'faiss':
+            assert torch.equal(found, expected)
+        else:  # the same rows; torch's distances round differently, so the order of near ties may differ
+            assert [sorted(r) for r in found.tolist()] == [sorted(r) for r in expected.tolist()]
+
+
+def test_grouped_query_heads_search_their_key_value_heads_memory():
+    """A GQA layer memory (4 query heads, 2 key/value heads): each selected token-head's neighbours
+    are the exact neighbours of its own key in its key/value head's stored keys."""
+    from memory import LayerMemory
+    gen = torch.Generator().manual_seed(3)
+    mem_k, mem_v = torch.randn(2, 50, 8, generator=gen), torch.randn(2, 50, 8, generator=gen)
+    q, k, v = torch.randn(1, 4, 6, 8, generator=gen), torch.randn(1, 2, 6, 8, generator=gen), torch.randn(1, 2, 6, 8, generator=gen)
+    att = torch.softmax(torch.randn(1, 4, 6, 6, generator=gen), -1)
+    settings = RetrievalSettings([3], mem_frac=3.0)
+    for kind in ('faiss', 'torch'):
+        lm = LayerMemory(mem_k, mem_v, KNNIndex(mem_k, kind), 3, settings)
+        lm.update_values(q, k, v, att)
+        r = lm.last_retrieval
+        assert r.h.unique().numel() == 4  # every query head looked something up
+        g = r.h // 2
+        expected = per_head_search(mem_k, k[r.b, g, r.j], g, 3)
+        assert [sorted(x) for x in r.neighbours.tolist()] == [sorted(x) for x in expected.tolist()]
+        torch.testing.assert_close(r.distances, (mem_k[g[:, None], r.neighbours] - k[r.b, g, r.j][:, None]).pow(2).sum(-1))
+
+
 @pytest.mark.parametrize('knn_index,params,at_least', [('hnsw', dict(efSearch=64), 0.95), ('ivf', dict(nprobe=8), 0.95),
                                                        ('ivf', dict(nprobe=1000), 1.0), ('IVF16,Flat', {}, 0.98),
                                                        pytest.param('ivfpq', dict(nprobe=8), 0.3, marks=pytest.mark.slow), ('hnsw', {}, 0.95),
