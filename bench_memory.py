@@ -20,9 +20,11 @@ index type (heads are independent, one index each). For each it prints:
   the smallest nprobe or efSearch reaching recall@10 0.98 on stored keys) and rows/s, the
   parameter it searches with ('searched'), and the time to make it again from its saved
   bytes (a memory directory saves an approximate index beside the keys, so it is trained
-  once). The model pass that makes the rows is measured once, first: build.window_rows, as
-  build_documents runs it, over block_size windows of random tokens through a GPT-2-small-
-  shaped random model, rows spooled to disk, in tokens/s;
+  once). The model pass that makes the rows is measured first: build.window_rows, as
+  build_documents runs it, through a GPT-2-small-shaped random model, rows spooled to disk,
+  in tokens/s, over block_size windows of random tokens in batches (a long text) and over
+  build_docs documents of build_doc_tokens tokens each on its own (a folder of small files),
+  each with torch's default threads and with one;
 - search alone: recall@k of the index against exact search, time per query (a batch of
   queries), and the search time per generated token for 12 heads x 3 memory layers (Table
   1) with 2 (cached decoding) or 30 (exact decoding, which repeats every lookup each token)
@@ -46,9 +48,9 @@ index type (heads are independent, one index each). For each it prints:
   (value mixing in cached and exact decoding; retrieval attention keeps an exact KV cache, and
   searches every head's newest query in every memory layer).
 
-The target: an approximate index at 10^6 adds at most 2x the per-token time that exact
-search adds at 10^3, at recall@k >= 0.95 (judged on the decoding measurements; the search-
-alone ratios are printed beside them).
+The target: an approximate index at 10^6 adds at most 1.5x (cached decoding) and 1.2x (exact
+decoding) the per-token time that exact search adds at 10^3, at recall@k >= 0.95 (judged on
+the decoding measurements; the search-alone ratios are printed beside them).
 """
 
 import resource
@@ -76,6 +78,8 @@ DEFAULTS = dict(
     repeat=5,              # decoding: pairs of runs without and with the memory; the median difference counts
     flat_decode_max=100_000,  # decoding with exact (flat) search only up to this size (10^6 takes ~30 s a token)
     build_tokens=16_384,   # tokens through the model to measure the build's model pass; 0 = skip
+    build_docs=1000,       # ... and this many small documents, each on its own (a folder of small files); 0 = skip
+    build_doc_tokens=40,   # ... of this many tokens each
     sharpen=20.0,          # the random model's query weight scale (peaked attention, as bench.py)
     threads=0,             # torch/FAISS threads; 0 = the default
     seed=0,                # random keys
@@ -99,6 +103,9 @@ from run import settings_of
 from store import load_memory
 from transformer import PLAIN
 
+# an approximate index at the largest size adds at most this many times the per-token time of exact
+# search at the smallest (issue 25's goal; it was 2x in both modes before)
+TARGET, TARGET_RECALL = dict(cached=1.5, exact=1.2), 0.95
 TABLE1 = settings_of('config/type_3.py', 12)  # the write-up's Table 1 settings, on GPT-2 small's 12 layers
 MEMORY_LAYERS = TABLE1.layers
 
@@ -149,19 +156,41 @@ def peak_rss_gb():
 
 
 @torch.no_grad()
-def model_pass_rate(model, n_tokens, gen, batch_size=8):
-    """Tokens/s of a memory build's model pass: build.window_rows over block_size windows of
-    random token ids, the rows of the memory layers written to a scratch file as
-    build_documents spools them."""
-    T = model.config.block_size
-    windows = torch.randint(0, model.config.vocab_size, (max(1, n_tokens // T), T), generator=gen).tolist()
+def model_pass_rate(model, windows, per_document=False, batch_size=8):
+    """Tokens/s of a memory build's model pass: build.window_rows over `windows` (lists of token
+    ids), the rows of the memory layers written to a scratch file as build_documents spools them
+    (per key/value head). per_document: each window on its own, as build_documents runs a folder
+    of documents shorter than a window (one call per document); else in batches."""
     t0 = time.perf_counter()
     with tempfile.TemporaryFile() as f:
-        for _, rows in window_rows(model, windows, MEMORY_LAYERS, 0, 'unrotated', batch_size):
-            for k, v in rows.values():
-                f.write(k.numpy().tobytes())
-                f.write(v.numpy().tobytes())
-    return len(windows) * T / (time.perf_counter() - t0)
+        for group in ([[w] for w in windows] if per_document else [windows]):
+            for _, rows in window_rows(model, group, MEMORY_LAYERS, 0, 'unrotated', batch_size):
+                for k, v in rows.values():
+                    for h in range(k.size(0)):
+                        f.write(k[h].numpy().tobytes())
+                        f.write(v[h].numpy().tobytes())
+    return sum(map(len, windows)) / (time.perf_counter() - t0)
+
+
+def build_rates(model, cfg, gen):
+    """The build's model pass in tokens/s: block_size windows in batches of 8 (one long text),
+    and build_docs documents of build_doc_tokens tokens each on its own (a folder of small
+    files), each with torch's default threads and with one thread, measured in turns."""
+    T, V = model.config.block_size, model.config.vocab_size
+    cases = {}
+    if cfg['build_tokens']:
+        cases['long text'] = (torch.randint(0, V, (max(1, cfg['build_tokens'] // T), T), generator=gen).tolist(), False)
+    if cfg['build_docs']:
+        cases[f"{cfg['build_docs']} small documents"] = (
+            torch.randint(0, V, (cfg['build_docs'], cfg['build_doc_tokens']), generator=gen).tolist(), True)
+    default = torch.get_num_threads()
+    rates = {}
+    for name, (windows, per_document) in cases.items():
+        for threads in dict.fromkeys((default, 1)):
+            torch.set_num_threads(threads)
+            rates[name, threads] = model_pass_rate(model, windows, per_document)
+    torch.set_num_threads(default)
+    return rates
 
 
 @torch.no_grad()
@@ -276,7 +305,7 @@ def main(argv):
           f"IVF nprobe {cfg['nprobe'] or 'calibrated'}, HNSW efSearch {cfg['ef_search'] or 'calibrated'} (the "
           f"smallest reaching recall@10 {SEARCH_RECALL} on stored keys, chosen when the index is built)")
     model = prompt = None
-    if cfg['decode'] or cfg['build_tokens']:
+    if cfg['decode'] or cfg['build_tokens'] or cfg['build_docs']:
         model = random_gpt2(sharpen=cfg['sharpen'])
         if model.config.head_dim != d:
             raise UserError(f"keys of size {d}: the decoding measurements use GPT-2 small's heads of "
@@ -284,11 +313,16 @@ def main(argv):
                             f"with heads of that size) or decode=False")
         prompt, tokens = torch.randint(0, model.config.vocab_size, (1, cfg['prompt_len'] + cfg['new_tokens']),
                                        generator=gen).split([cfg['prompt_len'], cfg['new_tokens']], dim=1)
-    if cfg['build_tokens']:
-        rate = model_pass_rate(model, cfg['build_tokens'], gen)
-        print(f"building: the model pass (GPT-2 small shape, layers {MEMORY_LAYERS} stored, windows of "
-              f"{model.config.block_size}, batch 8, rows spooled to disk) runs at {rate:,.0f} tokens/s; "
-              f"10^6 tokens take {1e6 / rate / 60:.1f} min before indexing")
+    if cfg['build_tokens'] or cfg['build_docs']:
+        print(f"building: the model pass (GPT-2 small shape, layers {MEMORY_LAYERS} stored, rows spooled to disk "
+              f"per head), tokens/s with torch's {torch.get_num_threads()} threads and with 1:")
+        rates = build_rates(model, cfg, gen)
+        for name in dict.fromkeys(name for name, _ in rates):
+            by = {t: r for (n, t), r in rates.items() if n == name}
+            best = max(by.values())
+            print(f"  {name}: " + ', '.join(f"{r:,.0f} ({t} thread{'s' * (t > 1)}, {best / r:.2f}x the best's time)"
+                                            for t, r in by.items())
+                  + (f"; 10^6 tokens take {1e6 / best / 60:.1f} min before indexing" if name == 'long text' else ''))
     if cfg['decode']:
         mean, std = key_scale(model, prompt)
         print(f"decoding: {cfg['prompt_len']}-token prompt, {cfg['new_tokens']} new tokens, memory in layers "
@@ -362,8 +396,8 @@ def main(argv):
             results.append((n, name, recall, search, ratio, own_ratio))
     if baseline:
         print(f"against exact (flat) search at {cfg['sizes'][0]} tokens: the largest size's ratios of the time added "
-              f"per token, median over rounds that decode with both memories (target: <= 2x at recall@{k} >= 0.95, "
-              f"approximate index)")
+              f"per token, median over rounds that decode with both memories (target, approximate index: <= "
+              f"{TARGET['cached']}x cached and <= {TARGET['exact']}x exact at recall@{k} >= {TARGET_RECALL})")
         for n, name, recall, search, ratio, own_ratio in results:
             if n != cfg['sizes'][-1] or name == 'flat':
                 continue
@@ -371,7 +405,7 @@ def main(argv):
             # judged on decoding, as measured beside the baseline; on the search alone when
             # decoding was not measured
             ratio = ratio if cfg['decode'] else alone
-            verdict = {m: 'met' if ratio[m] <= 2 and recall >= 0.95 else 'NOT met' for m in ratio}
+            verdict = {m: 'met' if ratio[m] <= TARGET[m] and recall >= TARGET_RECALL else 'NOT met' for m in ratio}
             print(f"  {name} at {n}: {'decoding' if cfg['decode'] else 'search alone'} {ratio['cached']:.2f}x "
                   f"cached ({verdict['cached']}), {ratio['exact']:.2f}x exact ({verdict['exact']}); "
                   f"recall@{k} {recall:.3f}" + (f"; the memory's own time {own_ratio['cached']:.2f}x cached, "

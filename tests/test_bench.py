@@ -12,13 +12,18 @@ def test_bench_memory_runs_and_judges_its_target():
     # the benchmark's every part on small sizes: the model pass, the search-alone figures, the
     # decoding measurements and the verdict line (its timings are not asserted: noisy)
     r = run_script('bench_memory.py', '--sizes=[400,800]', "--indexes=['flat','ivf']", '--queries=64',
-                   '--prompt_len=8', '--new_tokens=2', '--repeat=1', '--build_tokens=1024', '--attention_sizes=[400]')
+                   '--prompt_len=8', '--new_tokens=2', '--repeat=1', '--build_tokens=1024', '--build_docs=20', '--build_doc_tokens=16',
+                   '--attention_sizes=[400]')
     assert r.returncode == 0, r.stderr
     lines, attention = r.stdout.split('\nretrieval attention')[0].splitlines(), r.stdout.split('\nretrieval attention')[1]
     # retrieval attention beside value mixing: a row of three added times for the size asked for
     row = next(l.split() for l in attention.splitlines() if l.split() and l.split()[0] == '400')
     assert len(row) == 4 and all(v != 'nan' for v in row[1:])
     assert any(l.startswith('building: the model pass') and 'tokens/s' in l for l in lines)
+    # the build's model pass over a long text and over small documents, each with default threads and one
+    for case in ('long text: ', '20 small documents: '):
+        line = next(l for l in lines if l.strip().startswith(case))
+        assert '(1 thread,' in line and "x the best's time)" in line
     rows = {(int(l.split()[0]), l.split()[1]): l.split() for l in lines if l.split() and l.split()[0].isdigit()}
     assert set(rows) == {(400, 'flat'), (400, 'ivf'), (800, 'flat'), (800, 'ivf')}
     # a row: tokens, index, build s, rows/s, load s, searched with, recall@k, us/query, search ms/tok
@@ -42,7 +47,7 @@ def test_bench_memory_on_a_built_memorys_keys(tmp_path, tiny):
     rows, head_size = load_memory(path).num_entries(), model.config.head_dim
     r = run_script('bench_memory.py', f'--keys_from={path}', '--keys_head=1', '--sizes=[300,5000]',
                    "--indexes=['flat','hnsw']", '--queries=32', '--decode=False', '--build_tokens=0',
-                   f'--head_size={head_size + 1}')  # the keys' size wins over head_size
+                   '--build_docs=0', f'--head_size={head_size + 1}')  # the keys' size wins over head_size
     assert r.returncode == 0, r.stderr
     assert f"keys: {rows} stored keys of {path}, layer 2, head 1; queries: 32" in r.stdout
     measured = [l.split() for l in r.stdout.splitlines() if l.split() and l.split()[0].isdigit()]
