@@ -43,6 +43,9 @@ index type (heads are independent, one index each). For each it prints:
 - RAM and disk: the index's size (FAISS's serialized size), the keys and values on disk for
   all heads and layers (float32; half in float16), and the process's peak RSS so far.
 
+- one search call per layer (layer_call_sizes): a layer's exact search as decoding makes it
+  (one FAISS call per head that has queries) against one FAISS call for all heads (an index
+  with one inverted list per head, searched with each query's list given), the same rows;
 - retrieval attention (docs/method.md section 10) beside the write-up's value mixing, at
   attention_sizes, exact search: the time each adds per generated token in the same rounds
   (value mixing in cached and exact decoding; retrieval attention keeps an exact KV cache, and
@@ -86,16 +89,19 @@ DEFAULTS = dict(
     keys_from='',          # a memory directory whose keys to use instead of random ones ('' = random)
     keys_head=0,           # ... the head of its first stored layer whose keys are used
     attention_sizes=[1000, 100_000],  # retrieval attention (memory_mode='attention') against value mixing, exact search; [] = skip
+    layer_call_sizes=[1000, 100_000],  # exact search of a layer's heads one call per head against one call for all; [] = skip
 )
 if __name__ == '__main__':  # --help answers here, before torch and FAISS are imported (seconds)
     answer_help(DEFAULTS, __doc__, [__file__])
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from build import window_rows
 from decoding import Decoder
-from knn_index import SEARCH_RECALL, KNNIndex, index_factory
+from index_choice import SEARCH_RECALL, index_factory
+from knn_index import KNNIndex
 from memory import LayerMemory
 from model import random_gpt2
 from retrieval_attention import AttentionMemory
@@ -412,8 +418,58 @@ def main(argv):
                                                 f"{own_ratio['exact']:.2f}x exact; search alone {alone['cached']:.2f}x "
                                                 f"cached, {alone['exact']:.2f}x exact" if cfg['decode'] else ''))
     print("disk MB: keys and values, float32, for all heads and layers (x 0.5 in float16)")
+    if cfg['layer_call_sizes']:
+        layer_call_rows(cfg, centres, gen)
     if cfg['decode'] and cfg['attention_sizes']:
         attention_rows(model, prompt, tokens, cfg, centres, gen, mean, std)
+
+
+def one_call_index(keys):
+    """One FAISS index for every head of a layer (H, N, d), exact: an IVF index with one list per
+    head, searched with the lists given (search_preassigned), so one call searches each query in
+    its own head's keys alone. Its neighbours are those of one IndexFlatL2 per head."""
+    import faiss
+    H, N, d = keys.shape
+    quantizer = faiss.IndexFlatL2(d)
+    quantizer.add(np.zeros((H, d), dtype=np.float32))  # never searched: the lists are given
+    index = faiss.IndexIVFFlat(quantizer, d, H)
+    index.is_trained = True
+    ids = np.arange(N, dtype=np.int64)
+    for h in range(H):
+        x, lists = np.ascontiguousarray(keys[h].numpy()), np.full(N, h, dtype=np.int64)
+        index.add_core(N, faiss.swig_ptr(x), faiss.swig_ptr(ids), faiss.swig_ptr(lists))
+    return index, quantizer
+
+
+def layer_call_rows(cfg, centres, gen):
+    """A layer's exact search with one FAISS call per head (KNNIndex, what decoding does) against
+    one call for all heads (one_call_index), same queries: median ms per layer search over
+    batches of distinct queries, for the queries per head of cached and exact decoding."""
+    H, d, k = cfg['heads'], cfg['head_size'], cfg['k']
+    print(f"\none search call per layer: exact search of {H} heads (each its own keys), ms per layer search, median "
+          f"over batches; per head = KNNIndex (one FAISS call per head), one call = an IVF index with one list per "
+          f"head searched with the lists given:")
+    print(f"{'tokens':>9} {'queries/head':>12} {'per head':>9} {'one call':>9} {'same rows':>9}")
+    for n in cfg['layer_call_sizes']:
+        keys = torch.stack([clustered(n, d, centres, gen) for _ in range(H)])
+        per_head = KNNIndex(keys, 'faiss', 'flat')
+        one, _quantizer = one_call_index(keys)
+        for m in (cfg['cached_queries'], cfg['exact_queries']):
+            heads = torch.arange(H).repeat_interleave(m)
+            times, same = {'per head': [], 'one call': []}, True
+            for _ in range(max(3, cfg['queries'] // (H * m))):
+                queries = keys[heads, torch.randint(0, n, (H * m,), generator=gen)] + 0.5 * torch.randn(H * m, d, generator=gen)
+                x = np.ascontiguousarray(queries.numpy())
+                t0 = time.perf_counter()
+                found = per_head.search(queries, heads, k)
+                t1 = time.perf_counter()
+                _, I = one.search_preassigned(x, k, heads.numpy()[:, None], np.zeros((H * m, 1), dtype=np.float32))
+                t2 = time.perf_counter()
+                times['per head'].append(t1 - t0)
+                times['one call'].append(t2 - t1)
+                same &= bool(np.array_equal(found.numpy(), I))
+            med = {name: sorted(t)[len(t) // 2] * 1e3 for name, t in times.items()}
+            print(f"{n:>9} {m:>12} {med['per head']:>9.3f} {med['one call']:>9.3f} {str(same):>9}", flush=True)
 
 
 def attention_rows(model, prompt, tokens, cfg, centres, gen, mean, std):

@@ -57,7 +57,7 @@ if __name__ == '__main__':  # --help answers here, before torch and FAISS are im
     answer_help(DEFAULTS, __doc__, [__file__, os.path.join(REPOSITORY, 'launch.py')])
 
 from build import build_documents, merge_parts, read_documents, shard_of
-from knn_index import check_knn_index, index_factory
+from index_choice import check_knn_index, index_factory
 from launch import check_launch, launch_shards, shard_argv
 from run import load_model
 from store import check_outside_memories, load_memory, memory_lock, record_knn_index, save_indexes

@@ -8,7 +8,9 @@ becomes a one-line UserError naming the path.
 """
 
 import hashlib
+import hmac
 import os
+import secrets
 import tempfile
 
 from configurator import UserError
@@ -94,6 +96,42 @@ def sha256_file(path):
         for chunk in iter(lambda: f.read(1 << 20), b''):
             h.update(chunk)
     return h.hexdigest()
+
+
+def seal_key_file() -> str:
+    """This machine's key for seal(): $MEMORY_SEAL_KEY, else under the user's cache folder."""
+    cache = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+    return os.environ.get('MEMORY_SEAL_KEY') or os.path.join(cache, 'persistent-memory', 'seal.key')
+
+
+def seal(digest: str) -> str | None:
+    """An HMAC of a file's digest under this machine's key (32 random bytes made on first use,
+    readable by this user only): what this code wrote here can be told from a file that came
+    from elsewhere with its digest written beside it. None where no key can be kept."""
+    path = seal_key_file()
+    try:
+        try:
+            with open(path, 'rb') as f:
+                key = f.read()
+        except FileNotFoundError:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, 'wb') as f:
+                    f.write(secrets.token_bytes(32))
+            except FileExistsError:  # made meanwhile by another process
+                pass
+            with open(path, 'rb') as f:
+                key = f.read()
+    except OSError:
+        return None
+    return hmac.new(key, digest.encode(), 'sha256').hexdigest() if len(key) == 32 else None
+
+
+def sealed(digest: str, claimed) -> bool:
+    """True when `claimed` is seal(digest) made on this machine."""
+    mine = seal(digest)
+    return mine is not None and isinstance(claimed, str) and hmac.compare_digest(mine, claimed)
 
 
 def read_text_file(path: str, what: str) -> str:

@@ -29,7 +29,8 @@ import torch
 from torch.nn import functional as F
 
 from configurator import UserError
-from knn_index import KNNIndex, SearchSettings, index_factory
+from index_choice import index_factory
+from knn_index import KNNIndex, SearchSettings
 from retrieval_attention import AttentionMemory
 from transformer import FINGERPRINT_SCHEME, expand_kv
 
@@ -432,3 +433,13 @@ def model_identity(model) -> dict:
     return dict(name=model.name, arch=cfg.arch, fingerprint=model.fingerprint(), fingerprint_scheme=FINGERPRINT_SCHEME,
                 n_layer=cfg.n_layer, n_head=cfg.n_head, n_kv_head=cfg.n_kv_head, n_embd=cfg.n_embd,
                 head_size=cfg.head_dim, vocab_size=cfg.vocab_size, block_size=cfg.block_size)
+
+
+def check_stored(keys, values, where, fix):
+    """Stored keys and values must be (H, N, d) alike and finite (checked head by head, so a
+    memory-mapped store is read once, not held)."""
+    if keys.dim() != 3 or keys.shape != values.shape:
+        raise UserError(f"{where} holds keys {tuple(keys.shape)} and values {tuple(values.shape)}; "
+                        f"they must be (heads, N, head_size) alike; {fix}")
+    if not all(torch.isfinite(k).all() and torch.isfinite(v).all() for k, v in zip(keys, values)):
+        raise UserError(f"{where} holds NaN or infinite values; {fix}")

@@ -189,11 +189,12 @@ class MemorySource:
         return cls(text, None, config['bookkeeping_token'], config['remove_bookkeeping_token_mem_size'],
                    config['memory_keys'])
 
-    def load(self, model: Transformer, enc, layers: list[int], progress: bool = False, mmap: bool = False) -> Memory:
+    def load(self, model: Transformer, enc, layers: list[int], progress: bool = False, mmap: bool = False,
+             trust_saved_index: bool = False) -> Memory:
         """The memory: loaded from `store` (refused if its keys are not in the memory_keys form
         asked for), or built from `text` for `layers`."""
         if self.store is not None:
-            memory = load_memory(self.store, model, enc, mmap=mmap)
+            memory = load_memory(self.store, model, enc, mmap=mmap, trust_saved_index=trust_saved_index)
             if model.rope is not None and memory.memory_keys != self.memory_keys:
                 raise UserError(f"{self.store} stores {memory.memory_keys} keys, the run asks for "
                                 f"memory_keys={self.memory_keys!r}; set memory_keys={memory.memory_keys!r} or rebuild it")
@@ -215,7 +216,8 @@ def prepare_memory(config: dict, model: Transformer, enc, settings: RetrievalSet
         return None
     if config['store_mem'] and not config['mem_store']:
         raise UserError("store_mem=True needs mem_store=DIR to save the memory to")
-    memory = MemorySource.from_config(config).load(model, enc, settings.layers, progress=progress, mmap=config['mmap'])
+    memory = MemorySource.from_config(config).load(model, enc, settings.layers, progress=progress, mmap=config['mmap'],
+                                                   trust_saved_index=config['trust_saved_index'])
     if config['store_mem'] and not config['load_mem_store']:
         save_memory(memory, config['mem_store'])
     return memory

@@ -30,6 +30,7 @@ RUN_DEFAULTS = dict(
     load_mem_store=False,  # load the memory from mem_store instead of building it from `memory`
     store_mem=False,       # save the memory built from `memory` to mem_store
     mmap=False,            # a loaded memory's values stay on disk, memory-mapped: only retrieved rows are read
+    trust_saved_index=False,  # read a loaded memory's saved FAISS index files though this machine did not write them
     mem_frac=0.0,          # MF: tokens whose last-row attention is >= 1/(MF*T) look up the memory; 0 = token 0 only
     bookkeeping_frac=0.0,  # BF: token 0 looks up the memory only if its attention is > BF
     knn_softmax_influence=1.0,  # TS: scales q.key before the softmax over candidates

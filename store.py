@@ -8,12 +8,12 @@ A memory's directory: the format it is saved in and everything that reads or wri
   memory.lock        serialises writers
 
 commit() makes every write whole (the old memory or the new one, never half of one); load_memory()
-checks the manifest, checksum and shapes, memory-maps values on request, imports the reference's layout.
+checks the manifest, checksum and shapes, memory-maps values on request, imports the reference's
+layout (reference_layout.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -24,10 +24,11 @@ import numpy as np
 import torch
 
 from configurator import UserError
-from files import cannot_write, make_dirs, sha256_file, umask_mode, write_whole
-from knn_index import SearchSettings, faiss_message, index_factory
-from memory import Memory, model_identity
-from tokenizer import encode
+from files import cannot_write, make_dirs, seal, sealed, sha256_file, umask_mode, write_whole
+from index_choice import faiss_message, index_factory
+from knn_index import SearchSettings
+from memory import Memory, check_stored
+from reference_layout import import_reference
 
 FORMAT = 'gpt2-persistent-memory'
 FORMAT_VERSION = 2        # 2: tensors in memory-<checksum>.safetensors, fingerprints of every weight
@@ -79,15 +80,16 @@ def save_memory(memory: Memory, path: str, dtype: str | None = None) -> str:
     return commit(path, write, manifest(memory.meta, memory.stored_layers, dtype, memory.num_entries()))
 
 
-def load_memory(path: str, model=None, enc=None, mmap: bool = False) -> Memory:
+def load_memory(path: str, model=None, enc=None, mmap: bool = False, trust_saved_index: bool = False) -> Memory:
     """Load a memory directory: ours (memory.json) or the reference code's layout.
     With a model, refuse a memory that model did not make. mmap: the values stay on disk,
     memory-mapped, and only the rows retrieved are read (the keys are loaded: the search
-    index holds them anyway)."""
+    index holds them anyway). trust_saved_index: read saved FAISS index files this machine did
+    not write (SavedIndexes)."""
     if not os.path.isdir(path):
         raise UserError(f"memory directory {path} does not exist; build one with build_memory.py")
     if os.path.isfile(os.path.join(path, MANIFEST)):
-        memory = _load_ours(path, mmap=mmap)
+        memory = _load_ours(path, mmap=mmap, trust=trust_saved_index)
     elif os.path.isdir(os.path.join(path, 'keyStore')):
         if model is None or enc is None:
             raise UserError("importing a reference-layout memory needs the model and tokenizer")
@@ -99,7 +101,7 @@ def load_memory(path: str, model=None, enc=None, mmap: bool = False) -> Memory:
         memory.check_model(model)
     return memory
 
-def _load_ours(path, tries=3, mmap=False):
+def _load_ours(path, tries=3, mmap=False, trust=False):
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     rebuild = "rebuild the memory with build_memory.py"
@@ -108,7 +110,7 @@ def _load_ours(path, tries=3, mmap=False):
     tensor_path = os.path.join(path, tensor_file)
     if not os.path.isfile(tensor_path):
         if tries > 1 and read_manifest(path) != found:  # a save replaced the memory meanwhile
-            return _load_ours(path, tries - 1, mmap)
+            return _load_ours(path, tries - 1, mmap, trust)
         raise UserError(f"{path} lacks {tensor_file}; the memory is incomplete, {rebuild}")
     if sha256_file(tensor_path) != expected:
         raise UserError(f"{tensor_path} does not match the checksum in {MANIFEST} (truncated or altered); {rebuild}")
@@ -127,10 +129,9 @@ def _load_ours(path, tries=3, mmap=False):
     for l in keys:
         check_stored(keys[l], values[l], f"{tensor_path} layer {l}", rebuild)
     meta = {k: found[k] for k in META_FIELDS if k in found}
-    recorded = found.get('indexes')
-    recorded = {k: v for k, v in recorded.items() if isinstance(k, str) and isinstance(v, str)} \
-        if isinstance(recorded, dict) else {}
-    return Memory(keys, values, meta, saved_index=SavedIndexes(os.path.abspath(path), expected, recorded))
+    recorded, seals = ({k: v for k, v in found[f].items() if isinstance(k, str) and isinstance(v, str)}
+                       if isinstance(found.get(f), dict) else {} for f in ('indexes', 'index_seals'))
+    return Memory(keys, values, meta, saved_index=SavedIndexes(os.path.abspath(path), expected, recorded, seals, trust))
 
 
 def read_manifest(path: str) -> dict:
@@ -214,10 +215,10 @@ def commit(path: str, write_tensors, fields: dict) -> str:
                 old = read_manifest(path) if os.path.isfile(os.path.join(path, MANIFEST)) else {}
             except UserError:
                 old = {}
-            kept = {k: v for k, v in (old.get('indexes') or {}).items() if isinstance(k, str)
-                    and k.startswith(f"{INDEX_PREFIX}{checksum[:16]}-") and os.path.isfile(os.path.join(path, k))}
-            write_whole(os.path.join(path, MANIFEST), json.dumps(dict(fields, tensors={name: checksum}, **(
-                dict(indexes=kept) if kept else {})), indent=1, ensure_ascii=False))
+            kept = {f: {k: v for k, v in (old.get(f) if isinstance(old.get(f), dict) else {}).items() if isinstance(k, str) and k.startswith(
+                f"{INDEX_PREFIX}{checksum[:16]}-") and os.path.isfile(os.path.join(path, k))} for f in ('indexes', 'index_seals')}
+            write_whole(os.path.join(path, MANIFEST), json.dumps(dict(fields, tensors={name: checksum}, **{
+                f: v for f, v in kept.items() if v}), indent=1, ensure_ascii=False))
             for f in os.listdir(path):  # the tensors of the memory this one replaced, and their indexes
                 if (is_tensor_file(f) and f != name) or (is_index_file(f) and
                                                          not f.startswith(f"{INDEX_PREFIX}{checksum[:16]}-")):
@@ -225,16 +226,6 @@ def commit(path: str, write_tensors, fields: dict) -> str:
     except OSError as e:
         raise cannot_write(path, e) from None
     return path
-
-
-def check_stored(keys, values, where, fix):
-    """Stored keys and values must be (H, N, d) alike and finite (checked head by head, so a
-    memory-mapped store is read once, not held)."""
-    if keys.dim() != 3 or keys.shape != values.shape:
-        raise UserError(f"{where} holds keys {tuple(keys.shape)} and values {tuple(values.shape)}; "
-                        f"they must be (heads, N, head_size) alike; {fix}")
-    if not all(torch.isfinite(k).all() and torch.isfinite(v).all() for k, v in zip(keys, values)):
-        raise UserError(f"{where} holds NaN or infinite values; {fix}")
 
 
 def mapped_tensor(path, name):
@@ -290,12 +281,16 @@ def is_own_file(name):
 class SavedIndexes:
     """Memory.saved_index of a memory loaded from `directory` with tensor checksum `checksum`:
     (layer, factory) -> ((heads' bytes, metadata) or None, the file's path). Only reads. A file
-    is used only if the manifest records its SHA-256 (save_indexes), it still has it, and its
-    metadata names these tensors, layer and factory; else a warning, and the index is built
-    again (FAISS never reads unrecorded bytes). KNNIndex then checks it finds the keys."""
+    is used only if the manifest records its SHA-256 (save_indexes), it still has it, the
+    manifest's seal of it was made on this machine (files.seal; or trust: any recorded file),
+    and its metadata names these tensors, layer and factory; else a warning, and the index is
+    built again: FAISS never reads bytes from elsewhere, whose sizes deep inside (lists, graph)
+    it would trust. KNNIndex then checks the header, and that the index finds the keys."""
 
-    def __init__(self, directory: str, checksum: str, recorded: dict | None = None):
+    def __init__(self, directory: str, checksum: str, recorded: dict | None = None, seals: dict | None = None,
+                 trust: bool = False):
         self.directory, self.checksum, self.recorded = directory, checksum, dict(recorded or {})
+        self.seals, self.trust = dict(seals or {}), trust
 
     def file(self, layer: int, factory: str) -> str:
         return os.path.join(self.directory, index_file_name(self.checksum, layer, factory))
@@ -308,6 +303,11 @@ class SavedIndexes:
         why = None if name in self.recorded else f"{MANIFEST} does not record it"
         if why is None and sha256_file(file) != self.recorded[name]:
             why = f"it does not match the checksum {MANIFEST} records (altered or replaced)"
+        if why is None and not self.trust and not sealed(self.recorded[name], self.seals.get(name)):
+            warnings.warn(f"{file} was not saved on this machine, and FAISS reads no index files from elsewhere; "
+                          f"building the index again (build_memory.py --reindex={self.directory} saves it here; "
+                          f"trust_saved_index=True reads it)", stacklevel=3)
+            return None, file
         if why:
             warnings.warn(f"{file} is not the index saved for these keys ({why}); building the index again "
                           f"(build_memory.py --reindex={self.directory} --knn_index=... saves it)", stacklevel=3)
@@ -348,6 +348,7 @@ def save_indexes(memory: Memory) -> int:
         file = saved.file(layer, index.factory)
         write_whole(file, data)
         written[os.path.basename(file)] = hashlib.sha256(data).hexdigest()
+    seals = {name: seal(digest) for name, digest in written.items()}
     if written:
         try:
             with memory_lock(saved.directory):
@@ -355,13 +356,15 @@ def save_indexes(memory: Memory) -> int:
                 if next(iter(found['tensors'].values())) != saved.checksum:
                     raise UserError(f"{saved.directory} holds another version of the memory now; load it again "
                                     f"and save its indexes then")
-                kept = {k: v for k, v in (found.get('indexes') or {}).items()
-                        if os.path.isfile(os.path.join(saved.directory, k))}
-                found['indexes'] = dict(kept, **written)
+                for field, new in (('indexes', written), ('index_seals', seals)):
+                    old = found.get(field) if isinstance(found.get(field), dict) else {}
+                    kept = {k: v for k, v in old.items() if isinstance(k, str) and os.path.isfile(os.path.join(saved.directory, k))}
+                    found[field] = {k: v for k, v in dict(kept, **new).items() if v is not None}
                 write_whole(os.path.join(saved.directory, MANIFEST), json.dumps(found, indent=1, ensure_ascii=False))
         except OSError as e:
             raise cannot_write(saved.directory, e) from None
         saved.recorded.update(written)
+        saved.seals.update({k: v for k, v in seals.items() if v is not None})
     return len(memory.stored_layers)
 
 
@@ -376,75 +379,3 @@ def record_knn_index(path: str, knn_index: str, n: int, d: int) -> None:
             write_whole(os.path.join(path, MANIFEST), json.dumps(found, indent=1, ensure_ascii=False))
     except OSError as e:
         raise cannot_write(path, e) from None
-
-
-# -----------------------------------------------------------------------------
-# the reference code's layout
-
-def import_reference(path: str, model, enc) -> Memory:
-    """Read the reference code's saved layout (docs/method.md section 5): keyStore/<layer>/<head>.pt
-    and valueStore/<layer>/<head>.pt, row 0 a sentinel. Only tensors are read
-    (torch.load with weights_only=True); the .faiss files are not needed, since an exact
-    flat index is rebuilt from the keys."""
-    cfg = model.config
-    if cfg.arch != 'gpt2':
-        raise UserError(f"{path} is in the reference code's layout, which holds GPT-2 memories; "
-                        f"this model is {cfg.arch}: build its memory with build_memory.py")
-    head_size = cfg.head_dim
-    layer_dirs = sorted(int(n) for n in os.listdir(os.path.join(path, 'keyStore')) if n.isdigit())
-    if not layer_dirs:
-        raise UserError(f"{path}/keyStore holds no layer folders; it is not a reference memory")
-    keys, values = {}, {}
-    for l in layer_dirs:
-        if l >= cfg.n_layer:
-            raise UserError(f"{path} has a memory for layer {l}, this model has {cfg.n_layer} layers; "
-                            f"it was made by another model")
-        for store in ('keyStore', 'valueStore'):
-            folder = os.path.join(path, store, str(l))
-            heads = sorted(f for f in os.listdir(folder) if f.endswith('.pt')) if os.path.isdir(folder) else []
-            if heads != sorted(f'{h}.pt' for h in range(cfg.n_head)):
-                raise UserError(f"{folder} holds {len(heads)} head files, this model has {cfg.n_head} heads "
-                                f"(0.pt .. {cfg.n_head - 1}.pt); the memory was made by another model")
-        ks, vs = [], []
-        for h in range(cfg.n_head):
-            pair = []
-            for store in ('keyStore', 'valueStore'):
-                f = os.path.join(path, store, str(l), f'{h}.pt')
-                try:
-                    t = torch.load(f, map_location='cpu', weights_only=True)
-                except Exception as e:
-                    raise UserError(f"{f} is not a tensor file torch can read safely ({type(e).__name__}); "
-                                    f"the memory is corrupted") from None
-                if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.size(1) != head_size or t.size(0) < 2:
-                    raise UserError(f"{f} holds {getattr(t, 'shape', type(t).__name__)}, expected (N+1, {head_size}); "
-                                    f"it was made by another model")
-                pair.append(t[1:].float())  # drop the sentinel row
-            if pair[0].shape != pair[1].shape:
-                raise UserError(f"{path} layer {l} head {h}: {pair[0].size(0)} stored keys but {pair[1].size(0)} "
-                                f"values; the memory is corrupted")
-            ks.append(pair[0])
-            vs.append(pair[1])
-        if len({k.size(0) for k in ks}) > 1:
-            raise UserError(f"{path} layer {l}: its heads store different numbers of tokens "
-                            f"({sorted({k.size(0) for k in ks})}); the memory is corrupted")
-        keys[l], values[l] = torch.stack(ks), torch.stack(vs)
-        if keys[l].size(1) != keys[min(keys)].size(1):
-            raise UserError(f"{path}: layer {l} stores {keys[l].size(1)} tokens, layer {min(keys)} "
-                            f"{keys[min(keys)].size(1)}; the memory is corrupted")
-        check_stored(keys[l], values[l], f"{path} layer {l}", "the memory is corrupted")
-    name = os.path.basename(os.path.normpath(path))
-    text_file = os.path.join(path, f'{name}.txt')
-    try:
-        with open(text_file, encoding='utf-8') if os.path.isfile(text_file) else contextlib.nullcontext() as f:
-            text = f.read() if f else None
-    except UnicodeDecodeError:
-        raise UserError(f"{text_file} is not UTF-8 text; the reference-layout memory's text file is damaged "
-                        f"(its tensors alone are read if the file is removed)") from None
-    ident = model_identity(model)
-    ident['fingerprint'] = None  # the reference recorded none
-    ids = encode(enc, text) if text else None
-    n = next(iter(keys.values())).size(1)
-    meta = dict(model=ident, text=text, token_windows=[ids] if ids else None, bookkeeping_token='\n',
-                remove_bookkeeping_token_mem_size=len(ids) - n if ids and len(ids) >= n else None,
-                retrieval_during_build=None, source=f'imported from reference layout {os.path.abspath(path)}')
-    return Memory(keys, values, meta)

@@ -106,7 +106,7 @@ NOT_IN_GRID = {'name', 'grid', 'seeds', 'seed', 'num_samples', 'metric', 'baseli
 # the baselines do not vary with them
 RETRIEVAL_KEYS = {f.name for f in fields(RetrievalSettings)} | {
     'search', 'decoding', 'mem_store', 'load_mem_store', 'store_mem', 'remove_bookkeeping_token_mem_size',
-    'knn_index', 'nprobe', 'ef_search', 'mmap'}
+    'knn_index', 'nprobe', 'ef_search', 'mmap', 'trust_saved_index'}
 # keys that make the memory text (MemorySource): the plain baseline does not vary with them
 MEMORY_TEXT_KEYS = {'memory', 'bookkeeping_token', 'substitute', 'substitute_target', 'set_memory'}
 # keys only activation addition reads
@@ -502,7 +502,8 @@ class Runner:
         """The retrieving layers of memory setting s."""
         if s['memory'] not in self.memories:
             layers = sorted(self.layers.get(s['memory'], set()) | set(s['retrieval'].layers))
-            self.memories[s['memory']] = s['memory'].load(self.model, self.enc, layers, mmap=s['config']['mmap'])
+            self.memories[s['memory']] = s['memory'].load(self.model, self.enc, layers, mmap=s['config']['mmap'],
+                                                          trust_saved_index=s['config']['trust_saved_index'])
         return self.memories[s['memory']].retrieving_layers(s['retrieval'], s['config']['device'], s['search'])
 
     def steering_for(self, s):

@@ -13,9 +13,12 @@ def test_bench_memory_runs_and_judges_its_target():
     # decoding measurements and the verdict line (its timings are not asserted: noisy)
     r = run_script('bench_memory.py', '--sizes=[400,800]', "--indexes=['flat','ivf']", '--queries=64',
                    '--prompt_len=8', '--new_tokens=2', '--repeat=1', '--build_tokens=1024', '--build_docs=20', '--build_doc_tokens=16',
-                   '--attention_sizes=[400]')
+                   '--attention_sizes=[400]', '--layer_call_sizes=[300]')
     assert r.returncode == 0, r.stderr
-    lines, attention = r.stdout.split('\nretrieval attention')[0].splitlines(), r.stdout.split('\nretrieval attention')[1]
+    lines, attention = r.stdout.split('\none search call')[0].splitlines(), r.stdout.split('\nretrieval attention')[1]
+    # one search call per layer against one per head: both searches find the same rows
+    calls = [l.split() for l in r.stdout.split('\none search call per layer')[1].split('\nretrieval attention')[0].splitlines()]
+    assert [row[:2] + row[-1:] for row in calls if row and row[0] == '300'] == [['300', '2', 'True'], ['300', '30', 'True']]
     # retrieval attention beside value mixing: a row of three added times for the size asked for
     row = next(l.split() for l in attention.splitlines() if l.split() and l.split()[0] == '400')
     assert len(row) == 4 and all(v != 'nan' for v in row[1:])
@@ -24,7 +27,8 @@ def test_bench_memory_runs_and_judges_its_target():
     for case in ('long text: ', '20 small documents: '):
         line = next(l for l in lines if l.strip().startswith(case))
         assert '(1 thread,' in line and "x the best's time)" in line
-    rows = {(int(l.split()[0]), l.split()[1]): l.split() for l in lines if l.split() and l.split()[0].isdigit()}
+    table = lines[next(i for i, l in enumerate(lines) if l.split()[:2] == ['tokens', 'index']) + 1:]
+    rows = {(int(l.split()[0]), l.split()[1]): l.split() for l in table if l.split() and l.split()[0].isdigit()}
     assert set(rows) == {(400, 'flat'), (400, 'ivf'), (800, 'flat'), (800, 'ivf')}
     # a row: tokens, index, build s, rows/s, load s, searched with, recall@k, us/query, search ms/tok
     # cached and exact, +ms/tok cached and exact, own ms/tok cached and exact, lookups, index MB,

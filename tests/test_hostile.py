@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import save
 
+import files
 from conftest import ROOT, TINY, TINY_ARG, one_line_error, run_script
 from knn_index import KNNIndex
 from memory import RetrievalSettings
@@ -46,14 +47,18 @@ def read_index(path):
         return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())
 
 
-def write_index(store, path, heads, meta, record=True):
+def write_index(store, path, heads, meta, record=True, seal=True):
     """Put an index file in place; record=True also puts its checksum in the manifest, as an
-    attacker who can edit the manifest would."""
+    attacker who can edit the manifest would, and seal=True its seal under this machine's key
+    (an attacker who can read that key, or a run with trust_saved_index=True): what the checks
+    behind the seal must still catch."""
     data = save(heads, meta)
     path.write_bytes(data)
     if record:
         manifest = json.loads((store / 'memory.json').read_text())
-        manifest.setdefault('indexes', {})[path.name] = hashlib.sha256(data).hexdigest()
+        digest = hashlib.sha256(data).hexdigest()
+        manifest.setdefault('indexes', {})[path.name] = digest
+        manifest.setdefault('index_seals', {})[path.name] = files.seal(digest) if seal else 'f' * 64
         (store / 'memory.json').write_text(json.dumps(manifest))
 
 
@@ -63,7 +68,7 @@ def swap_layers(store, record):
     write_index(store, two, heads, meta, record)
 
 
-def other_keys(store, how):
+def other_keys(store, how, seal=True):
     """An index over other keys of the same shape: random ones, or the right ones with every
     id shifted by one row."""
     path = index_file(store, 2)
@@ -71,7 +76,7 @@ def other_keys(store, how):
     keys = load_memory(str(store)).keys[2].clone()
     keys = torch.randn_like(keys) * keys.std() if how == 'random' else keys.roll(1, dims=1)
     heads, calibration = KNNIndex(keys, 'faiss', 'ivf').serialized()
-    write_index(store, path, heads, dict(meta, **calibration))
+    write_index(store, path, heads, dict(meta, **calibration), seal=seal)
 
 
 def flip_bytes(store):
@@ -114,6 +119,8 @@ CASES = {
     'layer 1 file in place of layer 2': (lambda s: swap_layers(s, False), 'does not match the checksum'),
     'layer 1 file in place of layer 2, manifest edited': (lambda s: swap_layers(s, True), 'was saved for other keys'),
     'an index over other keys of the same shape': (lambda s: other_keys(s, 'random'), 'not built over these keys'),
+    'an index over other keys, recorded, sealed elsewhere': (lambda s: other_keys(s, 'random', seal=False),
+                                                             'was not saved on this machine'),
     'ids shifted by one row': (lambda s: other_keys(s, 'shifted'), 'not built over these keys'),
     'bytes flipped across half the file': (flip_bytes, 'does not match the checksum'),
     'calibration a string': (lambda s: calibration(s, '"fast"'), 'not one entry per head'),
@@ -149,6 +156,28 @@ def test_a_saved_index_that_does_not_belong_is_never_searched(ivf_memory, tmp_pa
     fresh = KNNIndex(keys, 'faiss', 'ivf')
     assert torch.equal(layer.index.search(queries, heads, 5), fresh.search(queries, heads, 5))
     assert {f: (store / f).read_bytes() for f in os.listdir(store)} == before  # loading never writes
+
+
+def test_a_memory_from_another_machine_is_reindexed_unless_its_indexes_are_trusted(ivf_memory, tmp_path, monkeypatch):
+    """Index files saved under another machine's key (a memory copied from elsewhere, its manifest
+    recording them): FAISS does not read them, the index is built from the keys with a warning;
+    trust_saved_index=True reads them; build_memory.py --reindex saves them again, sealed here."""
+    store = tmp_path / 'mem'
+    shutil.copytree(ivf_memory, store)
+    model, enc = GPT.from_pretrained(TINY)
+    monkeypatch.setenv('MEMORY_SEAL_KEY', str(tmp_path / 'another-machine.key'))
+    with pytest.warns(UserWarning, match='was not saved on this machine') as caught:
+        layers = load_memory(str(store), model, enc).retrieving_layers(SETTINGS)
+    assert len(caught) == 2 and not any(lm.index.from_saved for lm in layers.values())
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        trusted = load_memory(str(store), model, enc, trust_saved_index=True).retrieving_layers(SETTINGS)
+    assert all(lm.index.from_saved for lm in trusted.values())
+    r = run_script('build_memory.py', f'--reindex={store}', '--knn_index=ivf')  # under the other key still
+    assert r.returncode == 0, r.stderr
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        assert all(lm.index.from_saved for lm in load_memory(str(store), model, enc).retrieving_layers(SETTINGS).values())
 
 
 def test_a_false_calibration_claim_is_measured_and_replaced(ivf_memory, tmp_path):

@@ -18,7 +18,8 @@ import knn_index
 import sweep
 from configurator import UserError
 from conftest import TINY, run_script
-from knn_index import SEARCH_LADDERS, SEARCH_RECALL, KNNIndex, SearchSettings, index_factory, set_search_parameter
+from index_choice import SEARCH_LADDERS, SEARCH_RECALL, index_factory, set_search_parameter
+from knn_index import KNNIndex, SearchSettings
 from memory import RetrievalSettings
 from model import GPT
 from store import load_memory, save_indexes
