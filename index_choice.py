@@ -16,16 +16,18 @@ from configurator import UserError
 # index choices by short name (FAISS factory strings are taken as they are): 'flat' is the
 # reference's exact IndexFlatL2; the others are approximate: a graph, inverted lists over full
 # keys, over keys quantised to 8 bits per dimension (a quarter of the memory), or product-
-# quantised to d/4 bytes. IVF's nlist grows as ~4 sqrt(N) (at most N/39, so each list trains
-# on 39 points)
+# quantised to d/4 bytes. IVF's nlist grows as ~2 sqrt(N) (at most N/39, so each list trains
+# on 39 points): at 10^6 keys, 2,000 lists cost 5-13% less of the memory's time per decoded
+# token than 4,000 at about the same recall (decoding reads the centroids from memory at every
+# search), and train 3x faster (docs/bench_memory_cpu.txt)
 KNN_INDEXES = {'flat': 'Flat', 'hnsw': 'HNSW32', 'ivf': 'IVF{nlist},Flat', 'ivfsq': 'IVF{nlist},SQ8',
                'ivfpq': 'IVF{nlist},PQ{m}'}
 # an approximate index's search parameter (IVF's nprobe, HNSW's efSearch), where none is given,
 # is calibrated when the index is built: the smallest value on SEARCH_LADDERS whose recall@10 on
 # stored keys (each searched for its 10 nearest others) reaches SEARCH_RECALL; store.py saves it
 # with the index. FAISS's own defaults (nprobe 1, efSearch 16) miss many neighbours, and no fixed
-# value suits every size: 16 lists of 25 are needed at 10^3 keys, 6 of 4,000 at 10^6 (clustered
-# random keys; 16 of 4,000 on SmolLM2's)
+# value suits every size: 16-24 lists of 25 are needed at 10^3 keys, 3 of 2,000 at 10^6 (clustered
+# random keys; 12 of 2,000 on SmolLM2's)
 SEARCH_RECALL = 0.98
 SEARCH_LADDERS = dict(nprobe=[1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256],
                       efSearch=[16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024])
@@ -85,7 +87,7 @@ def index_factory(knn_index: str, n: int, d: int) -> str:
     if spec not in KNN_INDEXES:
         check_factory(spec, d)
         return spec
-    nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))
+    nlist = max(1, min(int(2 * math.sqrt(n)), n // 39))
     m = next(m for m in range(max(1, d // 4), 0, -1) if d % m == 0)
     return KNN_INDEXES[spec].format(nlist=nlist, m=m)
 

@@ -240,7 +240,7 @@ class KNNIndex:
         return heads, dict(calibration=json.dumps(self.calibration))
 
     def describe(self) -> str:
-        """The index and how it searches, in words: 'IVF4000,Flat, nprobe 8-16 (calibrated:
+        """The index and how it searches, in words: 'IVF2000,Flat, nprobe 8-16 (calibrated:
         recall@10 >= 0.990)', or 'HNSW32, efSearch 64 (given)'."""
         values = {name: [value] for name, value in self.given.items()}
         for found in self.calibration or []:
