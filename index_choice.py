@@ -41,13 +41,15 @@ def faiss_message(e: Exception) -> str:
     return re.sub(r"^Error in .*? at \S+:\d+: ", '', text).split('Error: ')[-1].strip(" '")[:160]
 
 
-FACTORY_FORMS = ("Flat", "IVF<lists>,Flat", "IVF<lists>,SQ4|SQ6|SQ8|SQfp16", "IVF<lists>,PQ<m>[x<bits>]",
-                 "HNSW<M>[,Flat]", "and any of these after PCA<d'>, PCAR<d'>, OPQ<m>[_<d'>] or RR<d'>")
+FACTORY_FORMS = ("Flat", "IVF<lists>[_HNSW<M>],Flat", "IVF<lists>[_HNSW<M>],SQ4|SQ6|SQ8|SQfp16",
+                 "IVF<lists>[_HNSW<M>],PQ<m>[x<bits>]", "HNSW<M>[,Flat]", "and any of these after PCA<d'>, PCAR<d'>, OPQ<m>[_<d'>] or RR<d'>")
 
 
 def check_factory(factory: str, d: int) -> None:
     """A FAISS factory string this code lets FAISS build: the forms of FACTORY_FORMS with their
-    numbers in range (FAISS itself crashes on some, e.g. HNSW1, PQ16x0, NSG0, or accepts PCA0)."""
+    numbers in range (FAISS itself crashes on some, e.g. HNSW1, PQ16x0, NSG0, or accepts PCA0).
+    IVF<lists>_HNSW<M> finds an IVF index's lists with an HNSW graph over the centroids instead
+    of scanning them all."""
     bad = lambda why: UserError(f"knn_index={factory!r}: {why}; the factory strings taken are "  # noqa: E731
                                 f"{'; '.join(FACTORY_FORMS)} (or a short name: {', '.join(KNN_INDEXES)})")
     parts, dim = factory.split(','), d
@@ -60,13 +62,16 @@ def check_factory(factory: str, d: int) -> None:
         dim, parts = out, parts[1:]
     if parts == ['Flat']:
         return
+    def check_hnsw(M):
+        if not 4 <= int(M) <= 256:
+            raise bad(f"HNSW's M (neighbours per node) must be 4 to 256, not {M}")
     m = re.fullmatch(r"HNSW(\d+)", parts[0])
     if m and parts[1:] in ([], ['Flat']):
-        if not 4 <= int(m.group(1)) <= 256:
-            raise bad(f"HNSW's M (neighbours per node) must be 4 to 256, not {m.group(1)}")
-        return
-    m = re.fullmatch(r"IVF(\d+)", parts[0])
+        return check_hnsw(m.group(1))
+    m = re.fullmatch(r"IVF(\d+)(?:_HNSW(\d+))?", parts[0])
     if m and len(parts) == 2:
+        if m.group(2):
+            check_hnsw(m.group(2))
         if not 1 <= int(m.group(1)) <= 1 << 20:
             raise bad(f"IVF needs 1 to 2^20 lists, not {m.group(1)}")
         if parts[1] in ('Flat', 'SQ4', 'SQ6', 'SQ8', 'SQfp16'):

@@ -240,7 +240,8 @@ def test_outputs_are_never_written_into_a_memory_directory(small_memory, tmp_pat
 
 
 @pytest.mark.parametrize('factory', ['HNSW1', 'HNSW0', 'PQ16x0', 'NSG0', 'IDMap,Flat', 'IVF0,Flat', 'PCA0,Flat',
-                                     'IVF4,PQ16x0', 'IVF4,PQ5', 'HNSW32,PQ4', 'LSH'])
+                                     'IVF4,PQ16x0', 'IVF4,PQ5', 'HNSW32,PQ4', 'LSH', 'IVF4_HNSW0,Flat',
+                                     'IVF4_NSG8,Flat'])
 def test_factory_strings_faiss_cannot_run_are_refused_before_faiss_sees_them(small_memory, tmp_path, factory):
     """Each of these crashed the process (segfault, abort, floating-point exception), hung, traced
     back or searched 1% of the neighbours; now a one-line error, in every entry point."""

@@ -181,6 +181,21 @@ def test_a_given_search_parameter_wins_and_a_saved_calibration_is_reused(hard_ke
         KNNIndex(hard_keys, 'faiss', 'ivf', saved=(saved[0], dict(calibration='[{"nprobe": 2}]')))
 
 
+def test_an_ivf_with_an_hnsw_quantizer_is_calibrated_saved_and_read_back(data):
+    # IVF<lists>_HNSW<M>: the lists found through a graph over the centroids; nprobe is what is
+    # calibrated (not the graph's efSearch), and the saved index finds the same rows
+    keys, queries, heads = data
+    built = KNNIndex(keys, 'faiss', 'IVF32_HNSW8,Flat')
+    assert all(set(f) == {'nprobe', 'recall'} and f['recall'] >= SEARCH_RECALL for f in built.calibration)
+    exact = KNNIndex(keys, 'torch').search(queries, heads, 5)
+    found = built.search(queries, heads, 5)
+    assert recall_at_k(found, exact) >= 0.95
+    loaded = KNNIndex(keys, 'faiss', 'IVF32_HNSW8,Flat', saved=built.serialized())
+    assert loaded.calibration == built.calibration and torch.equal(loaded.search(queries, heads, 5), found)
+    with pytest.raises(UserError, match="HNSW's M .* must be 4 to 256, not 2"):
+        KNNIndex(keys, 'faiss', 'IVF32_HNSW2,Flat')
+
+
 def test_calibration_stops_where_the_codes_limit_recall(data):
     # clustered keys in 4 bits per dimension: a few lists hold the neighbours, but the codes
     # cannot rank them; visiting more lists stops paying, and the search does not visit all 51
