@@ -42,7 +42,7 @@ DEFAULTS = dict(
     bookkeeping_token='\n',  # put in front of the text (and of every window)
     remove_bookkeeping_token_mem_size=None,  # leading tokens of each window not stored; None = the bookkeeping token's length
     memory_keys='unrotated',  # RoPE models: keys before RoPE ('unrotated') or as attention sees them ('rotated')
-    knn_index='flat',      # the memory's search index: 'flat' (exact), 'hnsw', 'ivf', 'ivfsq', 'ivfpq' or a FAISS factory string
+    knn_index='flat',      # the memory's search index: 'flat' (exact), 'hnsw', 'ivf', 'ivfsq', 'ivfpq', 'ivfpqfs' or a FAISS factory string
     reindex='',            # a memory directory to give another knn_index, without running the model (no text file)
     store_dtype='float32',  # keys and values saved as 'float32' or 'float16' (half the disk and RAM)
     append=False,          # add the documents to the memory at mem_store (a new version, written whole)

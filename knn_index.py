@@ -18,6 +18,7 @@ from configurator import UserError
 from index_choice import (
     CALIBRATION_K,
     KNN_INDEXES,
+    REFINE_K_FACTOR,
     calibrate,
     check_index_params,
     faiss_message,
@@ -120,7 +121,7 @@ class SearchSettings:
 
 # the FAISS index types the factory strings this code accepts make (their files' first four bytes)
 INDEX_FOURCCS = {b'IwFl', b'IwSq', b'IwPQ', b'IwPf', b'IHNf', b'IHNs', b'IHNp', b'IxPq', b'IxSQ', b'IxPT', b'IxF2',
-                 b'IxFI'}
+                 b'IxFI', b'IxRF'}
 
 
 def check_index_header(data, n_keys, dim):
@@ -179,6 +180,8 @@ class KNNIndex:
                         raise UserError(f"knn_index={knn_index!r}: FAISS cannot make a {self.factory!r} index "
                                         f"({faiss_message(e)}); use one of "
                                         f"{', '.join(KNN_INDEXES)} or a FAISS factory string") from None
+                    if isinstance(index, faiss.IndexRefine):  # saved with the index
+                        index.k_factor = REFINE_K_FACTOR
                     if not index.is_trained:
                         try:
                             index.train(x)

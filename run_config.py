@@ -43,7 +43,7 @@ RUN_DEFAULTS = dict(
     contrast_layers=None,  # [U, L]: sample from exit U auto-contrasted with exit L (docs/method.md section 6); None = off
     contrast_alpha=0.1,    # the contrast's threshold: tokens with p_U >= alpha * max p_U are re-weighted
     search=None,           # kNN search: 'faiss' or 'torch' (exact, on the model's device); None = faiss on CPU, torch on CUDA
-    knn_index='',          # FAISS index: 'flat' (exact), 'hnsw', 'ivf', 'ivfsq', 'ivfpq' or a factory string; '' = the memory's own
+    knn_index='',          # FAISS index: 'flat' (exact), 'hnsw', 'ivf', 'ivfsq', 'ivfpq', 'ivfpqfs' or a factory string; '' = the memory's own
     nprobe=None,           # IVF indexes: lists visited per search (None: calibrated when the index was built)
     ef_search=None,        # HNSW indexes: efSearch, the candidate list's length (None: calibrated when the index was built)
     method_text='No Memory',  # label of the method's samples (sample.py) or of a sweep's one memory setting

@@ -18,7 +18,7 @@ import knn_index
 import sweep
 from configurator import UserError
 from conftest import TINY, run_script
-from index_choice import SEARCH_LADDERS, SEARCH_RECALL, index_factory, set_search_parameter
+from index_choice import REFINE_K_FACTOR, SEARCH_LADDERS, SEARCH_RECALL, index_factory, set_search_parameter
 from knn_index import KNNIndex, SearchSettings
 from memory import RetrievalSettings
 from model import GPT
@@ -105,7 +105,7 @@ def test_grouped_query_heads_search_their_key_value_heads_memory():
 @pytest.mark.parametrize('knn_index,params,at_least', [('hnsw', dict(efSearch=64), 0.95), ('ivf', dict(nprobe=8), 0.95),
                                                        ('ivf', dict(nprobe=1000), 1.0), ('IVF16,Flat', {}, 0.98),
                                                        pytest.param('ivfpq', dict(nprobe=8), 0.3, marks=pytest.mark.slow), ('hnsw', {}, 0.95),
-                                                       ('ivf', {}, 0.95), ('ivfsq', {}, 0.9)])
+                                                       ('ivf', {}, 0.95), ('ivfsq', {}, 0.9), ('ivfpqfs', {}, 0.95)])
 def test_approximate_indexes_recall(data, knn_index, params, at_least):
     keys, queries, heads = data
     exact = KNNIndex(keys, 'torch').search(queries, heads, 5)
@@ -118,6 +118,7 @@ def test_short_names_and_bad_choices(data):
     assert index_factory('ivf', 2000, 32) == 'IVF51,Flat' and index_factory('ivf', 100, 32) == 'IVF2,Flat'
     assert index_factory('ivfpq', 100_000, 64) == 'IVF632,PQ16' and index_factory('', 5, 8) == 'Flat'
     assert index_factory('ivfsq', 100_000, 64) == 'IVF632,SQ8' and index_factory('ivf', 10 ** 6, 64) == 'IVF2000,Flat'
+    assert index_factory('ivfpqfs', 10 ** 6, 64) == 'IVF2000,PQ64x4fs,RFlat'
     with pytest.raises(UserError, match="knn_index='IVFbad': not a form this code builds"):
         KNNIndex(keys, 'faiss', 'IVFbad')
     with pytest.raises(UserError, match='at least 39 keys per list'):
@@ -194,6 +195,26 @@ def test_an_ivf_with_an_hnsw_quantizer_is_calibrated_saved_and_read_back(data):
     assert loaded.calibration == built.calibration and torch.equal(loaded.search(queries, heads, 5), found)
     with pytest.raises(UserError, match="HNSW's M .* must be 4 to 256, not 2"):
         KNNIndex(keys, 'faiss', 'IVF32_HNSW2,Flat')
+
+
+def test_fast_scan_pq_reranked_exactly_is_calibrated_saved_and_read_back(data):
+    # 'ivfpqfs': 4-bit fast-scan codes choose REFINE_K_FACTOR x k candidates, ranked again by exact
+    # distance: the distances returned are the true ones, and the factor is saved with the index
+    keys, queries, heads = data
+    built = KNNIndex(keys, 'faiss', 'ivfpqfs')
+    assert [index.k_factor for index in built.heads] == [REFINE_K_FACTOR] * keys.size(0)
+    assert all(set(f) == {'nprobe', 'recall'} and f['recall'] >= SEARCH_RECALL for f in built.calibration)
+    found = built.search(queries, heads, 5)
+    assert recall_at_k(found, KNNIndex(keys, 'torch').search(queries, heads, 5)) >= 0.95
+    h, x = heads[0].item(), queries[:1].numpy()
+    dist, rows = built.heads[h].search(x, 5)
+    torch.testing.assert_close(torch.from_numpy(dist[0]), (keys[h, rows[0]] - queries[0]).pow(2).sum(-1), rtol=1e-4, atol=1e-3)
+    loaded = KNNIndex(keys, 'faiss', 'ivfpqfs', saved=built.serialized())
+    assert [index.k_factor for index in loaded.heads] == [REFINE_K_FACTOR] * keys.size(0)
+    assert loaded.calibration == built.calibration and torch.equal(loaded.search(queries, heads, 5), found)
+    for bad, why in [('IVF8,PQ16x8fs', 'fast-scan PQ'), ('Flat,RFlat', 'RFlat re-ranks')]:
+        with pytest.raises(UserError, match=why):
+            KNNIndex(keys, 'faiss', bad)
 
 
 def test_calibration_stops_where_the_codes_limit_recall(data):
