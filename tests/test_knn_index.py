@@ -118,7 +118,7 @@ def test_short_names_and_bad_choices(data):
     assert index_factory('ivf', 2000, 32) == 'IVF51,Flat' and index_factory('ivf', 100, 32) == 'IVF2,Flat'
     assert index_factory('ivfpq', 100_000, 64) == 'IVF632,PQ16' and index_factory('', 5, 8) == 'Flat'
     assert index_factory('ivfsq', 100_000, 64) == 'IVF632,SQ8' and index_factory('ivf', 10 ** 6, 64) == 'IVF2000,Flat'
-    assert index_factory('ivfpqfs', 10 ** 6, 64) == 'IVF2000,PQ64x4fs,RFlat'
+    assert index_factory('ivfpqfs', 10 ** 6, 64) == 'RR64,IVF2000,PQ64x4fs,RFlat'
     with pytest.raises(UserError, match="knn_index='IVFbad': not a form this code builds"):
         KNNIndex(keys, 'faiss', 'IVFbad')
     with pytest.raises(UserError, match='at least 39 keys per list'):
