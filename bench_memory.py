@@ -2,7 +2,7 @@
 Memory size against lookup cost: exact and approximate indexes from 10^3 to 10^6 stored
 tokens per head, measured in one run on one machine.
 
-    python bench_memory.py                         # 10^3 .. 10^6, flat, hnsw, ivf, ivfsq
+    python bench_memory.py                         # 10^3 .. 10^6, flat, hnsw, ivf, ivfsq, ivfpqfs
     python bench_memory.py --sizes=[1000,10000] --indexes=['flat','hnsw']   # a quick look
     python bench_memory.py --keys_from=out/big_memory   # a model's own keys (a built memory's)
 
@@ -65,7 +65,7 @@ from configurator import UserError, answer_help, configure, run_cli
 
 DEFAULTS = dict(
     sizes=[1000, 10_000, 100_000, 1_000_000],  # stored tokens per head
-    indexes=['flat', 'hnsw', 'ivf', 'ivfsq'],  # knn_index choices to measure: short names or FAISS factory strings
+    indexes=['flat', 'hnsw', 'ivf', 'ivfsq', 'ivfpqfs'],  # knn_index choices to measure: short names or FAISS factory strings
     ef_search=None,        # HNSW's efSearch; None = calibrated when the index is built, as sample.py
     nprobe=None,           # IVF's lists visited; None = calibrated when the index is built, as sample.py
     k=5,                   # neighbours per query (Table 1's k)
